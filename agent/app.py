@@ -1,0 +1,130 @@
+"""The aiohttp application factory and the agent's lifecycle.
+
+`create_app` builds the whole HTTP side from one AgentConfig. Each long-lived
+resource is one cleanup context (start before ``yield``, stop after), so
+shutdown happens in reverse start-up order: the server stops taking requests,
+admitted requests finish, then models unload. Models load in a background task
+owned by the registry's context, so the port answers /healthz at once and
+/readyz turns 200 when the models are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from runtime.bundle import read_bundle
+from runtime.devices import MachineSettings, describe_cpu
+from runtime.errors import RuntimeLayerError
+from runtime.registry import ModelRegistry
+from security.api_keys import api_key_matches
+
+from . import kserve_api, openai_api, ops_api
+from .config import AgentConfig
+from .context import CONFIG, METRICS, MODELS
+from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+LOADER = web.AppKey("loader", asyncio.Task)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure in the convention of the API that was called."""
+    try:
+        return await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # mapped in one place; unknown errors are logged, not shown
+        err = to_api_error(exc)
+        if err.status >= 500 and not isinstance(exc, (ApiError, RuntimeLayerError)):
+            log.exception("unhandled error on %s %s", request.method, request.path)
+        elif err.status >= 500:
+            log.error("%s %s: %s", request.method, request.path, err.message)
+        render = kserve_error_response if request.path.startswith("/v2") else openai_error_response
+        return render(err)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api_key = request.app[CONFIG].server.api_key
+    if api_key and request.path not in PUBLIC_PATHS:
+        if not api_key_matches(api_key, request.headers.get("Authorization")):
+            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    route = _route_label(request)
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # client closed the connection (nginx's convention)
+        raise
+    finally:
+        metrics.requests.labels(route, request.method, str(status)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    cpu_repack = None if config.runtime.cpu_repack == "auto" else bool(config.runtime.cpu_repack)
+    machine = MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack)
+    models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s)
+    app[MODELS] = models
+    app[METRICS].watch(models)
+    app[LOADER] = asyncio.create_task(_load_configured(config, models), name="load-models")
+    yield
+    app[LOADER].cancel()
+    await asyncio.gather(app[LOADER], return_exceptions=True)
+    await models.close()
+
+
+async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
+    for entry in config.models:
+        try:
+            await models.load(read_bundle(config.bundle_path(entry), name=entry.name))
+        except RuntimeLayerError as exc:
+            models.record_failure(entry.name, str(config.bundle_path(entry)), str(exc))
+    statuses = models.statuses()
+    log.info("models: %s", ", ".join(f"{s.name}={s.state.value}" for s in statuses) or "none")
+
+
+def create_app(config: AgentConfig) -> web.Application:
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+    )
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_registry_ctx)
+    openai_api.setup(app)
+    kserve_api.setup(app)
+    ops_api.setup(app)
+    return app
+
+
+async def wait_until_loaded(app: web.Application) -> None:
+    """For callers (tests, the CLI) that want the configured models loaded before going on."""
+    await asyncio.shield(app[LOADER])

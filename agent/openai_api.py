@@ -1,0 +1,229 @@
+"""The OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
+
+Responses follow OpenAI's shapes closely enough for the official client to
+work unmodified, including SSE streaming with ``data: [DONE]`` and
+``stream_options.include_usage``. A streamed request does not send its headers
+until the model has produced its first piece of text (or failed), so errors
+found while preparing the prompt — a context that does not fit — are still
+proper 400s and not a broken stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from aiohttp import web
+from aiohttp_sse import sse_response
+
+from runtime.backend import Capability, GenerationRequest, GenerationResult, JobContext, TextDelta
+from runtime.registry import ServedModel
+from runtime.scheduler import Job
+
+from .context import METRICS, MODELS, read_json
+from .errors import ApiError, bad_request
+from .openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
+
+_dumps = json.dumps
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+
+
+def _model_card(served: ServedModel) -> dict[str, Any]:
+    info = served.info
+    return {
+        "id": served.name,
+        "object": "model",
+        "created": int(served.loaded_at),
+        "owned_by": "edgefleet",
+        "version": served.version,
+        "capabilities": sorted(c.value for c in info.capabilities),
+        "context_length": info.context_length,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = request.app[MODELS].serving()
+    return web.json_response({"object": "list", "data": [_model_card(m) for m in models]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    return web.json_response(_model_card(request.app[MODELS].get(request.match_info["model"])))
+
+
+def _served_for(request: web.Request, name: str, capability: Capability) -> ServedModel:
+    served = request.app[MODELS].get(name)
+    if capability not in served.info.capabilities:
+        can = ", ".join(sorted(c.value for c in served.info.capabilities))
+        raise ApiError(
+            400, f"The model '{name}' does not support {capability.value} (it supports: {can})",
+            param="model", code="unsupported_operation",
+        )
+    return served
+
+
+def _generation_work(
+    request: web.Request, served: ServedModel, gen: GenerationRequest
+) -> Callable[[JobContext], GenerationResult]:
+    metrics = request.app[METRICS]
+
+    def work(ctx: JobContext) -> GenerationResult:
+        result = served.backend.generate(gen, ctx)
+        # Counted here, on the model thread, so a request whose client left still counts.
+        metrics.prompt_tokens.labels(served.name).inc(result.prompt_tokens)
+        metrics.generated_tokens.labels(served.name).inc(result.completion_tokens)
+        return result
+
+    return work
+
+
+async def _texts(request: web.Request, served: ServedModel, job: Job[GenerationResult]) -> AsyncIterator[str]:
+    first = True
+    async for item in job.stream():
+        if first:
+            request.app[METRICS].time_to_first_token.labels(served.name).observe(
+                time.monotonic() - job.enqueued_at
+            )
+            first = False
+        if isinstance(item, TextDelta):
+            yield item.text
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    parsed = parse_chat(await read_json(request))
+    return await _generate(request, parsed, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    parsed = parse_completion(await read_json(request))
+    return await _generate(request, parsed, chat=False)
+
+
+async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) -> web.StreamResponse:
+    served = _served_for(request, parsed.model, Capability.CHAT if chat else Capability.COMPLETION)
+    job = served.scheduler.submit(_generation_work(request, served, parsed.request))
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    try:
+        if parsed.stream:
+            return await _stream(request, served, job, parsed, chat, ident, created)
+        text = "".join([piece async for piece in _texts(request, served, job)])
+        result = job.future.result()
+    finally:
+        job.cancel()  # no-op when finished; stops generation when this handler was cancelled
+    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return web.json_response(
+        {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": served.name,
+            "system_fingerprint": f"edgefleet-{served.version}",
+            "choices": [choice],
+            "usage": _usage(result),
+        }
+    )
+
+
+async def _stream(
+    request: web.Request,
+    served: ServedModel,
+    job: Job[GenerationResult],
+    parsed: ParsedGeneration,
+    chat: bool,
+    ident: str,
+    created: int,
+) -> web.StreamResponse:
+    texts = _texts(request, served, job)
+    # Wait for the first piece (or the error) before committing to a 200 stream.
+    pending: list[str] = []
+    async for piece in texts:
+        pending.append(piece)
+        break
+    header = {
+        "id": ident,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": served.name,
+        "system_fingerprint": f"edgefleet-{served.version}",
+    }
+
+    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice["logprobs"] = None
+        choice["finish_reason"] = finish_reason
+        return _dumps({**header, "choices": [choice]})
+
+    async with sse_response(request, sep="\n", allow_all_methods=True,
+                            headers={"X-Accel-Buffering": "no"}) as sse:
+        if chat:
+            await sse.send(chunk("", role=True))
+        for piece in pending:
+            await sse.send(chunk(piece))
+        async for piece in texts:
+            await sse.send(chunk(piece))
+        result = job.future.result()
+        await sse.send(chunk(None if chat else "", finish_reason=result.finish_reason))
+        if parsed.include_usage:
+            await sse.send(_dumps({**header, "choices": [], "usage": _usage(result)}))
+        await sse.send("[DONE]")
+    return sse
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    parsed = parse_embedding(await read_json(request))
+    served = _served_for(request, parsed.model, Capability.EMBEDDING)
+    dim = served.info.embedding_dim
+    if parsed.dimensions is not None and parsed.dimensions != dim:
+        raise bad_request(
+            f"The model '{served.name}' gives {dim}-dimensional embeddings; dimensions "
+            "cannot change that", param="dimensions",
+        )
+    result = await served.scheduler.run(
+        lambda ctx: served.backend.embed(parsed.texts, None, ctx)
+    )
+    request.app[METRICS].inferences.labels(served.name, "embedding").inc(len(parsed.texts))
+    request.app[METRICS].prompt_tokens.labels(served.name).inc(result.prompt_tokens)
+    data = []
+    for i, vector in enumerate(result.vectors):
+        embedding: Any = (
+            base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+            if parsed.encoding_format == "base64"
+            else vector.tolist()
+        )
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "model": served.name,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+    )

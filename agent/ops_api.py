@@ -1,0 +1,73 @@
+"""Endpoints for service managers and operators: /healthz, /readyz, /metrics, and
+the KServe v2 model-repository extension to load and unload models at run time.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from runtime.bundle import read_bundle
+from runtime.registry import ModelStatus
+
+from .context import CONFIG, METRICS, MODELS
+from .errors import ApiError
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v2/repository/index", repository_index)
+    app.router.add_post("/v2/repository/models/{name}/load", repository_load)
+    app.router.add_post("/v2/repository/models/{name}/unload", repository_unload)
+
+
+def _status_json(status: ModelStatus) -> dict[str, object]:
+    return {"name": status.name, "version": status.version, "state": status.state.value,
+            "reason": status.error or ""}
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and its event loop answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Every configured model is loaded and serving."""
+    models = request.app[MODELS]
+    ready = models.all_ready()
+    return web.json_response(
+        {"status": "ready" if ready else "not ready",
+         "models": [_status_json(s) for s in models.statuses()]},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+async def repository_index(request: web.Request) -> web.Response:
+    return web.json_response([_status_json(s) for s in request.app[MODELS].statuses()])
+
+
+async def repository_load(request: web.Request) -> web.Response:
+    """(Re)load a configured model from its bundle path; swaps atomically if serving."""
+    config = request.app[CONFIG]
+    name = request.match_info["name"]
+    entry = next((m for m in config.models if m.name == name), None)
+    if entry is None:
+        raise ApiError(404, f"model '{name}' is not in the agent's configuration")
+    bundle = read_bundle(config.bundle_path(entry), name=name)
+    await request.app[MODELS].load(bundle)
+    return web.Response(status=200)
+
+
+async def repository_unload(request: web.Request) -> web.Response:
+    await request.app[MODELS].unload(request.match_info["name"])
+    return web.Response(status=200)

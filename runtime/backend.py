@@ -1,0 +1,157 @@
+"""The backend protocol: what GGUF, ONNX and any future format implement.
+
+A backend owns one loaded model. Its methods are blocking and are only ever
+called from that model's scheduler thread, one request at a time, so backends
+need no locking. They report progress through a `JobContext`: `emit` streams
+partial results to the waiting coroutine and `cancelled` says the client left.
+The registry knows this protocol and `load_backend`, never a backend's insides.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .errors import BundleError, UnsupportedOperationError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .bundle import ModelBundle
+    from .devices import MachineSettings
+
+
+class Capability(StrEnum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+    TENSOR = "tensor"
+
+
+class JobContext(Protocol):
+    """What a running request may do besides returning its result."""
+
+    def cancelled(self) -> bool: ...
+
+    def emit(self, item: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A chat or text completion, already validated by the caller."""
+
+    messages: list[ChatMessage] | None = None
+    prompt: str | list[int] | None = None
+    #: None: until the context is full.
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of generated text, emitted as soon as it is known to be final."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    vectors: "np.ndarray"
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output: name, numpy dtype name, shape (-1 for a free dimension)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model can do and how it was placed on the machine."""
+
+    capabilities: frozenset[Capability]
+    platform: str
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    context_length: int | None = None
+    embedding_dim: int | None = None
+    placement: tuple[str, ...] = ()
+
+
+class Backend(Protocol):
+    """One loaded model. Blocking; called from one thread at a time."""
+
+    info: ModelInfo
+
+    def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult: ...
+
+    def embed(self, texts: list[str], normalize: bool | None, ctx: JobContext) -> EmbeddingResult: ...
+
+    def infer(
+        self, inputs: dict[str, "np.ndarray"], outputs: list[str] | None, ctx: JobContext
+    ) -> dict[str, "np.ndarray"]: ...
+
+    def close(self) -> None: ...
+
+
+class BackendBase:
+    """Refuses every operation; backends override what they support."""
+
+    info: ModelInfo
+
+    def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
+        raise UnsupportedOperationError("this model does not generate text")
+
+    def embed(self, texts: list[str], normalize: bool | None, ctx: JobContext) -> EmbeddingResult:
+        raise UnsupportedOperationError("this model does not produce embeddings")
+
+    def infer(
+        self, inputs: dict[str, "np.ndarray"], outputs: list[str] | None, ctx: JobContext
+    ) -> dict[str, "np.ndarray"]:
+        raise UnsupportedOperationError("this model does not take raw tensors")
+
+    def close(self) -> None:
+        pass
+
+
+#: format -> "module:Class". Imported lazily so an agent serving only ONNX never
+#: loads llama.cpp (and an idle agent loads neither).
+BACKENDS: dict[str, str] = {
+    "gguf": "runtime.gguf_backend:GgufBackend",
+    "onnx": "runtime.onnx_backend:OnnxBackend",
+}
+
+
+def load_backend(bundle: "ModelBundle", machine: "MachineSettings") -> Backend:
+    """Load `bundle` with the backend registered for its format (blocking)."""
+    target = BACKENDS.get(bundle.manifest.format)
+    if target is None:
+        raise BundleError(f"no backend for format {bundle.manifest.format!r}")
+    module_name, _, class_name = target.partition(":")
+    backend_cls = getattr(importlib.import_module(module_name), class_name)
+    return backend_cls(bundle, machine)

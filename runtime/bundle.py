@@ -1,0 +1,179 @@
+"""A model bundle: one version of one model as a directory with a ``model.toml``.
+
+The bundle is the unit the registry loads and (later) the hub ships: its files
+plus the runtime options that belong to the model rather than to the machine.
+Parsing is strict so that a bad bundle is refused before any native code runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import BundleError
+from .structured import SchemaError, from_mapping
+
+MODEL_TOML = "model.toml"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+Format = Literal["gguf", "onnx"]
+Task = Literal["chat", "completion", "embedding", "tensor"]
+
+
+@dataclass(frozen=True)
+class GgufOptions:
+    """llama.cpp options that belong to the model (the machine decides threads and offload)."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    #: "auto" offloads every layer when llama.cpp reports a GPU; an integer forces a count.
+    n_gpu_layers: int | Literal["auto"] = "auto"
+    #: Jinja chat template overriding the one stored in the GGUF metadata.
+    chat_template: str | None = None
+    flash_attn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16:
+            raise ValueError("n_ctx must be at least 16")
+        if self.n_batch < 1:
+            raise ValueError("n_batch must be at least 1")
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """onnxruntime options, and how to turn text into embeddings when there is a tokenizer."""
+
+    #: tokenizer.json (Hugging Face `tokenizers` format) that makes this an embedding model.
+    tokenizer: str | None = None
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    max_length: int = 256
+    #: Output holding per-token hidden states; default: the model's first output.
+    hidden_state_output: str | None = None
+    #: Execution providers to prefer over the automatic choice, e.g. ["CUDAExecutionProvider"].
+    providers: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise ValueError("max_length must be at least 1")
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    """The contents of model.toml."""
+
+    format: Format
+    file: str
+    task: Task
+    version: str = "1"
+    description: str = ""
+    gguf: GgufOptions = field(default_factory=GgufOptions)
+    onnx: OnnxOptions = field(default_factory=OnnxOptions)
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A parsed bundle: where it is, what it is called and what model.toml says."""
+
+    name: str
+    path: Path
+    manifest: BundleManifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def weights(self) -> Path:
+        return self.path / self.manifest.file
+
+    def file(self, relative: str) -> Path:
+        """A file of this bundle, refusing names that escape the bundle directory."""
+        candidate = (self.path / relative).resolve()
+        if not candidate.is_relative_to(self.path.resolve()):
+            raise BundleError(f"{self.path / MODEL_TOML}: file {relative!r} is outside the bundle")
+        return candidate
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+def check_model_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise BundleError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 128)"
+        )
+    return name
+
+
+def read_bundle(path: Path, name: str | None = None) -> ModelBundle:
+    """Parse and check a bundle directory; `name` defaults to the directory's model name."""
+    path = Path(path)
+    toml_path = path / MODEL_TOML
+    if not toml_path.is_file():
+        raise BundleError(f"{path}: not a model bundle (no {MODEL_TOML})")
+    try:
+        data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{toml_path}: {exc}") from None
+    try:
+        manifest = from_mapping(BundleManifest, data)
+    except SchemaError as exc:
+        raise BundleError(f"{toml_path}: {exc}") from None
+    if manifest.format == "gguf" and manifest.task not in ("chat", "completion"):
+        raise BundleError(f"{toml_path}: a gguf bundle serves task 'chat' or 'completion'")
+    if manifest.format == "onnx" and manifest.task == "embedding" and not manifest.onnx.tokenizer:
+        raise BundleError(f"{toml_path}: task 'embedding' needs onnx.tokenizer")
+    bundle = ModelBundle(
+        name=check_model_name(name or _default_name(path)), path=path, manifest=manifest
+    )
+    for relative in [manifest.file, manifest.onnx.tokenizer]:
+        if relative and not bundle.file(relative).is_file():
+            raise BundleError(f"{toml_path}: file {relative!r} is missing from the bundle")
+    return bundle
+
+
+def _default_name(path: Path) -> str:
+    # models/<name>/<version>/ or models/<name>/current -> <name>; a bare dir -> its own name
+    resolved = path.resolve()
+    if path.name == "current" or resolved.parent.parent.name == "models":
+        return resolved.parent.name
+    return resolved.name
+
+
+def write_manifest(path: Path, manifest: BundleManifest) -> None:
+    """Write model.toml for a bundle we build ourselves (demo bundles, tests)."""
+    lines = [
+        f'format = "{manifest.format}"',
+        f'file = "{manifest.file}"',
+        f'task = "{manifest.task}"',
+        f'version = "{manifest.version}"',
+        f"description = {_toml_str(manifest.description)}",
+    ]
+    for section in ("gguf", "onnx"):
+        if manifest.format != section:
+            continue
+        lines.append(f"\n[{section}]")
+        for key, value in dataclasses.asdict(getattr(manifest, section)).items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {_toml_value(value)}")
+    (path / MODEL_TOML).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_str(str(value))

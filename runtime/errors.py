@@ -1,0 +1,94 @@
+"""The runtime's error hierarchy.
+
+Every failure a caller can act on is one of these; the agent maps them to
+OpenAI / KServe v2 error JSON in one place (agent/errors.py). Anything else
+escaping the runtime is a bug and is reported as an internal error.
+"""
+
+from __future__ import annotations
+
+
+class RuntimeLayerError(Exception):
+    """Base of every error the runtime raises on purpose."""
+
+
+class BundleError(RuntimeLayerError):
+    """A model bundle on disk is missing, incomplete or has an invalid model.toml."""
+
+
+class ModelLoadError(RuntimeLayerError):
+    """The backend could not load a bundle (bad weights, unsupported format, out of memory)."""
+
+
+class ModelNotFoundError(RuntimeLayerError):
+    """No model of that name is known to the registry."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model '{name}' does not exist")
+        self.name = name
+
+
+class ModelNotReadyError(RuntimeLayerError):
+    """The model exists but is loading, unloading or failed to load."""
+
+    def __init__(self, name: str, state: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(f"The model '{name}' is not ready (state: {state})")
+        self.name = name
+        self.state = state
+        self.retry_after_s = retry_after_s
+
+
+class UnsupportedOperationError(RuntimeLayerError):
+    """The model cannot do what was asked (embeddings from a chat model, tensors from GGUF)."""
+
+
+class InvalidInputError(RuntimeLayerError):
+    """The request's content is wrong for this model (tensor shape, dtype, name...)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthExceededError(InvalidInputError):
+    """Prompt plus requested completion does not fit the model's context window."""
+
+    def __init__(self, n_ctx: int, prompt_tokens: int, max_tokens: int | None) -> None:
+        if max_tokens is None:
+            message = (
+                f"This model's maximum context length is {n_ctx} tokens. "
+                f"However, your prompt is {prompt_tokens} tokens."
+            )
+        else:
+            message = (
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or max_tokens."
+            )
+        super().__init__(message, param="messages" if max_tokens is None else "max_tokens")
+        self.n_ctx = n_ctx
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+
+
+class OverloadedError(RuntimeLayerError):
+    """The model's queue is full; the caller should retry after `retry_after_s`."""
+
+    def __init__(self, name: str, depth: int, retry_after_s: float) -> None:
+        super().__init__(
+            f"The model '{name}' has {depth} requests queued, its limit; retry later"
+        )
+        self.name = name
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDownError(RuntimeLayerError):
+    """The scheduler is draining and accepts no new work."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"The model '{name}' is shutting down")
+        self.name = name
+
+
+class InferenceError(RuntimeLayerError):
+    """The backend failed while running a request that was valid."""

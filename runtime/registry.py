@@ -1,0 +1,193 @@
+"""The model registry: which models are loaded, in what state, and the atomic switch.
+
+A name maps to at most one *serving* version. Loading a name that already
+serves builds the new version beside the old one, and only when the new one
+has loaded does the name point at it: one dict assignment on the event loop,
+so every request sees either the old or the new model, never neither. The old
+version then drains what it had admitted and is unloaded. This is the hot swap
+that signed updates build on; `load` at start-up is the same call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .backend import Backend, ModelInfo, load_backend
+from .bundle import ModelBundle
+from .devices import MachineSettings
+from .errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError, RuntimeLayerError
+from .scheduler import ModelScheduler
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+
+
+@dataclass
+class ServedModel:
+    """One loaded version: its bundle, backend and request queue."""
+
+    bundle: ModelBundle
+    backend: Backend
+    scheduler: ModelScheduler
+    loaded_at: float
+
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What the registry knows of a name, for listings and readiness."""
+
+    name: str
+    state: ModelState
+    version: str | None
+    path: str | None
+    error: str | None = None
+    loaded_at: float | None = None
+    info: ModelInfo | None = None
+
+
+class ModelRegistry:
+    """Loads, serves, swaps and unloads models by name."""
+
+    def __init__(
+        self, machine: MachineSettings, max_pending: int = 16, drain_timeout_s: float = 30.0
+    ) -> None:
+        self._machine = machine
+        self._max_pending = max_pending
+        self._drain_timeout_s = drain_timeout_s
+        self._serving: dict[str, ServedModel] = {}
+        self._status: dict[str, ModelStatus] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    def get(self, name: str) -> ServedModel:
+        """The version serving `name` now; raises if unknown or not ready."""
+        served = self._serving.get(name)
+        if served is not None:
+            return served
+        status = self._status.get(name)
+        if status is None:
+            raise ModelNotFoundError(name)
+        raise ModelNotReadyError(name, status.state.value)
+
+    def serving(self) -> list[ServedModel]:
+        return list(self._serving.values())
+
+    def statuses(self) -> list[ModelStatus]:
+        return [self._status[name] for name in sorted(self._status)]
+
+    def all_ready(self) -> bool:
+        return all(s.state is ModelState.READY for s in self._status.values())
+
+    async def load(self, bundle: ModelBundle) -> ServedModel:
+        """Load `bundle`; if its name already serves, switch to it once it is ready."""
+        async with self._locks.setdefault(bundle.name, asyncio.Lock()):
+            previous = self._serving.get(bundle.name)
+            if previous is None:
+                self._set_status(bundle, ModelState.LOADING)
+            started = time.monotonic()
+            try:
+                backend = await asyncio.to_thread(load_backend, bundle, self._machine)
+            except RuntimeLayerError as exc:
+                self._load_failed(bundle, previous, str(exc))
+                raise
+            except Exception as exc:  # a backend bug must not take the agent down
+                self._load_failed(bundle, previous, f"{type(exc).__name__}: {exc}")
+                raise ModelLoadError(f"{bundle.name}: {exc}") from exc
+            served = ServedModel(
+                bundle=bundle,
+                backend=backend,
+                scheduler=ModelScheduler(bundle.name, self._max_pending),
+                loaded_at=time.time(),
+            )
+            self._serving[bundle.name] = served  # the atomic switch
+            self._set_status(bundle, ModelState.READY, served=served)
+            log.info(
+                "model %s version %s ready in %.2fs%s",
+                bundle.name,
+                bundle.version,
+                time.monotonic() - started,
+                f" (replacing version {previous.version})" if previous else "",
+            )
+            if previous is not None:
+                self._retire(previous)
+            return served
+
+    async def unload(self, name: str) -> None:
+        """Stop serving `name`: refuse new requests, finish admitted ones, free memory."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            served = self._serving.pop(name, None)
+            if served is None:
+                if self._status.pop(name, None) is None:
+                    raise ModelNotFoundError(name)
+                return
+            self._set_status(served.bundle, ModelState.UNLOADING)
+            await self._shutdown(served)
+            self._status.pop(name, None)
+
+    async def close(self) -> None:
+        """Unload everything (agent shutdown)."""
+        for name in list(self._serving):
+            await self.unload(name)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    def record_failure(self, name: str, path: str, error: str) -> None:
+        """Note a model that could not even be read, so listings and /readyz show it."""
+        if name not in self._serving:
+            self._status[name] = ModelStatus(
+                name=name, state=ModelState.FAILED, version=None, path=path, error=error
+            )
+
+    def _retire(self, served: ServedModel) -> None:
+        task = asyncio.create_task(self._shutdown(served), name=f"retire:{served.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _shutdown(self, served: ServedModel) -> None:
+        await served.scheduler.close(self._drain_timeout_s)
+        await asyncio.to_thread(served.backend.close)
+        log.info("model %s version %s unloaded", served.name, served.version)
+
+    def _load_failed(self, bundle: ModelBundle, previous: ServedModel | None, error: str) -> None:
+        log.error("model %s version %s failed to load: %s", bundle.name, bundle.version, error)
+        if previous is None:
+            self._set_status(bundle, ModelState.FAILED, error=error)
+
+    def _set_status(
+        self,
+        bundle: ModelBundle,
+        state: ModelState,
+        served: ServedModel | None = None,
+        error: str | None = None,
+    ) -> None:
+        self._status[bundle.name] = ModelStatus(
+            name=bundle.name,
+            state=state,
+            version=bundle.version,
+            path=str(bundle.path),
+            error=error,
+            loaded_at=served.loaded_at if served else None,
+            info=served.info if served else None,
+        )

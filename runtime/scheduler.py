@@ -1,0 +1,195 @@
+"""Per-model request queues, each drained by the model's own thread.
+
+Why a thread per model: llama.cpp contexts and our backends are not safe to
+call concurrently, and their calls block for seconds; one long-lived thread per
+model keeps the event loop free and keeps thread-local state (llama.cpp's
+thread pool, onnxruntime's arena) warm. Admission is bounded: past
+`max_pending` a request is refused at once with a Retry-After estimate rather
+than queued into a latency nobody wants. The worker takes one job at a time
+today; continuous batching replaces `_take` and `_execute` without changing
+how requests are submitted or cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Generic, TypeVar
+
+from .backend import JobContext
+from .errors import OverloadedError, ShuttingDownError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_DONE = object()
+
+
+@dataclass
+class SchedulerStats:
+    """Counters read by /metrics (and later telemetry); written only by the loop thread."""
+
+    admitted: int = 0
+    rejected: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    busy_seconds: float = 0.0
+
+
+class Job(Generic[T]):
+    """One request in a model's queue: its work, its stream of events, its result."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, work: Callable[[JobContext], T]) -> None:
+        self._loop = loop
+        self._work = work
+        self._cancel = threading.Event()
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self.future: asyncio.Future[T] = loop.create_future()
+        self.enqueued_at = time.monotonic()
+        self.started_at: float | None = None
+
+    # JobContext, called from the model thread
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def emit(self, item: Any) -> None:
+        self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+
+    # the coroutine's side
+    def cancel(self) -> None:
+        """Ask the work to stop at its next check (the client went away)."""
+        self._cancel.set()
+
+    async def stream(self) -> AsyncIterator[Any]:
+        """Items emitted by the work as they come; raises the work's error at the end."""
+        while True:
+            item = await self._events.get()
+            if item is _DONE:
+                break
+            yield item
+        self.future.result()
+
+    async def result(self) -> T:
+        return await asyncio.shield(self.future)
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        if not self.future.done():
+            if error is not None:
+                self.future.set_exception(error)
+                self.future.exception()  # a caller that left must not log "never retrieved"
+            else:
+                self.future.set_result(result)
+        self._events.put_nowait(_DONE)
+
+
+class ModelScheduler:
+    """Queue and worker thread of one loaded model."""
+
+    def __init__(self, name: str, max_pending: int, thread_name: str | None = None) -> None:
+        self.name = name
+        self.max_pending = max_pending
+        self.stats = SchedulerStats()
+        self._pending: collections.deque[Job[Any]] = collections.deque()
+        self._running: Job[Any] | None = None
+        self._cv = threading.Condition()
+        self._closing = False
+        self._avg_job_s = 0.5
+        self._thread = threading.Thread(
+            target=self._worker, name=thread_name or f"model:{name}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        """Requests admitted and not finished: queued plus running."""
+        with self._cv:
+            return len(self._pending) + (1 if self._running is not None else 0)
+
+    def retry_after_s(self) -> int:
+        """A Retry-After estimate: the time to drain the current queue, 1 to 60 s."""
+        return int(min(60, max(1, math.ceil(self._avg_job_s * max(1, self.depth)))))
+
+    def submit(self, work: Callable[[JobContext], T]) -> Job[T]:
+        """Admit `work` or refuse it now; called on the event loop."""
+        if self._closing:
+            raise ShuttingDownError(self.name)
+        job: Job[T] = Job(asyncio.get_running_loop(), work)
+        with self._cv:
+            depth = len(self._pending) + (1 if self._running is not None else 0)
+            if depth >= self.max_pending:
+                self.stats.rejected += 1
+                raise OverloadedError(self.name, depth, self.retry_after_s())
+            self._pending.append(job)
+            self.stats.admitted += 1
+            self._cv.notify()
+        return job
+
+    async def run(self, work: Callable[[JobContext], T]) -> T:
+        """Submit and wait; if the caller is cancelled the work is told to stop."""
+        job = self.submit(work)
+        try:
+            return await job.result()
+        finally:
+            job.cancel()
+
+    def _take(self) -> Job[Any] | None:
+        with self._cv:
+            while not self._pending and not self._closing:
+                self._cv.wait()
+            if not self._pending:
+                return None
+            self._running = self._pending.popleft()
+            return self._running
+
+    def _worker(self) -> None:
+        while (job := self._take()) is not None:
+            self._execute(job)
+            with self._cv:
+                self._running = None
+                self._cv.notify_all()
+
+    def _execute(self, job: Job[Any]) -> None:
+        loop = job._loop
+        if job.cancelled():
+            loop.call_soon_threadsafe(self._settle, job, None, asyncio.CancelledError(), 0.0)
+            return
+        started = job.started_at = time.monotonic()
+        try:
+            result = job._work(job)
+        except BaseException as exc:  # handed to the waiting coroutine, never lost
+            loop.call_soon_threadsafe(self._settle, job, None, exc, time.monotonic() - started)
+        else:
+            loop.call_soon_threadsafe(self._settle, job, result, None, time.monotonic() - started)
+
+    def _settle(self, job: Job[Any], result: Any, error: BaseException | None, busy: float) -> None:
+        stats = self.stats
+        stats.busy_seconds += busy
+        if busy:
+            self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * busy
+        if job.cancelled():
+            stats.cancelled += 1
+        elif error is not None:
+            stats.failed += 1
+        else:
+            stats.completed += 1
+        job._finish(result, error)
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new work, let admitted work finish (up to the timeout), stop the thread."""
+        self._closing = True
+        deadline = time.monotonic() + drain_timeout_s
+        while self.depth and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with self._cv:
+            for job in self._pending:
+                job.cancel()
+            if self._running is not None:
+                self._running.cancel()
+            self._cv.notify_all()
+        await asyncio.to_thread(self._thread.join)

