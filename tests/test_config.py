@@ -1,0 +1,69 @@
+"""The config file and environment overrides, and how mistakes are reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_bind_to_localhost_without_a_key():
+    config = load_config(None, environ={})
+    assert config.server.host == "127.0.0.1" and config.server.port == 8080
+    assert config.server.api_key is None and config.models == []
+
+
+def test_file_and_environment_combine_environment_wins(tmp_path):
+    path = write(tmp_path, """
+state_dir = "/srv/ef"
+[server]
+port = 9000
+[[models]]
+name = "chat"
+[[models]]
+name = "embed"
+path = "/opt/bundles/embed"
+""")
+    config = load_config(path, environ={"EDGEFLEET_SERVER__PORT": "9100", "EDGEFLEET_SERVER__API_KEY": "s3cret-key!",
+                                        "EDGEFLEET_SCHEDULER__MAX_PENDING": "4"})
+    assert config.server.port == 9100
+    assert config.server.api_key == "s3cret-key!"
+    assert config.scheduler.max_pending == 4
+    assert config.bundle_path(config.models[0]) == Path("/srv/ef/models/chat/current")
+    assert config.bundle_path(config.models[1]) == Path("/opt/bundles/embed")
+
+
+@pytest.mark.parametrize(
+    "text, environ, fragment",
+    [
+        ("[server]\nport = 'eighty'", {}, "server.port: expected an integer, got 'eighty'"),
+        ("[server]\nport = 70000", {}, "server: port must be 0..65535"),
+        ("[server]\nprot = 80", {}, "unknown key server.prot"),
+        ("[sever]\nport = 80", {}, "unknown key sever"),
+        ("[[models]]\nname = 'a b'", {}, "models[0]: invalid model name 'a b'"),
+        ("[[models]]\nname = 'a'\n[[models]]\nname = 'a'", {}, "'a' is listed twice"),
+        ("[runtime]\ncpu_repack = 'maybe'", {}, "runtime.cpu_repack"),
+        ("log_level = 'chatty'", {}, "log_level: expected one of"),
+        ("[server\nport = 1", {}, "not valid TOML"),
+        ("", {"EDGEFLEET_SERVER__PORT": "x1"}, "environment: server.port: expected an integer"),
+    ],
+)
+def test_mistakes_are_reported_with_the_file_and_key(tmp_path, text, environ, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ=environ)
+    assert fragment in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.toml", environ={})
