@@ -49,7 +49,9 @@ class Job(Generic[T]):
         self._loop = loop
         self._work = work
         self._cancel = threading.Event()
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._events: collections.deque[Any] = collections.deque()
+        self._wakeup: asyncio.Event = asyncio.Event()
+        self._wakeup_pending = False
         self.future: asyncio.Future[T] = loop.create_future()
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
@@ -59,7 +61,16 @@ class Job(Generic[T]):
         return self._cancel.is_set()
 
     def emit(self, item: Any) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        # deque.append is atomic; wake the loop only if no wake-up is already on its way,
+        # so a loop that falls behind drains several items per wake-up.
+        self._events.append(item)
+        if not self._wakeup_pending:
+            self._wakeup_pending = True
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._wakeup_pending = False
+        self._wakeup.set()
 
     # the coroutine's side
     def cancel(self) -> None:
@@ -69,7 +80,10 @@ class Job(Generic[T]):
     async def stream(self) -> AsyncIterator[Any]:
         """Items emitted by the work as they come; raises the work's error at the end."""
         while True:
-            item = await self._events.get()
+            while not self._events:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            item = self._events.popleft()
             if item is _DONE:
                 break
             yield item
@@ -85,7 +99,8 @@ class Job(Generic[T]):
                 self.future.exception()  # a caller that left must not log "never retrieved"
             else:
                 self.future.set_result(result)
-        self._events.put_nowait(_DONE)
+        self._events.append(_DONE)
+        self._wakeup.set()
 
 
 class ModelScheduler:
