@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -78,11 +80,11 @@ def _load(args: argparse.Namespace) -> AgentConfig:
         config = config.with_overrides(state_dir=args.state_dir)
     server = config.server
     if getattr(args, "host", None):
-        server = type(server)(**{**server.__dict__, "host": args.host})
+        server = dataclasses.replace(server, host=args.host)
     if getattr(args, "port", None) is not None:
         if not 0 <= args.port <= 65535:
             raise CliError(f"--port must be 0..65535, got {args.port}", code=2)
-        server = type(server)(**{**server.__dict__, "port": args.port})
+        server = dataclasses.replace(server, port=args.port)
     config = config.with_overrides(server=server)
     if getattr(args, "demo", False):
         build_demo_bundles(Path(config.state_dir) / "models")
@@ -90,6 +92,13 @@ def _load(args: argparse.Namespace) -> AgentConfig:
         extra = [ModelEntry(name=d.name) for d in DEMO_MODELS if d.name not in known]
         config = config.with_overrides(models=[*config.models, *extra])
     return config
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def _serve(config: AgentConfig) -> None:
@@ -107,6 +116,9 @@ async def _serve(config: AgentConfig) -> None:
         raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}")
     log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host,
              config.server.port)
+    if not config.server.api_key and not _is_loopback(config.server.host):
+        log.warning("listening on %s without an API key: anyone who can reach this port can "
+                    "use the models (set server.api_key)", config.server.host)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

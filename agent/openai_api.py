@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -28,6 +29,7 @@ from .errors import ApiError, bad_request
 from .openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
 
 _dumps = json.dumps
+log = logging.getLogger(__name__)
 
 
 def setup(app: web.Application) -> None:
@@ -181,20 +183,26 @@ async def _stream(
         choice["finish_reason"] = finish_reason
         return _dumps({**header, "choices": [choice]})
 
-    async with sse_response(request, sep="\n", allow_all_methods=True,
-                            headers={"X-Accel-Buffering": "no"}) as sse:
-        if chat:
-            await sse.send(chunk("", role=True))
-        for piece in pending:
-            await sse.send(chunk(piece))
-        async for piece in texts:
-            await sse.send(chunk(piece))
-        result = job.future.result()
-        await sse.send(chunk(None if chat else "", finish_reason=result.finish_reason))
-        if parsed.include_usage:
-            await sse.send(_dumps({**header, "choices": [], "usage": _usage(result)}))
-        await sse.send("[DONE]")
-    return sse
+    response: web.StreamResponse | None = None
+    try:
+        async with sse_response(request, sep="\n", allow_all_methods=True,
+                                headers={"X-Accel-Buffering": "no"}) as sse:
+            response = sse
+            if chat:
+                await sse.send(chunk("", role=True))
+            for piece in pending:
+                await sse.send(chunk(piece))
+            async for piece in texts:
+                await sse.send(chunk(piece))
+            result = job.future.result()
+            await sse.send(chunk(None if chat else "", finish_reason=result.finish_reason))
+            if parsed.include_usage:
+                await sse.send(_dumps({**header, "choices": [], "usage": _usage(result)}))
+            await sse.send("[DONE]")
+    except ConnectionError:
+        # The client left between two chunks; the caller's finally stops the model.
+        log.debug("client of %s left mid-stream", ident)
+    return response if response is not None else web.Response(status=499)
 
 
 async def embeddings(request: web.Request) -> web.Response:
