@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from aiohttp import web
 
@@ -124,7 +124,12 @@ async def _serve(config: AgentConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     waiter = asyncio.create_task(wait_until_loaded(app))
-    waiter.add_done_callback(lambda t: t.cancelled() or t.exception() or log.info("ready"))
+
+    def announce(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            log.info("ready")
+
+    waiter.add_done_callback(announce)
     await stop.wait()
     log.info("shutting down: finishing admitted requests")
     waiter.cancel()
@@ -133,7 +138,7 @@ async def _serve(config: AgentConfig) -> None:
 
 
 def _list_models(config: AgentConfig, as_json: bool) -> int:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for entry in config.models:
         path = config.bundle_path(entry)
         try:

@@ -42,13 +42,17 @@ LLAMA_SAMPLING_DEFAULTS: dict[str, Any] = {"top_k": 40, "min_p": 0.05, "repeat_p
 
 
 @contextlib.contextmanager
-def _model_defaults(use_extra_bufts: bool) -> Iterator[None]:
-    """Make llama-cpp-python build its model params with `use_extra_bufts` set."""
+def extra_buffer_types(use_extra_bufts: bool) -> Iterator[None]:
+    """Within this block, llama_cpp.Llama() loads with `use_extra_bufts` as given.
+
+    Public so that benchmarks and tests build their in-process baseline exactly as the
+    agent does (and do not crash on AMX machines).
+    """
     import llama_cpp.llama as llama_module
 
     lib = llama_module.llama_cpp
     original = lib.llama_model_default_params
-    has_field = any(name == "use_extra_bufts" for name, _ in lib.llama_model_params._fields_)
+    has_field = any(field[0] == "use_extra_bufts" for field in lib.llama_model_params._fields_)
     with _PARAMS_LOCK:
         if has_field and not use_extra_bufts:
 
@@ -81,7 +85,7 @@ class GgufBackend(BackendBase):
         log.info("loading %s (%s): %s", bundle.name, bundle.weights.name, "; ".join(placement.reasons))
         self.placement = placement
         try:
-            with _model_defaults(placement.use_extra_bufts):
+            with extra_buffer_types(placement.use_extra_bufts):
                 self._llm = llama_cpp.Llama(
                     model_path=str(bundle.weights),
                     n_ctx=options.n_ctx,
@@ -125,7 +129,7 @@ class GgufBackend(BackendBase):
                     self._sampled += 1
                 yield token
 
-        self._llm.generate = generate  # type: ignore[method-assign]
+        self._llm.generate = generate  # type: ignore[method-assign,assignment]
 
     def _chat_formatter(self, override: str | None) -> Any:
         from llama_cpp import llama_chat_format
@@ -185,7 +189,7 @@ class GgufBackend(BackendBase):
 
         finish_reason = "length"
         try:
-            for chunk in self._llm.create_completion(
+            chunks: Iterator[Any] = self._llm.create_completion(  # type: ignore[assignment]
                 prompt=tokens,
                 max_tokens=max_tokens,
                 temperature=request.temperature,
@@ -198,7 +202,8 @@ class GgufBackend(BackendBase):
                 stopping_criteria=llama_cpp.StoppingCriteriaList([stop_when_cancelled]),
                 stream=True,
                 **LLAMA_SAMPLING_DEFAULTS,
-            ):
+            )
+            for chunk in chunks:
                 choice = chunk["choices"][0]
                 if choice["text"]:
                     ctx.emit(TextDelta(choice["text"]))

@@ -69,7 +69,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise SchemaError(path, f"expected a table, got {value!r}")
-        return from_mapping(tp, value, path)
+        return from_mapping(tp, value, path)  # type: ignore[arg-type]
     if tp is bool:
         if isinstance(value, bool):
             return value

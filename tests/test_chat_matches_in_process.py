@@ -7,6 +7,7 @@ import pytest
 
 from conftest import CHAT
 from runtime.devices import choose_llama_placement, describe_cpu
+from runtime.gguf_backend import extra_buffer_types
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -17,11 +18,12 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def in_process_llm(state_dir):
     placement = choose_llama_placement(describe_cpu(), gpu_offload_supported=False)
-    llm = llama_cpp.Llama(
-        model_path=str(state_dir / "models" / CHAT / "current" / "model.gguf"),
-        n_ctx=2048, n_threads=placement.n_threads, n_threads_batch=placement.n_threads_batch,
-        verbose=False,
-    )
+    with extra_buffer_types(placement.use_extra_bufts):  # as the agent loads it (AMX-safe)
+        llm = llama_cpp.Llama(
+            model_path=str(state_dir / "models" / CHAT / "current" / "model.gguf"),
+            n_ctx=2048, n_threads=placement.n_threads, n_threads_batch=placement.n_threads_batch,
+            verbose=False,
+        )
     yield llm
     llm.close()
 

@@ -22,7 +22,14 @@ class Collect:
         self.text.append(item.text)
 
 
-@pytest.mark.parametrize("repack", [True, False], ids=["repack-on", "repack-off-as-on-amx"])
+AMX = describe_cpu().has_amx
+
+
+@pytest.mark.parametrize("repack", [
+    pytest.param(True, id="repack-on", marks=pytest.mark.skipif(
+        AMX, reason="this CPU has AMX: llama.cpp's AMX repacking crashes at decode (#20824)")),
+    pytest.param(False, id="repack-off-as-on-amx"),
+])
 def test_model_generates_with_and_without_weight_repacking(state_dir, repack):
     bundle = read_bundle(state_dir / "models" / CHAT / "current")
     backend = GgufBackend(bundle, MachineSettings(cpu=describe_cpu(), cpu_repack=repack))
@@ -32,5 +39,19 @@ def test_model_generates_with_and_without_weight_repacking(state_dir, repack):
         out = Collect()
         result = backend.generate(GenerationRequest(prompt="The sky is", max_tokens=8, temperature=0), out)
         assert result.completion_tokens == 8 and "".join(out.text)
+    finally:
+        backend.close()
+
+
+def test_the_agent_picks_and_logs_the_safe_path_for_this_cpu(state_dir, caplog):
+    bundle = read_bundle(state_dir / "models" / CHAT / "current")
+    with caplog.at_level("INFO", logger="runtime.gguf_backend"):
+        backend = GgufBackend(bundle, MachineSettings(cpu=describe_cpu()))
+    try:
+        assert backend._llm.model_params.use_extra_bufts is (not AMX)
+        expected = "weight repacking off (llama.cpp AMX path" if AMX else "CPU: weight repacking on"
+        assert expected in caplog.text
+        result = backend.generate(GenerationRequest(prompt="Hello", max_tokens=4, temperature=0), Collect())
+        assert result.completion_tokens == 4
     finally:
         backend.close()
