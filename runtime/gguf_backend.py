@@ -5,15 +5,24 @@ metadata, as llama-cpp-python's `create_chat_completion` does) and tokenized
 here, so the prompt length is known before generation starts: a prompt that
 cannot fit is refused with `ContextLengthExceededError` instead of being
 silently truncated. A request with a seed bypasses the prompt cache so that it
-repeats exactly. Generation always streams internally; a stopping
-criterion checks the job's cancel flag after every sampled token, which is how
-a client that hangs up stops the model rather than just the socket.
+repeats exactly.
+
+Tokens come from `Llama.generate` with the same sampler settings
+`create_completion` uses, so the tokens are the same; the text is built here
+one token piece at a time (`TextStream`) instead of by `create_completion`'s
+stream, which re-detokenizes the whole completion at every token. That keeps
+the model thread's per-token Python work small, which is what pays for the
+HTTP side on a 2-core machine. The job's cancel flag is checked at every
+token, in the loop and in a stopping criterion, so a client that hangs up
+stops the model rather than just the socket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import random
 import threading
 from typing import Any, Iterator
 
@@ -29,6 +38,7 @@ from .backend import (
 from .bundle import ModelBundle
 from .devices import MachineSettings, choose_llama_placement, llama_gpu_offload_supported
 from .errors import ContextLengthExceededError, InferenceError, ModelLoadError
+from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +48,9 @@ _PARAMS_LOCK = threading.Lock()
 
 #: Sampling defaults of llama-cpp-python's create_chat_completion, kept so that
 #: a request through the agent samples exactly as an in-process call would.
-LLAMA_SAMPLING_DEFAULTS: dict[str, Any] = {"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+LLAMA_SAMPLING_DEFAULTS: dict[str, Any] = {
+    "top_k": 40, "min_p": 0.05, "typical_p": 1.0, "repeat_penalty": 1.0,
+}
 
 
 @contextlib.contextmanager
@@ -66,6 +78,24 @@ def extra_buffer_types(use_extra_bufts: bool) -> Iterator[None]:
             yield
         finally:
             lib.llama_model_default_params = original
+
+
+def _logit_bias_processor(bias: dict[int, float]) -> Any:
+    """OpenAI's logit_bias as llama-cpp-python applies it (added to the raw logits)."""
+    if not bias:
+        return None
+    import llama_cpp
+    import numpy as np
+
+    ids = np.fromiter(bias.keys(), dtype=np.intc)
+    values = np.fromiter(bias.values(), dtype=np.single)
+
+    def apply(input_ids: Any, scores: Any) -> Any:
+        scores = np.copy(scores)
+        scores[ids] += values
+        return scores
+
+    return llama_cpp.LogitsProcessorList([apply])
 
 
 class GgufBackend(BackendBase):
@@ -99,8 +129,8 @@ class GgufBackend(BackendBase):
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"{bundle.weights}: llama.cpp could not load it: {exc}") from exc
         self._formatter = self._chat_formatter(options.chat_template)
-        self._sampled = 0
-        self._count_generated_tokens()
+        self._vocab = self._llm._model.vocab
+        self._piece_buf = ctypes.create_string_buffer(64)
         capabilities = {Capability.COMPLETION}
         if self._formatter is not None:
             capabilities.add(Capability.CHAT)
@@ -110,26 +140,6 @@ class GgufBackend(BackendBase):
             context_length=self._llm.n_ctx(),
             placement=placement.reasons,
         )
-
-    def _count_generated_tokens(self) -> None:
-        """Wrap this instance's token generator to count what it yields.
-
-        create_completion reports no usage when streaming; counting the tokens it
-        consumes from `generate` (end-of-generation tokens excluded) gives the
-        same figure it reports when not streaming.
-        """
-        import llama_cpp
-
-        original = self._llm.generate
-        vocab = self._llm._model.vocab
-
-        def generate(*args: Any, **kwargs: Any) -> Iterator[int]:
-            for token in original(*args, **kwargs):
-                if not llama_cpp.llama_vocab_is_eog(vocab, token):
-                    self._sampled += 1
-                yield token
-
-        self._llm.generate = generate  # type: ignore[method-assign,assignment]
 
     def _chat_formatter(self, override: str | None) -> Any:
         from llama_cpp import llama_chat_format
@@ -175,50 +185,70 @@ class GgufBackend(BackendBase):
             raise ContextLengthExceededError(n_ctx, len(tokens), request.max_tokens)
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
 
-        self._sampled = 0
         if request.seed is not None:
             # Reusing a cached prompt prefix evaluates the last prompt token in a batch of
             # one, whose logits differ in the last bits from a full-prompt batch; a seeded
             # request evaluates its whole prompt so the same request repeats exactly.
             self._llm.reset()
+            self._llm.set_seed(request.seed)
+        else:
+            self._llm.set_seed(random.Random(self._llm._seed).randint(0, 2**32))
 
         def stop_when_cancelled(input_ids: Any, logits: Any) -> bool:
             if template_criteria is not None and template_criteria(input_ids, logits):
                 return True
             return ctx.cancelled()
 
+        text = TextStream(list(request.stop) + template_stops)
+        vocab = self._llm._model.vocab
+        generated = 0
         finish_reason = "length"
         try:
-            chunks: Iterator[Any] = self._llm.create_completion(  # type: ignore[assignment]
-                prompt=tokens,
-                max_tokens=max_tokens,
-                temperature=request.temperature,
+            for token in self._llm.generate(
+                tokens,
+                temp=request.temperature,
                 top_p=request.top_p,
-                seed=request.seed,
-                stop=list(request.stop) + template_stops,
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
-                logit_bias=request.logit_bias or None,
+                logits_processor=_logit_bias_processor(request.logit_bias),
                 stopping_criteria=llama_cpp.StoppingCriteriaList([stop_when_cancelled]),
-                stream=True,
                 **LLAMA_SAMPLING_DEFAULTS,
-            )
-            for chunk in chunks:
-                choice = chunk["choices"][0]
-                if choice["text"]:
-                    ctx.emit(TextDelta(choice["text"]))
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
+            ):
                 if ctx.cancelled():
                     finish_reason = "cancelled"
                     break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish_reason = "stop"
+                    break
+                generated += 1
+                piece = text.push(self._piece(token))
+                if piece:
+                    ctx.emit(TextDelta(piece))
+                if text.stopped:
+                    finish_reason = "stop"
+                    break
+                if generated >= max_tokens:
+                    break
         except (RuntimeError, ValueError) as exc:
             raise InferenceError(f"llama.cpp failed: {exc}") from exc
+        rest = text.flush()
+        if rest and not ctx.cancelled():
+            ctx.emit(TextDelta(rest))
         if ctx.cancelled():
             finish_reason = "cancelled"
         return GenerationResult(
-            finish_reason=finish_reason, prompt_tokens=len(tokens), completion_tokens=self._sampled
+            finish_reason=finish_reason, prompt_tokens=len(tokens), completion_tokens=generated
         )
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of one token, as llama-cpp-python's detokenize produces them."""
+        import llama_cpp
+
+        size = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if size < 0:  # longer than the buffer: grow it once and retry
+            self._piece_buf = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -size, 0, False)
+        return self._piece_buf.raw[:size]
 
     def close(self) -> None:
         self._llm.close()
