@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +10,7 @@ from runtime.registry import ModelRegistry
 
 from .config import AgentConfig
 from .errors import ApiError, bad_request
+from .jsonio import loads
 from .metrics import Metrics
 
 CONFIG = web.AppKey("config", AgentConfig)
@@ -28,6 +28,6 @@ async def read_json(request: web.Request) -> Any:
     if not raw:
         raise bad_request("The request body is empty; send a JSON object")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return loads(raw)
+    except ValueError as exc:  # orjson.JSONDecodeError, invalid UTF-8
         raise bad_request(f"We could not parse the JSON body of your request: {exc}") from None

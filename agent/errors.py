@@ -9,12 +9,13 @@ result in the convention of the endpoint that was called: OpenAI's
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from runtime import errors as rt
+
+from .jsonio import json_response
 
 
 @dataclass
@@ -75,8 +76,8 @@ def to_api_error(exc: BaseException) -> ApiError:
 
 def openai_error_response(err: ApiError) -> web.Response:
     body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-    return web.json_response(body, status=err.status, headers=err.headers, dumps=json.dumps)
+    return json_response(body, status=err.status, headers=err.headers)
 
 
 def kserve_error_response(err: ApiError) -> web.Response:
-    return web.json_response({"error": err.message}, status=err.status, headers=err.headers)
+    return json_response({"error": err.message}, status=err.status, headers=err.headers)

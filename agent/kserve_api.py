@@ -19,6 +19,7 @@ from runtime.registry import ModelState, ServedModel
 
 from .context import METRICS, MODELS, read_json
 from .errors import ApiError, bad_request
+from .jsonio import json_response
 
 #: KServe v2 datatype -> numpy dtype name.
 V2_TO_NUMPY: dict[str, str] = {
@@ -42,7 +43,7 @@ def setup(app: web.Application) -> None:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return web.json_response({"name": "edgefleet", "version": __version__, "extensions": []})
+    return json_response({"name": "edgefleet", "version": __version__, "extensions": []})
 
 
 async def live(request: web.Request) -> web.Response:
@@ -71,7 +72,7 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
 
 async def model_metadata(request: web.Request) -> web.Response:
     served = _tensor_served(request)
-    return web.json_response({
+    return json_response({
         "name": served.name,
         "versions": [served.version],
         "platform": served.info.platform,
@@ -115,6 +116,13 @@ def _to_array(tensor: Any, index: int) -> tuple[str, Any]:
     return name, array.reshape(shape)
 
 
+def _flat(array: Any) -> Any:
+    """Row-major data: numeric arrays as they are (orjson writes them), others as lists."""
+    if array.dtype.kind in "biuf" and array.dtype.name != "float16":
+        return array.ravel()
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.ravel().tolist()]
+
+
 async def infer(request: web.Request) -> web.Response:
     served = _tensor_served(request)
     body = await read_json(request)
@@ -140,10 +148,10 @@ async def infer(request: web.Request) -> web.Response:
         "model_version": served.version,
         "outputs": [
             {"name": name, "datatype": NUMPY_TO_V2.get(array.dtype.name, "BYTES"),
-             "shape": list(array.shape), "data": array.ravel().tolist()}
+             "shape": list(array.shape), "data": _flat(array)}
             for name, array in results.items()
         ],
     }
     if isinstance(body.get("id"), str):
         response["id"] = body["id"]
-    return web.json_response(response)
+    return json_response(response)

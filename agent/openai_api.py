@@ -11,7 +11,6 @@ proper 400s and not a broken stream.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 import uuid
@@ -26,9 +25,9 @@ from runtime.scheduler import Job
 
 from .context import METRICS, MODELS, read_json
 from .errors import ApiError, bad_request
+from .jsonio import dumps, json_response
 from .openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
 
-_dumps = json.dumps
 log = logging.getLogger(__name__)
 
 
@@ -55,11 +54,11 @@ def _model_card(served: ServedModel) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     models = request.app[MODELS].serving()
-    return web.json_response({"object": "list", "data": [_model_card(m) for m in models]})
+    return json_response({"object": "list", "data": [_model_card(m) for m in models]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return web.json_response(_model_card(request.app[MODELS].get(request.match_info["model"])))
+    return json_response(_model_card(request.app[MODELS].get(request.match_info["model"])))
 
 
 def _served_for(request: web.Request, name: str, capability: Capability) -> ServedModel:
@@ -135,7 +134,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
-    return web.json_response(
+    return json_response(
         {
             "id": ident,
             "object": "chat.completion" if chat else "text_completion",
@@ -181,7 +180,7 @@ async def _stream(
             choice = {"index": 0, "text": text or ""}
         choice["logprobs"] = None
         choice["finish_reason"] = finish_reason
-        return _dumps({**header, "choices": [choice]})
+        return dumps({**header, "choices": [choice]})
 
     response: web.StreamResponse | None = None
     try:
@@ -197,7 +196,7 @@ async def _stream(
             result = job.future.result()
             await sse.send(chunk(None if chat else "", finish_reason=result.finish_reason))
             if parsed.include_usage:
-                await sse.send(_dumps({**header, "choices": [], "usage": _usage(result)}))
+                await sse.send(dumps({**header, "choices": [], "usage": _usage(result)}))
             await sse.send("[DONE]")
     except ConnectionError:
         # The client left between two chunks; the caller's finally stops the model.
@@ -224,10 +223,10 @@ async def embeddings(request: web.Request) -> web.Response:
         embedding: Any = (
             base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
             if parsed.encoding_format == "base64"
-            else vector.tolist()
+            else vector  # float32, written in its shortest exact form by orjson
         )
         data.append({"object": "embedding", "index": i, "embedding": embedding})
-    return web.json_response(
+    return json_response(
         {
             "object": "list",
             "data": data,

@@ -12,6 +12,7 @@ from runtime.registry import ModelStatus
 
 from .context import CONFIG, METRICS, MODELS
 from .errors import ApiError
+from .jsonio import json_response
 
 
 def setup(app: web.Application) -> None:
@@ -30,14 +31,14 @@ def _status_json(status: ModelStatus) -> dict[str, object]:
 
 async def healthz(request: web.Request) -> web.Response:
     """The process is up and its event loop answers."""
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Every configured model is loaded and serving."""
     models = request.app[MODELS]
     ready = models.all_ready()
-    return web.json_response(
+    return json_response(
         {"status": "ready" if ready else "not ready",
          "models": [_status_json(s) for s in models.statuses()]},
         status=200 if ready else 503,
@@ -53,7 +54,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def repository_index(request: web.Request) -> web.Response:
-    return web.json_response([_status_json(s) for s in request.app[MODELS].statuses()])
+    return json_response([_status_json(s) for s in request.app[MODELS].statuses()])
 
 
 async def repository_load(request: web.Request) -> web.Response:
