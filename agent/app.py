@@ -19,7 +19,7 @@ from aiohttp import web
 
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
-from runtime.errors import RuntimeLayerError
+from runtime.errors import BundleError, RuntimeLayerError
 from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
@@ -103,10 +103,17 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
     for entry in config.models:
+        path = config.bundle_path(entry)
         try:
-            await models.load(read_bundle(config.bundle_path(entry), name=entry.name))
-        except RuntimeLayerError as exc:
-            models.record_failure(entry.name, str(config.bundle_path(entry)), str(exc))
+            bundle = read_bundle(path, name=entry.name)
+        except BundleError as exc:
+            log.error("model %s: %s", entry.name, exc)
+            models.record_failure(entry.name, str(path), str(exc))
+            continue
+        try:
+            await models.load(bundle)
+        except RuntimeLayerError:
+            pass  # the registry logged it and shows it as failed
     statuses = models.statuses()
     log.info("models: %s", ", ".join(f"{s.name}={s.state.value}" for s in statuses) or "none")
 
