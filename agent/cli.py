@@ -113,7 +113,7 @@ async def _serve(config: AgentConfig) -> None:
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}")
+        raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}") from None
     log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host,
              config.server.port)
     if not config.server.api_key and not _is_loopback(config.server.host):

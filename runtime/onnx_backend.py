@@ -129,7 +129,7 @@ class OnnxBackend(BackendBase):
                     f"input '{name}' must be {spec.dtype}, got {array.dtype.name}", param=name
                 )
             if len(array.shape) != len(spec.shape) or any(
-                want not in (-1, got) for want, got in zip(spec.shape, array.shape)
+                want not in (-1, got) for want, got in zip(spec.shape, array.shape, strict=True)
             ):
                 raise InvalidInputError(
                     f"input '{name}' must have shape {list(spec.shape)} (-1: any), "
@@ -152,7 +152,7 @@ class OnnxBackend(BackendBase):
             results = self._session.run(names, inputs)
         except Exception as exc:  # values the declared shapes allow but the graph refuses
             raise InvalidInputError(f"onnxruntime refused the inputs: {_first_line(exc)}") from exc
-        return dict(zip(names, results))
+        return dict(zip(names, results, strict=True))
 
     # --- embeddings ----------------------------------------------------------
 

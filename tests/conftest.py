@@ -3,12 +3,12 @@ packages, and agents listening on real loopback ports."""
 
 from __future__ import annotations
 
-import asyncio
+import json
 import socket
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import aiohttp
 import pytest
@@ -41,17 +41,17 @@ class RunningAgent:
         self.url = url
         self.http = session
 
-    async def post(self, path: str, **kwargs: object) -> tuple[int, object, "aiohttp.typedefs.LooseHeaders"]:
+    async def post(self, path: str, **kwargs: object) -> tuple[int, Any, Any]:
+        """Status, JSON body (None when empty) and headers."""
         async with self.http.post(self.url + path, **kwargs) as resp:
             body = await resp.json(content_type=None) if resp.content_length != 0 else None
             return resp.status, body, resp.headers
 
-    async def get(self, path: str, **kwargs: object) -> tuple[int, object]:
+    async def get(self, path: str, **kwargs: object) -> tuple[int, Any]:
+        """Status and body: JSON when it parses, else text."""
         async with self.http.get(self.url + path, **kwargs) as resp:
             text = await resp.text()
             try:
-                import json
-
                 return resp.status, json.loads(text) if text else None
             except ValueError:
                 return resp.status, text
@@ -98,14 +98,13 @@ async def agent(state_dir: Path) -> AsyncIterator[RunningAgent]:
         yield running
 
 
-AgentFactory = Callable[..., "asynccontextmanager[RunningAgent]"]
-
-
 @pytest.fixture
-def make_agent(state_dir: Path) -> Callable[..., object]:
+def make_agent(state_dir: Path) -> Callable[..., AbstractAsyncContextManager[RunningAgent]]:
     """An agent with its own settings: make_agent(max_pending=2, api_key=..., models=(...))."""
 
-    def factory(models: tuple[str, ...] = (CHAT, EMBED), max_pending: int = 16, **server: object):
+    def factory(
+        models: tuple[str, ...] = (CHAT, EMBED), max_pending: int = 16, **server: object
+    ) -> AbstractAsyncContextManager[RunningAgent]:
         config = demo_config(state_dir, models, **server)
         config = replace(config, scheduler=SchedulerConfig(max_pending=max_pending))
         return start_agent(config)
