@@ -65,6 +65,9 @@ def extra_buffer_types(use_extra_bufts: bool) -> Iterator[None]:
     lib = llama_module.llama_cpp
     original = lib.llama_model_default_params
     has_field = any(field[0] == "use_extra_bufts" for field in lib.llama_model_params._fields_)
+    if not has_field and not use_extra_bufts:
+        log.warning("this llama-cpp-python has no use_extra_bufts model parameter, so CPU "
+                    "weight repacking cannot be turned off; upgrade llama-cpp-python")
     with _PARAMS_LOCK:
         if has_field and not use_extra_bufts:
 
