@@ -37,7 +37,12 @@ from .backend import (
 )
 from .bundle import ModelBundle
 from .devices import MachineSettings, choose_llama_placement, llama_gpu_offload_supported
-from .errors import ContextLengthExceededError, InferenceError, ModelLoadError
+from .errors import (
+    ContextLengthExceededError,
+    InferenceError,
+    ModelLoadError,
+    UnsupportedOperationError,
+)
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -179,7 +184,7 @@ class GgufBackend(BackendBase):
         import llama_cpp
 
         if request.messages is not None and self._formatter is None:
-            raise InferenceError("this model has no chat template; use /v1/completions")
+            raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
         tokens, template_stops, template_criteria = self._prompt_tokens(request)
         n_ctx = self._llm.n_ctx()
         if len(tokens) >= n_ctx or (
