@@ -13,8 +13,7 @@ one token piece at a time (`TextStream`) instead of by `create_completion`'s
 stream, which re-detokenizes the whole completion at every token. That keeps
 the model thread's per-token Python work small, which is what pays for the
 HTTP side on a 2-core machine. The job's cancel flag is checked at every
-token, in the loop and in a stopping criterion, so a client that hangs up
-stops the model rather than just the socket.
+token, so a client that hangs up stops the model rather than just the socket.
 """
 
 from __future__ import annotations
@@ -138,6 +137,7 @@ class GgufBackend(BackendBase):
             raise ModelLoadError(f"{bundle.weights}: llama.cpp could not load it: {exc}") from exc
         self._formatter = self._chat_formatter(options.chat_template)
         self._vocab = self._llm._model.vocab
+        self._token_to_piece = llama_cpp.llama_token_to_piece
         self._piece_buf = ctypes.create_string_buffer(64)
         capabilities = {Capability.COMPLETION}
         if self._formatter is not None:
@@ -164,8 +164,12 @@ class GgufBackend(BackendBase):
             stop_token_ids=[eos_id],
         )
 
-    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str], Any]:
-        """Tokens of the prompt, extra stop strings and stopping criteria from the template."""
+    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+        """Tokens of the prompt, and extra stop strings from the template.
+
+        The template's own stopping criterion only watches for the end-of-sequence
+        token, which the decode loop stops on already (every end-of-generation token).
+        """
         if request.messages is not None:
             result = self._formatter(
                 messages=[{"role": m.role, "content": m.content} for m in request.messages]
@@ -174,18 +178,18 @@ class GgufBackend(BackendBase):
                 result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
             )
             stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-            return tokens, stops, result.stopping_criteria
+            return tokens, stops
         if isinstance(request.prompt, list):
-            return list(request.prompt), [], None
+            return list(request.prompt), []
         # What create_completion does with a text prompt: BOS, then the text.
-        return self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), [], None
+        return self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), []
 
     def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         import llama_cpp
 
         if request.messages is not None and self._formatter is None:
             raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
-        tokens, template_stops, template_criteria = self._prompt_tokens(request)
+        tokens, template_stops = self._prompt_tokens(request)
         n_ctx = self._llm.n_ctx()
         if len(tokens) >= n_ctx or (
             request.max_tokens is not None and len(tokens) + request.max_tokens > n_ctx
@@ -202,13 +206,8 @@ class GgufBackend(BackendBase):
         else:
             self._llm.set_seed(random.Random(self._llm._seed).randint(0, 2**32))
 
-        def stop_when_cancelled(input_ids: Any, logits: Any) -> bool:
-            if template_criteria is not None and template_criteria(input_ids, logits):
-                return True
-            return ctx.cancelled()
-
         text = TextStream(list(request.stop) + template_stops)
-        vocab = self._llm._model.vocab
+        is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._vocab
         generated = 0
         finish_reason = "length"
         try:
@@ -219,13 +218,11 @@ class GgufBackend(BackendBase):
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 logits_processor=_logit_bias_processor(request.logit_bias),
-                stopping_criteria=llama_cpp.StoppingCriteriaList([stop_when_cancelled]),
                 **LLAMA_SAMPLING_DEFAULTS,
             ):
-                if ctx.cancelled():
-                    finish_reason = "cancelled"
+                if ctx.cancelled():  # the client left: stop before the next decode
                     break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if is_eog(vocab, token):
                     finish_reason = "stop"
                     break
                 generated += 1
@@ -250,12 +247,10 @@ class GgufBackend(BackendBase):
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token, as llama-cpp-python's detokenize produces them."""
-        import llama_cpp
-
-        size = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        size = self._token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         if size < 0:  # longer than the buffer: grow it once and retry
             self._piece_buf = ctypes.create_string_buffer(-size)
-            size = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, -size, 0, False)
+            size = self._token_to_piece(self._vocab, token, self._piece_buf, -size, 0, False)
         return self._piece_buf.raw[:size]
 
     def close(self) -> None:
