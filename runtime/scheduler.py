@@ -164,23 +164,24 @@ class ModelScheduler:
 
     def _worker(self) -> None:
         while (job := self._take()) is not None:
-            self._execute(job)
+            result, error, busy = self._execute(job)
+            # Leave the running slot before the loop learns the outcome, so whoever sees
+            # the job settled (a counter, a waiting client) also sees the queue without it.
             with self._cv:
                 self._running = None
                 self._cv.notify_all()
+            job._loop.call_soon_threadsafe(self._settle, job, result, error, busy)
 
-    def _execute(self, job: Job[Any]) -> None:
-        loop = job._loop
+    def _execute(self, job: Job[Any]) -> tuple[Any, BaseException | None, float]:
+        """Run one job on this thread: (result, error, seconds busy)."""
         if job.cancelled():
-            loop.call_soon_threadsafe(self._settle, job, None, asyncio.CancelledError(), 0.0)
-            return
+            return None, asyncio.CancelledError(), 0.0
         started = job.started_at = time.monotonic()
         try:
             result = job._work(job)
         except BaseException as exc:  # handed to the waiting coroutine, never lost
-            loop.call_soon_threadsafe(self._settle, job, None, exc, time.monotonic() - started)
-        else:
-            loop.call_soon_threadsafe(self._settle, job, result, None, time.monotonic() - started)
+            return None, exc, time.monotonic() - started
+        return result, None, time.monotonic() - started
 
     def _settle(self, job: Job[Any], result: Any, error: BaseException | None, busy: float) -> None:
         stats = self.stats

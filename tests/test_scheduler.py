@@ -84,3 +84,13 @@ async def test_streamed_items_arrive_in_order_then_the_result():
     assert [i async for i in job.stream()] == list(range(200))
     assert await job.result() == "end"
     await scheduler.close()
+
+
+async def test_a_settled_job_has_already_left_the_queue():
+    """Whoever sees a job finish (a client, a counter) sees a queue without it."""
+    scheduler = ModelScheduler("m", max_pending=4)
+    for _ in range(50):
+        await scheduler.run(lambda ctx: None)
+        assert scheduler.depth == 0
+    assert scheduler.stats.completed == 50
+    await scheduler.close()
