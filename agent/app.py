@@ -11,9 +11,10 @@ owned by the registry's context, so the port answers /healthz at once and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -62,8 +63,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     api_key = request.app[CONFIG].server.api_key
-    if api_key and request.path not in PUBLIC_PATHS:
-        if not api_key_matches(api_key, request.headers.get("Authorization")):
+    if (api_key and request.path not in PUBLIC_PATHS
+            and not api_key_matches(api_key, request.headers.get("Authorization"))):
             raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
@@ -110,10 +111,8 @@ async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
             log.error("model %s: %s", entry.name, exc)
             models.record_failure(entry.name, str(path), str(exc))
             continue
-        try:
+        with contextlib.suppress(RuntimeLayerError):  # the registry logged it and shows it as failed
             await models.load(bundle)
-        except RuntimeLayerError:
-            pass  # the registry logged it and shows it as failed
     statuses = models.statuses()
     log.info("models: %s", ", ".join(f"{s.name}={s.state.value}" for s in statuses) or "none")
 

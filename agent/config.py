@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from runtime.bundle import NAME_RE
 from runtime.structured import SchemaError, from_mapping
@@ -109,7 +110,7 @@ class AgentConfig:
             return path if path.is_absolute() else Path(self.state_dir) / "models" / path
         return Path(self.state_dir) / "models" / entry.name / "current"
 
-    def with_overrides(self, **changes: Any) -> "AgentConfig":
+    def with_overrides(self, **changes: Any) -> AgentConfig:
         return dataclasses.replace(self, **changes)
 
 

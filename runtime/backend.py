@@ -77,7 +77,7 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class EmbeddingResult:
-    vectors: "np.ndarray"
+    vectors: np.ndarray
     prompt_tokens: int
 
 
@@ -113,8 +113,8 @@ class Backend(Protocol):
     def embed(self, texts: list[str], normalize: bool | None, ctx: JobContext) -> EmbeddingResult: ...
 
     def infer(
-        self, inputs: dict[str, "np.ndarray"], outputs: list[str] | None, ctx: JobContext
-    ) -> dict[str, "np.ndarray"]: ...
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, ctx: JobContext
+    ) -> dict[str, np.ndarray]: ...
 
     def close(self) -> None: ...
 
@@ -131,8 +131,8 @@ class BackendBase:
         raise UnsupportedOperationError("this model does not produce embeddings")
 
     def infer(
-        self, inputs: dict[str, "np.ndarray"], outputs: list[str] | None, ctx: JobContext
-    ) -> dict[str, "np.ndarray"]:
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, ctx: JobContext
+    ) -> dict[str, np.ndarray]:
         raise UnsupportedOperationError("this model does not take raw tensors")
 
     def close(self) -> None:
@@ -147,7 +147,7 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def load_backend(bundle: "ModelBundle", machine: "MachineSettings") -> Backend:
+def load_backend(bundle: ModelBundle, machine: MachineSettings) -> Backend:
     """Load `bundle` with the backend registered for its format (blocking)."""
     target = BACKENDS.get(bundle.manifest.format)
     if target is None:

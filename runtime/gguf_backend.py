@@ -23,7 +23,8 @@ import ctypes
 import logging
 import random
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .backend import (
     BackendBase,

@@ -95,7 +95,7 @@ class OnnxBackend(BackendBase):
             inputs=tuple(self._inputs.values()),
             outputs=tuple(self._outputs.values()),
             embedding_dim=embedding_dim,
-            placement=placement.reasons + (f"session providers: {', '.join(self._session.get_providers())}",),
+            placement=(*placement.reasons, f"session providers: {', '.join(self._session.get_providers())}"),
         )
 
     @staticmethod

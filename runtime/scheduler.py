@@ -18,8 +18,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .backend import JobContext
 from .errors import OverloadedError, ShuttingDownError
@@ -179,7 +180,7 @@ class ModelScheduler:
         started = job.started_at = time.monotonic()
         try:
             result = job._work(job)
-        except BaseException as exc:  # handed to the waiting coroutine, never lost
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine, never lost
             return None, exc, time.monotonic() - started
         return result, None, time.monotonic() - started
 

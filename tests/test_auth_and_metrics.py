@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import openai
 import pytest
-
 from conftest import CHAT, EMBED
 
 KEY = "edge-test-key-123"
@@ -31,7 +30,7 @@ async def test_metrics_count_requests_tokens_and_models(agent):
     before = await agent.metric("edgefleet_generated_tokens_total", model=CHAT)
     status, body, _ = await agent.post("/v1/completions", json={"model": CHAT, "prompt": "Hi", "max_tokens": 5,
                                                                 "logit_bias": {"2": -100}})
-    assert status == 200
+    assert status == 200, body
     assert await agent.metric("edgefleet_generated_tokens_total", model=CHAT) == before + 5
     assert await agent.metric("edgefleet_http_requests_total", route="/v1/completions", status="200") >= 1
     assert await agent.metric("edgefleet_http_request_duration_seconds_count", route="/v1/completions") >= 1

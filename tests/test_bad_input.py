@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import CHAT, EMBED
 
 CHAT_OK = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
@@ -48,14 +47,15 @@ OPENAI_CASES = [
 async def assert_still_serving(agent):
     status, body, _ = await agent.post("/v1/chat/completions", json=CHAT_OK)
     assert status == 200, body
-    status, body, _ = await agent.post("/v2/models/%s/infer" % EMBED, json={"inputs": [IDS, MASK, TYPES]})
+    status, body, _ = await agent.post(f"/v2/models/{EMBED}/infer", json={"inputs": [IDS, MASK, TYPES]})
     assert status == 200, body
 
 
 @pytest.mark.parametrize("case", OPENAI_CASES, ids=[c[0] for c in OPENAI_CASES])
 async def test_openai_errors_use_openai_json_and_the_agent_keeps_serving(agent, case):
     _, path, body, status, param, code = case
-    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    raw = isinstance(body, bytes)
+    kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if raw else {"json": body}
     got_status, got, _ = await agent.post(path, **kwargs)
     assert got_status == status, got
     error = got["error"]
@@ -76,7 +76,8 @@ async def test_prompt_longer_than_the_context_is_context_length_exceeded(agent):
 
 
 async def test_streamed_request_that_cannot_fit_gets_a_json_400_not_a_broken_stream(agent):
-    status, body, headers = await agent.post("/v1/chat/completions", json={**CHAT_OK, "max_tokens": 5000, "stream": True})
+    too_long = {**CHAT_OK, "max_tokens": 5000, "stream": True}
+    status, body, headers = await agent.post("/v1/chat/completions", json=too_long)
     assert status == 400
     assert headers["Content-Type"].startswith("application/json")
     assert body["error"]["code"] == "context_length_exceeded"

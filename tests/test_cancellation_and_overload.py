@@ -6,7 +6,6 @@ import asyncio
 import json
 
 import aiohttp
-
 from conftest import CHAT
 
 EOS = 2  # SmolLM2's <|im_end|>; banned so that generation only stops at max_tokens
@@ -24,14 +23,14 @@ async def wait_for(predicate, timeout=20.0):
 async def test_client_disconnect_mid_stream_stops_generation(make_agent):
     async with make_agent(models=(CHAT,)) as agent:
         received = 0
-        async with aiohttp.ClientSession() as session:
-            async with session.post(agent.url + "/v1/completions", json={**LONG, "stream": True}) as resp:
-                assert resp.status == 200
-                async for line in resp.content:
-                    if line.startswith(b"data: {"):
-                        received += 1
-                    if received == 5:
-                        break  # leave: the session closes the connection
+        async with (aiohttp.ClientSession() as session,
+                    session.post(agent.url + "/v1/completions", json={**LONG, "stream": True}) as resp):
+            assert resp.status == 200
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    received += 1
+                if received == 5:
+                    break  # leave: the session closes the connection
         assert received == 5
 
         async def stopped() -> bool:
@@ -53,7 +52,7 @@ async def test_client_disconnect_of_an_unstreamed_request_stops_generation(make_
                 async with session.post(agent.url + "/v1/completions", json=LONG,
                                         timeout=aiohttp.ClientTimeout(total=1.0)):
                     pass
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
         async def stopped() -> bool:
@@ -94,7 +93,7 @@ async def test_stream_ends_with_done_and_carries_sse_headers(agent):
     }) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
-        events = [line.decode().strip() for line in [l async for l in resp.content] if line.strip()]
+        events = [line.decode().strip() async for line in resp.content if line.strip()]
     assert events[-1] == "data: [DONE]"
     first = json.loads(events[0][len("data: "):])
     assert first["object"] == "chat.completion.chunk"

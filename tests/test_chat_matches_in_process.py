@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import llama_cpp
 import pytest
-
 from conftest import CHAT
+
 from runtime.devices import choose_llama_placement, describe_cpu
 from runtime.gguf_backend import extra_buffer_types
 

@@ -16,7 +16,7 @@ EDGEFLEET = [sys.executable, "-m", "agent"]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*EDGEFLEET, *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([*EDGEFLEET, *args], check=False, capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tokenizers import Tokenizer
-
 from conftest import EMBED
+from tokenizers import Tokenizer
 
 SENTENCES = [
     "The cat sits on the mat.",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import CHAT
+
 from runtime.backend import GenerationRequest
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu

@@ -6,7 +6,6 @@ import math
 
 import openai
 import pytest
-
 from conftest import CHAT, EMBED
 
 

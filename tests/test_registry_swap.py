@@ -6,8 +6,9 @@ import asyncio
 import shutil
 from pathlib import Path
 
-from agent.context import MODELS
 from conftest import EMBED
+
+from agent.context import MODELS
 from runtime.bundle import read_bundle
 
 
@@ -40,6 +41,7 @@ async def test_swap_under_load_drops_no_request(make_agent, state_dir, tmp_path)
         assert seen.count(200) == 60
         assert registry.get(EMBED).version == "2" != old_version
         status, meta = await agent.get(f"/v2/models/{EMBED}")
+        assert status == 200
         assert meta["versions"] == ["2"]
 
 
@@ -64,7 +66,7 @@ async def test_unload_and_reload_through_the_repository_api(make_agent):
     async with make_agent(models=(EMBED,)) as agent:
         assert (await agent.post(f"/v2/repository/models/{EMBED}/unload"))[0] == 200
         status, body, _ = await agent.post("/v1/embeddings", json={"model": EMBED, "input": "x"})
-        assert status == 404
+        assert status == 404 and body["error"]["code"] == "model_not_found", body
         assert (await agent.post(f"/v2/repository/models/{EMBED}/load"))[0] == 200
         status, _, _ = await agent.post("/v1/embeddings", json={"model": EMBED, "input": "x"})
         assert status == 200
