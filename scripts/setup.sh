@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv in this checkout: edgefleet, its dependencies, and the demo weights.
 #   scripts/setup.sh          what the agent needs
-#   scripts/setup.sh --test   plus pytest, pytest-asyncio and the openai client
+#   scripts/setup.sh --test   plus pytest, pytest-asyncio, the openai client and the
+#                             Debian tools the tests drive (curl)
 # llama-cpp-python compiles from source on the first install (about 8 minutes on
 # 2 cores); pip keeps the wheel in its cache, so later installs take seconds.
 set -euo pipefail
@@ -13,6 +14,23 @@ case "${1:-}" in
   "") ;;
   *) echo "usage: scripts/setup.sh [--test]" >&2; exit 2 ;;
 esac
+
+# Debian packages the tests use, installed when missing (needs root and apt-get).
+debian_packages() {
+  local missing=()
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "setup: please install ${missing[*]} (needs root and apt-get)" >&2
+    exit 1
+  fi
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+if [ -n "$extras" ]; then
+  debian_packages curl:curl
+fi
 
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
