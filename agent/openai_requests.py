@@ -3,8 +3,8 @@
 Each check names the offending field in `param`, as OpenAI does, so a client
 sees ``{"param": "temperature", "message": "temperature must be between 0 and
 2"}`` rather than a failure deep in llama.cpp. Unknown fields are ignored, as
-OpenAI-compatible servers do; fields we cannot honour (tools, n > 1, images)
-are refused rather than silently dropped.
+OpenAI-compatible servers do; fields we cannot honour (tools, n > 1, images,
+logprobs, JSON response formats) are refused rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -114,10 +114,21 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, bool(options.get("include_usage", False))
 
 
-def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+def _refuse_what_we_cannot_honour(body: dict[str, Any]) -> None:
     n = body.get("n", 1)
     if n not in (1, None):
         raise bad_request("only n=1 is supported", param="n")
+    if body.get("logprobs"):
+        raise bad_request("logprobs are not supported by this server", param="logprobs")
+    response_format = body.get("response_format")
+    if response_format is not None and (
+        not isinstance(response_format, dict) or response_format.get("type", "text") != "text"
+    ):
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", param="response_format")
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    _refuse_what_we_cannot_honour(body)
     max_tokens = _optional_int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _optional_int(body, "max_tokens", 1)
