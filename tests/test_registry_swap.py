@@ -27,18 +27,28 @@ async def test_swap_under_load_drops_no_request(make_agent, state_dir, tmp_path)
         old_version = registry.get(EMBED).version
         new_bundle = read_bundle(second_version(state_dir, tmp_path, "2"), name=EMBED)
         seen: list[int] = []
+        swapped = asyncio.Event()
 
         async def client():
-            for _ in range(15):
+            # keeps asking until the swap is over, then a few more times
+            after = 0
+            while after < 5:
                 status, body, _ = await agent.post("/v1/embeddings", json={"model": EMBED, "input": ["swap me"] * 4})
                 seen.append(status)
                 assert status == 200, body
+                after += swapped.is_set()
 
         clients = [asyncio.create_task(client()) for _ in range(4)]
-        await asyncio.sleep(0.05)
+        while len(seen) < 8:
+            await asyncio.sleep(0.01)
+        answered_before_swap = len(seen)
         await registry.load(new_bundle)
+        during_swap = len(seen) - answered_before_swap
+        swapped.set()
         await asyncio.gather(*clients)
-        assert seen.count(200) == 60
+        assert during_swap > 0, "no request was answered while the new version loaded"
+        assert len(seen) >= answered_before_swap + during_swap + 20
+        assert set(seen) == {200}
         assert registry.get(EMBED).version == "2" != old_version
         status, meta = await agent.get(f"/v2/models/{EMBED}")
         assert status == 200
