@@ -9,6 +9,7 @@ alone and an empty body, as the protocol says.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aiohttp import web
@@ -100,7 +101,7 @@ def _to_array(tensor: Any, index: int) -> tuple[str, Any]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
                                               and d >= 0 for d in shape):
         raise bad_request(f"input '{name}': shape must be a list of non-negative integers")
-    if datatype not in V2_TO_NUMPY:
+    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
         raise bad_request(f"input '{name}': unknown datatype {datatype!r}; "
                           f"one of {', '.join(V2_TO_NUMPY)}")
     if "data" not in tensor:
@@ -109,7 +110,7 @@ def _to_array(tensor: Any, index: int) -> tuple[str, Any]:
         array = np.asarray(tensor["data"], dtype=V2_TO_NUMPY[datatype])
     except (TypeError, ValueError, OverflowError) as exc:
         raise bad_request(f"input '{name}': data is not {datatype}: {exc}") from None
-    expected = int(np.prod(shape)) if shape else 1
+    expected = math.prod(shape)
     if array.size != expected:
         raise bad_request(f"input '{name}': shape {shape} holds {expected} values, "
                           f"data has {array.size}")

@@ -23,7 +23,7 @@ import ctypes
 import logging
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from .backend import (
@@ -40,6 +40,7 @@ from .devices import MachineSettings, choose_llama_placement, llama_gpu_offload_
 from .errors import (
     ContextLengthExceededError,
     InferenceError,
+    InvalidInputError,
     ModelLoadError,
     UnsupportedOperationError,
 )
@@ -181,16 +182,28 @@ class GgufBackend(BackendBase):
             stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
             return tokens, stops
         if isinstance(request.prompt, list):
+            self._check_token_ids(request.prompt, "prompt")
             return list(request.prompt), []
-        # What create_completion does with a text prompt: BOS, then the text.
+        # What create_completion does with a text prompt: BOS (if the model uses one), then the text.
         return self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), []
+
+    def _check_token_ids(self, ids: Iterable[int], param: str) -> None:
+        n_vocab = self._llm.n_vocab()
+        outside = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if outside is not None:
+            raise InvalidInputError(
+                f"token id {outside} is outside the model's vocabulary (0 to {n_vocab - 1})", param=param
+            )
 
     def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         import llama_cpp
 
         if request.messages is not None and self._formatter is None:
             raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
+        self._check_token_ids(request.logit_bias, "logit_bias")
         tokens, template_stops = self._prompt_tokens(request)
+        if not tokens:
+            raise InvalidInputError("the prompt is empty: there is nothing to continue", param="prompt")
         n_ctx = self._llm.n_ctx()
         if len(tokens) >= n_ctx or (
             request.max_tokens is not None and len(tokens) + request.max_tokens > n_ctx
