@@ -65,8 +65,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     api_key = request.app[CONFIG].server.api_key
     if (api_key and request.path not in PUBLIC_PATHS
             and not api_key_matches(api_key, request.headers.get("Authorization"))):
-            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)
 
 

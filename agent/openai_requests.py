@@ -96,7 +96,7 @@ def _logit_bias(body: dict[str, Any]) -> dict[int, float]:
             token = int(key)
         except (TypeError, ValueError):
             token = -1
-        if not 0 <= token < 2**31:
+        if token < 0:  # the model checks the upper end against its vocabulary
             raise bad_request(f"logit_bias key {key!r} is not a token id", param="logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             raise bad_request("logit_bias values must be numbers from -100 to 100", param="logit_bias")
