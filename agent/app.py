@@ -24,7 +24,8 @@ from runtime.errors import BundleError, RuntimeLayerError
 from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
-from . import kserve_api, openai_api, ops_api
+from . import openai_api, ops_api
+from .kserve import http_api as kserve_api
 from .config import AgentConfig
 from .context import CONFIG, METRICS, MODELS
 from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error

@@ -1,8 +1,9 @@
 """Prometheus metrics of the agent, exposed at /metrics by prometheus_client.
 
-Request metrics are recorded by the HTTP middleware and handlers; queue and
-model figures are read from the registry at scrape time by a collector, so the
-runtime stays free of any metrics library. Each app has its own
+Request metrics are recorded by the HTTP middleware; queue, token and
+inference figures are counted by the runtime (`ModelUsage`, `SchedulerStats`)
+and read from the registry at scrape time by a collector, so the runtime stays
+free of any metrics library and every interface is counted alike. Each app has its own
 CollectorRegistry so that several agents can live in one test process.
 """
 
@@ -33,16 +34,6 @@ class Metrics:
         self.time_to_first_token = Histogram(
             "edgefleet_time_to_first_token_seconds", "From admission to the first generated text",
             ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
-        self.prompt_tokens = Counter(
-            "edgefleet_prompt_tokens", "Prompt tokens processed", ["model"], registry=self.registry
-        )
-        self.generated_tokens = Counter(
-            "edgefleet_generated_tokens", "Tokens generated", ["model"], registry=self.registry
-        )
-        self.inferences = Counter(
-            "edgefleet_inferences", "Embedding and tensor inferences run", ["model", "kind"],
-            registry=self.registry,
         )
 
     def watch(self, models: ModelRegistry) -> None:
@@ -88,3 +79,21 @@ class _RegistryCollector(Collector):
         yield depth
         yield from counters.values()
         yield busy
+        prompt = CounterMetricFamily("edgefleet_prompt_tokens", "Prompt tokens processed", labels=["model"])
+        cached = CounterMetricFamily(
+            "edgefleet_prompt_tokens_cached", "Prompt tokens reused from the prefix cache", labels=["model"]
+        )
+        generated = CounterMetricFamily("edgefleet_generated_tokens", "Tokens generated", labels=["model"])
+        inferences = CounterMetricFamily(
+            "edgefleet_inferences", "Embedding inputs and tensor inferences run", labels=["model", "kind"]
+        )
+        for name, usage in sorted(self._models.usage().items()):
+            prompt.add_metric([name], usage.prompt_tokens)
+            cached.add_metric([name], usage.cached_prompt_tokens)
+            generated.add_metric([name], usage.generated_tokens)
+            inferences.add_metric([name, "embedding"], usage.embedded_inputs)
+            inferences.add_metric([name, "tensor"], usage.requests.get("infer", 0))
+        yield prompt
+        yield cached
+        yield generated
+        yield inferences

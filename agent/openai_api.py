@@ -14,13 +14,13 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from runtime.backend import Capability, GenerationRequest, GenerationResult, JobContext, TextDelta
+from runtime.backend import Capability, GenerationResult, TextDelta
 from runtime.registry import ServedModel
 from runtime.scheduler import Job
 
@@ -73,21 +73,6 @@ def _served_for(request: web.Request, name: str, capability: Capability) -> Serv
     return served
 
 
-def _generation_work(
-    request: web.Request, served: ServedModel, gen: GenerationRequest
-) -> Callable[[JobContext], GenerationResult]:
-    metrics = request.app[METRICS]
-
-    def work(ctx: JobContext) -> GenerationResult:
-        result = served.backend.generate(gen, ctx)
-        # Counted here, on the model thread, so a request whose client left still counts.
-        metrics.prompt_tokens.labels(served.name).inc(result.prompt_tokens)
-        metrics.generated_tokens.labels(served.name).inc(result.completion_tokens)
-        return result
-
-    return work
-
-
 async def _texts(request: web.Request, served: ServedModel, job: Job[GenerationResult]) -> AsyncIterator[str]:
     first = True
     async for item in job.stream():
@@ -120,7 +105,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) -> web.StreamResponse:
     served = _served_for(request, parsed.model, Capability.CHAT if chat else Capability.COMPLETION)
-    job = served.scheduler.submit(_generation_work(request, served, parsed.request))
+    job = served.generate(parsed.request)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     try:
@@ -214,11 +199,7 @@ async def embeddings(request: web.Request) -> web.Response:
             f"The model '{served.name}' gives {dim}-dimensional embeddings; dimensions "
             "cannot change that", param="dimensions",
         )
-    result = await served.scheduler.run(
-        lambda ctx: served.backend.embed(parsed.texts, None, ctx)
-    )
-    request.app[METRICS].inferences.labels(served.name, "embedding").inc(len(parsed.texts))
-    request.app[METRICS].prompt_tokens.labels(served.name).inc(result.prompt_tokens)
+    result = await served.embed(parsed.texts)
     data = []
     for i, vector in enumerate(result.vectors):
         embedding: Any = (

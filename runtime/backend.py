@@ -73,6 +73,8 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    #: prompt tokens whose KV came from the prefix cache (not re-evaluated)
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

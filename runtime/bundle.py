@@ -35,12 +35,18 @@ class GgufOptions:
     #: Jinja chat template overriding the one stored in the GGUF metadata.
     chat_template: str | None = None
     flash_attn: bool = False
+    #: Prompts are evaluated in pieces of this many tokens aligned to position 0, and the
+    #: prefix cache reuses whole pieces (docs/architecture.md, "Repeatable greedy output").
+    #: "auto": 64 on the CPU (where prompt speed hardly depends on it), n_batch on a GPU.
+    prompt_chunk: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
             raise ValueError("n_ctx must be at least 16")
         if self.n_batch < 1:
             raise ValueError("n_batch must be at least 1")
+        if self.prompt_chunk != "auto" and not 1 <= self.prompt_chunk <= self.n_batch:
+            raise ValueError(f"prompt_chunk must be 1..n_batch ({self.n_batch}) or \"auto\"")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,11 @@ Chat prompts are rendered with the model's own Jinja template (from the GGUF
 metadata, as llama-cpp-python's `create_chat_completion` does) and tokenized
 here, so the prompt length is known before generation starts: a prompt that
 cannot fit is refused with `ContextLengthExceededError` instead of being
-silently truncated. A request with a seed bypasses the prompt cache so that it
-repeats exactly.
+silently truncated.
+
+The prompt is evaluated here too (`_prefill`), so that the same request gives
+the same tokens whatever ran before it: see `_prefill` and the determinism rule
+in docs/architecture.md.
 
 Tokens come from `Llama.generate` with the same sampler settings
 `create_completion` uses, so the tokens are the same; the text is built here
@@ -35,8 +38,8 @@ from .backend import (
     ModelInfo,
     TextDelta,
 )
-from .bundle import ModelBundle
-from .devices import MachineSettings, choose_llama_placement, llama_gpu_offload_supported
+from .bundle import GgufOptions, ModelBundle
+from .devices import LlamaPlacement, MachineSettings, choose_llama_placement, llama_gpu_offload_supported
 from .errors import (
     ContextLengthExceededError,
     InferenceError,
@@ -107,6 +110,17 @@ def _logit_bias_processor(bias: dict[int, float]) -> Any:
     return llama_cpp.LogitsProcessorList([apply])
 
 
+CPU_PROMPT_CHUNK = 64
+
+
+def prompt_chunk(options: GgufOptions, placement: LlamaPlacement) -> int:
+    """Tokens per prompt piece: small on the CPU, where prompt speed barely depends on it and
+    small pieces let the prefix cache reuse more; a whole batch on a GPU, which needs it."""
+    if options.prompt_chunk != "auto":
+        return options.prompt_chunk
+    return options.n_batch if placement.n_gpu_layers != 0 else min(CPU_PROMPT_CHUNK, options.n_batch)
+
+
 class GgufBackend(BackendBase):
     """One GGUF model in one llama.cpp context."""
 
@@ -137,6 +151,10 @@ class GgufBackend(BackendBase):
                 )
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"{bundle.weights}: llama.cpp could not load it: {exc}") from exc
+        #: Prompts are evaluated in chunks of this many tokens aligned to position 0.
+        self._chunk = min(self._llm.n_batch, prompt_chunk(options, placement))
+        #: Leading KV positions whose values came from whole aligned chunks (reusable).
+        self._canonical = 0
         self._formatter = self._chat_formatter(options.chat_template)
         self._vocab = self._llm._model.vocab
         self._token_to_piece = llama_cpp.llama_token_to_piece
@@ -212,21 +230,25 @@ class GgufBackend(BackendBase):
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
 
         if request.seed is not None:
-            # Reusing a cached prompt prefix evaluates the last prompt token in a batch of
-            # one, whose logits differ in the last bits from a full-prompt batch; a seeded
-            # request evaluates its whole prompt so the same request repeats exactly.
-            self._llm.reset()
             self._llm.set_seed(request.seed)
         else:
             self._llm.set_seed(random.Random(self._llm._seed).randint(0, 2**32))
+        try:
+            cached = self._prefill(tokens, ctx)
+        except (RuntimeError, ValueError) as exc:
+            raise InferenceError(f"llama.cpp failed on the prompt: {exc}") from exc
+        if cached is None:  # the client left while the prompt was being read
+            return GenerationResult(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0)
 
         text = TextStream(list(request.stop) + template_stops)
         is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._vocab
         generated = 0
         finish_reason = "length"
         try:
+            # The prompt is in the KV cache and its last logits are fresh: generate from here.
             for token in self._llm.generate(
-                tokens,
+                [],
+                reset=False,
                 temp=request.temperature,
                 top_p=request.top_p,
                 presence_penalty=request.presence_penalty,
@@ -256,8 +278,44 @@ class GgufBackend(BackendBase):
         if ctx.cancelled():
             finish_reason = "cancelled"
         return GenerationResult(
-            finish_reason=finish_reason, prompt_tokens=len(tokens), completion_tokens=generated
+            finish_reason=finish_reason, prompt_tokens=len(tokens), completion_tokens=generated,
+            cached_tokens=cached,
         )
+
+    def _prefill(self, tokens: list[int], ctx: JobContext) -> int | None:
+        """Evaluate the prompt so that its logits do not depend on what ran before.
+
+        llama.cpp's logits for a token can differ in the last bits with the shape of
+        the batch that computed it (kernels for one row and for many differ, and on
+        some CPUs, AMX ones among them, greedy choices flip on those bits). So every
+        prompt is evaluated as a fresh context with `n_batch = chunk` would: in chunks
+        of `chunk` tokens aligned to position 0. The prefix cache reuses only whole
+        chunks that were themselves evaluated that way (never tokens generated one at a
+        time, never a partial chunk), and always re-evaluates the chunk holding the
+        final prompt token. Each KV position is then computed from the same inputs by
+        the same kernel as in a fresh run, bit for bit; llama.cpp keeps cell i at
+        position i for a single sequence, so attention sums in the same order too.
+
+        The cancel flag is checked between chunks, so a long prompt whose client left
+        stops within one chunk. Returns how many prompt tokens came from the cache, or
+        None when it stopped that way.
+        """
+        llm, chunk = self._llm, self._chunk
+        n = len(tokens)
+        reusable = min(self._canonical, llm.n_tokens, n - 1)
+        cached = llm.input_ids[:reusable]
+        mismatch = (cached != tokens[:reusable]).nonzero()[0]
+        same = int(mismatch[0]) if mismatch.size else reusable
+        keep = same // chunk * chunk
+        self._canonical = 0  # until the new chunks are in
+        llm.n_tokens = keep  # eval() drops KV from here on before decoding
+        for start in range(keep, n, chunk):
+            if ctx.cancelled():
+                self._canonical = start
+                return None
+            llm.eval(tokens[start:start + chunk])
+        self._canonical = n // chunk * chunk
+        return keep
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token, as llama-cpp-python's detokenize produces them."""

@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from .backend import Backend, ModelInfo, load_backend
+from .backend import Backend, EmbeddingResult, GenerationRequest, GenerationResult, ModelInfo, load_backend
 from .bundle import ModelBundle
 from .devices import MachineSettings
 from .errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError, RuntimeLayerError
-from .scheduler import ModelScheduler
+from .scheduler import Job, ModelScheduler
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +37,80 @@ class ModelState(StrEnum):
 
 
 @dataclass
+class ModelUsage:
+    """What a model name has done since the agent started, across versions.
+
+    Kept by the runtime, where the work happens, so /metrics, telemetry and the
+    gRPC side all read the same figures and none of them has to count. Written
+    only on the event loop thread.
+    """
+
+    prompt_tokens: int = 0
+    #: of those, tokens reused from the prefix cache rather than evaluated
+    cached_prompt_tokens: int = 0
+    generated_tokens: int = 0
+    #: requests by kind: "generate", "embed", "infer"
+    requests: dict[str, int] = field(default_factory=dict)
+    #: texts embedded (one request may carry many)
+    embedded_inputs: int = 0
+
+    def count(self, kind: str) -> None:
+        self.requests[kind] = self.requests.get(kind, 0) + 1
+
+
+@dataclass
 class ServedModel:
-    """One loaded version: its bundle, backend and request queue."""
+    """One loaded version: its bundle, backend and request queue.
+
+    Its `generate`, `embed` and `infer` methods are the runtime's typed work
+    surface: every interface (OpenAI HTTP, KServe v2 HTTP and gRPC, health
+    probes) calls these, never the backend or the scheduler directly, so the
+    runtime can count, batch and probe without knowing who asked.
+    """
 
     bundle: ModelBundle
     backend: Backend
     scheduler: ModelScheduler
     loaded_at: float
+    usage: ModelUsage = field(default_factory=ModelUsage)
+
+    def generate(self, request: GenerationRequest) -> Job[GenerationResult]:
+        """Admit a generation; its text arrives through `Job.stream()` (raises 429-style
+        `OverloadedError` at once when the queue is full). Cancel the job when the caller
+        leaves."""
+        backend = self.backend
+        job = self.scheduler.submit(lambda ctx: backend.generate(request, ctx))
+        usage = self.usage
+        usage.count("generate")
+
+        def counted(future: asyncio.Future[GenerationResult]) -> None:
+            # A cancelled generation still returns what it produced; count that too.
+            if not future.cancelled() and future.exception() is None:
+                result = future.result()
+                usage.prompt_tokens += result.prompt_tokens
+                usage.cached_prompt_tokens += result.cached_tokens
+                usage.generated_tokens += result.completion_tokens
+
+        job.future.add_done_callback(counted)
+        return job
+
+    async def embed(self, texts: list[str], normalize: bool | None = None) -> EmbeddingResult:
+        """Embed `texts` (one vector each); if the caller is cancelled the work stops."""
+        backend = self.backend
+        result = await self.scheduler.run(lambda ctx: backend.embed(texts, normalize, ctx))
+        self.usage.count("embed")
+        self.usage.embedded_inputs += len(texts)
+        self.usage.prompt_tokens += result.prompt_tokens
+        return result
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run the model on named tensors; `outputs` picks which to return (None: all)."""
+        backend = self.backend
+        results = await self.scheduler.run(lambda ctx: backend.infer(inputs, outputs, ctx))
+        self.usage.count("infer")
+        return results
 
     @property
     def name(self) -> str:
@@ -79,6 +150,7 @@ class ModelRegistry:
         self._serving: dict[str, ServedModel] = {}
         self._status: dict[str, ModelStatus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._usage: dict[str, ModelUsage] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
     def get(self, name: str) -> ServedModel:
@@ -93,6 +165,10 @@ class ModelRegistry:
 
     def serving(self) -> list[ServedModel]:
         return list(self._serving.values())
+
+    def usage(self) -> dict[str, ModelUsage]:
+        """Per-name usage since start, kept across version swaps and unloads."""
+        return dict(self._usage)
 
     def statuses(self) -> list[ModelStatus]:
         return [self._status[name] for name in sorted(self._status)]
@@ -120,6 +196,7 @@ class ModelRegistry:
                 backend=backend,
                 scheduler=ModelScheduler(bundle.name, self._max_pending),
                 loaded_at=time.time(),
+                usage=self._usage.setdefault(bundle.name, ModelUsage()),
             )
             self._serving[bundle.name] = served  # the atomic switch
             self._set_status(bundle, ModelState.READY, served=served)

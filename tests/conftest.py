@@ -18,9 +18,43 @@ from aiohttp import web
 from agent.app import create_app, wait_until_loaded
 from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig
 from agent.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles
+from runtime.devices import choose_llama_placement, describe_cpu
 
 CHAT = CHAT_MODEL
 EMBED = EMBEDDING_MODEL
+
+
+def cpu_path() -> str:
+    """The CPU features that change llama.cpp's kernels, and the path the agent takes on them."""
+    cpu = describe_cpu()
+    features = ", ".join(f"{flag} {'yes' if flag in cpu.flags else 'no'}"
+                         for flag in ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimd", "sve"))
+    placement = choose_llama_placement(cpu, gpu_offload_supported=False)
+    repacking = next(r for r in placement.reasons if "repacking" in r)
+    return f"{cpu.arch}, {features}; llama.cpp: {repacking}"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"cpu path: {cpu_path()}"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cpu_path: the result depends on the CPU's kernels; "
+                            "the test records which path it took")
+
+
+@pytest.fixture(autouse=True)
+def _record_cpu_path(request: pytest.FixtureRequest) -> None:
+    """Tests marked cpu_path carry the CPU path in their report (junit property, summary)."""
+    if request.node.get_closest_marker("cpu_path"):
+        request.node.user_properties.append(("cpu_path", cpu_path()))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    ran = [report.nodeid for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed")
+           if any(key == "cpu_path" for key, _ in report.user_properties) and report.when == "call"]
+    if ran:
+        terminalreporter.write_sep("-", f"{len(ran)} CPU-dependent tests ran on: {cpu_path()}")
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from agent import __version__
 from runtime.backend import Capability, TensorSpec
 from runtime.registry import ModelState, ServedModel
 
-from .context import METRICS, MODELS, read_json
-from .errors import ApiError, bad_request
-from .jsonio import json_response
+from ..context import MODELS, read_json
+from ..errors import ApiError, bad_request
+from ..jsonio import json_response
 
 #: KServe v2 datatype -> numpy dtype name.
 V2_TO_NUMPY: dict[str, str] = {
@@ -142,8 +142,7 @@ async def infer(request: web.Request) -> web.Response:
                                                    for o in wanted):
             raise bad_request("'outputs' must be a list of objects with a 'name'")
         output_names = [o["name"] for o in wanted]
-    results = await served.scheduler.run(lambda ctx: served.backend.infer(inputs, output_names, ctx))
-    request.app[METRICS].inferences.labels(served.name, "tensor").inc()
+    results = await served.infer(inputs, output_names)
     response: dict[str, Any] = {
         "model_name": served.name,
         "model_version": served.version,

@@ -1,0 +1,2 @@
+"""The Open Inference Protocol (KServe v2): REST (`http_api`) and gRPC, sharing one
+tensor codec (`tensors`) and the runtime's typed work surface."""
