@@ -16,6 +16,7 @@ from aiohttp import web
 from runtime import errors as rt
 
 from .jsonio import json_response
+from .kserve.tensors import TensorError
 
 
 @dataclass
@@ -39,6 +40,8 @@ def to_api_error(exc: BaseException) -> ApiError:
     """Map any exception a handler let through onto an HTTP error."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, TensorError):  # a KServe v2 tensor that does not add up
+        return ApiError(400, str(exc))
     if isinstance(exc, rt.ModelNotFoundError):
         return ApiError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, rt.ModelNotReadyError):

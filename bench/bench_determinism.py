@@ -20,6 +20,8 @@ Scenarios, each timed as time to first token (TTFT) and decode tokens/s:
   follow-up   the same long system prompt with a new question (shared prefix)
   next-turn   the previous prompt + the answer + a new question (the baseline
               also reuses the generated tokens; the agent does not)
+  sampled-next-turn  the same at temperature 0.7 without a seed: nothing to
+              repeat, so the agent reuses every cached token too
 Rounds alternate the two sides; figures are medians and the ratio
 agent / baseline is what to read (TTFT: lower is better; decode: higher).
 """
@@ -61,10 +63,11 @@ class Clock:
         self.text.append(getattr(item, "text", ""))
 
 
-def agent_run(backend: GgufBackend, tokens: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
+def agent_run(backend: GgufBackend, tokens: list[int], max_tokens: int,
+              temp: float = 0.0) -> tuple[float, float, list[int]]:
     clock = Clock(time.perf_counter())
     # logit_bias on EOS: every run makes exactly max_tokens tokens
-    result = backend.generate(GenerationRequest(prompt=tokens, max_tokens=max_tokens, temperature=0,
+    result = backend.generate(GenerationRequest(prompt=tokens, max_tokens=max_tokens, temperature=temp,
                                                 logit_bias={backend._llm.token_eos(): -100.0}), clock)
     assert result.completion_tokens == max_tokens
     ttft = clock.stamps[0] - clock.start
@@ -73,14 +76,14 @@ def agent_run(backend: GgufBackend, tokens: list[int], max_tokens: int) -> tuple
     return ttft, decode, generated
 
 
-def baseline_run(llm, tokens: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
+def baseline_run(llm, tokens: list[int], max_tokens: int, temp: float = 0.0) -> tuple[float, float, list[int]]:
     import llama_cpp
 
     eos = llm.token_eos()
     bias = llama_cpp.LogitsProcessorList([lambda ids, scores: _ban(scores, eos)])
     start = time.perf_counter()
     stamps, out = [], []
-    for token in llm.generate(tokens, temp=0, top_p=1.0, logits_processor=bias, **LLAMA_SAMPLING_DEFAULTS):
+    for token in llm.generate(tokens, temp=temp, top_p=1.0, logits_processor=bias, **LLAMA_SAMPLING_DEFAULTS):
         stamps.append(time.perf_counter())
         out.append(token)
         if len(out) == max_tokens:
@@ -161,6 +164,9 @@ def main() -> None:
                     + tok(b"<|im_end|>\n<|im_start|>user\nAnd after that?<|im_end|>\n<|im_start|>assistant\n",
                           add_bos=False, special=True))
             scenarios["next-turn"] = run(model, turn, args.tokens)
+            # the same next turn, sampled without a seed: nothing to repeat, so all of the cache
+            run(model, chat(SYSTEM, f"Device {r} lost its network. What now?"), args.tokens, 0.7)
+            scenarios["sampled-next-turn"] = run(model, turn, args.tokens, 0.7)
             if scenarios["repeat"][2] != scenarios["cold"][2]:
                 flips += side == "baseline"
                 if side == "agent":
@@ -169,11 +175,11 @@ def main() -> None:
                 rows.setdefault(name, {}).setdefault(f"{side}_ttft", []).append(ttft)
                 rows[name].setdefault(f"{side}_decode", []).append(decode)
     print(f"prompt: {len(chat(SYSTEM, 'x'))} tokens; {args.tokens} generated; medians of {args.rounds} rounds")
-    print(f"{'scenario':<10} {'TTFT agent':>11} {'baseline':>9} {'ratio':>6}   "
+    print(f"{'scenario':<17} {'TTFT agent':>11} {'baseline':>9} {'ratio':>6}   "
           f"{'decode agent':>12} {'baseline':>9} {'ratio':>6}")
     for name, v in rows.items():
         med = {k: statistics.median(x) for k, x in v.items()}
-        print(f"{name:<10} {med['agent_ttft'] * 1000:>9.1f}ms {med['baseline_ttft'] * 1000:>7.1f}ms "
+        print(f"{name:<17} {med['agent_ttft'] * 1000:>9.1f}ms {med['baseline_ttft'] * 1000:>7.1f}ms "
               f"{med['agent_ttft'] / med['baseline_ttft']:>6.2f}   {med['agent_decode']:>8.1f}t/s "
               f"{med['baseline_decode']:>5.1f}t/s {med['agent_decode'] / med['baseline_decode']:>6.2f}")
     print(f"baseline repeats that changed their answer: {flips} of {args.rounds}; agent: 0")

@@ -234,7 +234,7 @@ class GgufBackend(BackendBase):
         else:
             self._llm.set_seed(random.Random(self._llm._seed).randint(0, 2**32))
         try:
-            cached = self._prefill(tokens, ctx)
+            cached = self._prefill(tokens, ctx, repeatable=request.temperature == 0 or request.seed is not None)
         except (RuntimeError, ValueError) as exc:
             raise InferenceError(f"llama.cpp failed on the prompt: {exc}") from exc
         if cached is None:  # the client left while the prompt was being read
@@ -282,19 +282,24 @@ class GgufBackend(BackendBase):
             cached_tokens=cached,
         )
 
-    def _prefill(self, tokens: list[int], ctx: JobContext) -> int | None:
-        """Evaluate the prompt so that its logits do not depend on what ran before.
+    def _prefill(self, tokens: list[int], ctx: JobContext, repeatable: bool = True) -> int | None:
+        """Evaluate the prompt so that, when asked, its logits do not depend on what ran before.
 
         llama.cpp's logits for a token can differ in the last bits with the shape of
         the batch that computed it (kernels for one row and for many differ, and on
-        some CPUs, AMX ones among them, greedy choices flip on those bits). So every
-        prompt is evaluated as a fresh context with `n_batch = chunk` would: in chunks
-        of `chunk` tokens aligned to position 0. The prefix cache reuses only whole
-        chunks that were themselves evaluated that way (never tokens generated one at a
-        time, never a partial chunk), and always re-evaluates the chunk holding the
-        final prompt token. Each KV position is then computed from the same inputs by
-        the same kernel as in a fresh run, bit for bit; llama.cpp keeps cell i at
-        position i for a single sequence, so attention sums in the same order too.
+        some CPUs, AMX ones among them, greedy choices flip on those bits). So a
+        `repeatable` prompt (temperature 0 or a seed) is evaluated as a fresh context
+        with `n_batch = chunk` would: in chunks of `chunk` tokens aligned to position 0.
+        The prefix cache reuses only whole chunks that were themselves evaluated that
+        way (never tokens generated one at a time, never a partial chunk), and always
+        re-evaluates the chunk holding the final prompt token. Each KV position is then
+        computed from the same inputs by the same kernel as in a fresh run, bit for bit;
+        llama.cpp keeps cell i at position i for a single sequence, so attention sums run
+        in the same order too.
+
+        A sampled request without a seed has no answer to repeat, so it reuses every
+        cached token (the next turn of a chat skips the previous answer too); positions
+        it evaluates are not reused by repeatable requests later.
 
         The cancel flag is checked between chunks, so a long prompt whose client left
         stops within one chunk. Returns how many prompt tokens came from the cache, or
@@ -302,19 +307,19 @@ class GgufBackend(BackendBase):
         """
         llm, chunk = self._llm, self._chunk
         n = len(tokens)
-        reusable = min(self._canonical, llm.n_tokens, n - 1)
-        cached = llm.input_ids[:reusable]
-        mismatch = (cached != tokens[:reusable]).nonzero()[0]
-        same = int(mismatch[0]) if mismatch.size else reusable
-        keep = same // chunk * chunk
-        self._canonical = 0  # until the new chunks are in
+        limit = min(llm.n_tokens, n - 1, self._canonical if repeatable else n)
+        mismatch = (llm.input_ids[:limit] != tokens[:limit]).nonzero()[0]
+        same = int(mismatch[0]) if mismatch.size else limit
+        keep = same // chunk * chunk if repeatable else same
+        self._canonical = min(self._canonical, keep) // chunk * chunk
         llm.n_tokens = keep  # eval() drops KV from here on before decoding
-        for start in range(keep, n, chunk):
+        step = chunk if repeatable else llm.n_batch
+        for start in range(keep, n, step):
             if ctx.cancelled():
-                self._canonical = start
                 return None
-            llm.eval(tokens[start:start + chunk])
-        self._canonical = n // chunk * chunk
+            llm.eval(tokens[start:start + step])
+            if repeatable:
+                self._canonical = min(start + step, n) // chunk * chunk
         return keep
 
     def _piece(self, token: int) -> bytes:

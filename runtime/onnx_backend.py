@@ -149,7 +149,7 @@ class OnnxBackend(BackendBase):
                     param=name,
                 )
         try:
-            results = self._session.run(names, inputs)
+            results = self._session.run(names, {name: _as_onnx(name, array) for name, array in inputs.items()})
         except Exception as exc:  # values the declared shapes allow but the graph refuses
             raise InvalidInputError(f"onnxruntime refused the inputs: {_first_line(exc)}") from exc
         return dict(zip(names, results, strict=True))
@@ -179,6 +179,27 @@ class OnnxBackend(BackendBase):
         if self._options.normalize if normalize is None else normalize:
             pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
         return EmbeddingResult(vectors=pooled.astype(np.float32), prompt_tokens=int(mask.sum()))
+
+
+def _as_onnx(name: str, array: np.ndarray) -> np.ndarray:
+    """onnxruntime's string tensors take Python str: it would store str(b"...") for a bytes
+    element, and cut numpy fixed-width bytes at the first NUL. Decode BYTES elements here."""
+    if array.dtype.kind not in "OS":
+        return array
+    out = np.empty(array.shape, dtype=object)
+    flat = out.reshape(-1)
+    for i, item in enumerate(array.reshape(-1)):
+        if isinstance(item, (bytes, np.bytes_)):
+            try:
+                flat[i] = bytes(item).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInputError(
+                    f"input '{name}': element {i} is not UTF-8 text, which this model's string input needs",
+                    param=name,
+                ) from None
+        else:
+            flat[i] = str(item)
+    return out
 
 
 def _first_line(exc: Exception) -> str:

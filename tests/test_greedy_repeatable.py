@@ -116,6 +116,23 @@ async def test_seeded_sampling_repeats_with_other_requests_between(agent):
     assert first[1]["usage"] == second[1]["usage"]
 
 
+async def test_a_sampled_next_turn_reuses_the_whole_previous_exchange(agent):
+    """Only requests that must repeat pay for it: a sampled chat (no seed) reuses every cached
+    token, the previous answer included."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Device 4 is hot."}]
+    status, first, _ = await agent.post("/v1/chat/completions", json={
+        "model": CHAT, "messages": messages, "max_tokens": 24, "temperature": 0.7})
+    assert status == 200
+    cached = await agent.metric("edgefleet_prompt_tokens_cached_total", model=CHAT)
+    messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "And then?"}]
+    status, _, _ = await agent.post("/v1/chat/completions", json={
+        "model": CHAT, "messages": messages, "max_tokens": 8, "temperature": 0.7})
+    assert status == 200
+    reused = await agent.metric("edgefleet_prompt_tokens_cached_total", model=CHAT) - cached
+    assert reused >= first["usage"]["prompt_tokens"], (reused, first["usage"])
+
+
 @pytest.fixture(scope="module")
 def fresh_context_llm(state_dir):
     """llama-cpp-python in-process, loaded as the agent loads the model, with the bundle's n_batch."""

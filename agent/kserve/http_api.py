@@ -1,34 +1,56 @@
 """The Open Inference Protocol (KServe v2) REST API for tensor models.
 
-JSON tensors only (the binary-data extension is not implemented). Tensors are
-checked against the model's declared inputs by the backend; this module turns
-v2 JSON into numpy arrays and back, and refuses data that does not match its
-own declared shape or datatype. Health endpoints answer with the status code
-alone and an empty body, as the protocol says.
+Tensors travel as JSON `data` or, with the binary tensor data extension (as
+Triton specifies it), as raw bytes after the JSON header: the
+`Inference-Header-Content-Length` header gives the JSON header's length and
+each binary input its `parameters.binary_data_size`, in input order. Outputs
+come back as binary when the request asks for it (`binary_data` on an output,
+`binary_data_output` on the request), which is what NVIDIA's `tritonclient`
+does by default. The raw bytes <-> array codec is shared with gRPC
+(`agent.kserve.tensors`); this module only frames HTTP bodies. Every malformed
+body is a 400 in v2 error JSON: `TensorError` is mapped in `agent.errors`.
+
+Tensors are checked against the model's declared inputs by the backend. Health
+endpoints answer with the status code alone and an empty body, as the protocol says.
 """
 
 from __future__ import annotations
 
-import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import orjson
 from aiohttp import web
 
 from agent import __version__
 from runtime.backend import Capability, TensorSpec
 from runtime.registry import ModelState, ServedModel
 
-from ..context import MODELS, read_json
+from ..context import CONFIG, MODELS
 from ..errors import ApiError, bad_request
-from ..jsonio import json_response
+from ..jsonio import OPTIONS, json_response, loads
+from .tensors import (
+    NUMPY_TO_V2,
+    TensorError,
+    bounded_count,
+    check_header,
+    from_raw,
+    from_values,
+    raw_itemsize,
+    to_raw,
+    to_values,
+    v2_datatype,
+)
 
-#: KServe v2 datatype -> numpy dtype name.
-V2_TO_NUMPY: dict[str, str] = {
-    "BOOL": "bool", "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32",
-    "UINT64": "uint64", "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-    "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
-}
-NUMPY_TO_V2 = {v: k for k, v in V2_TO_NUMPY.items()}
+#: The request / response header giving the JSON header's length when binary data follows it.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: What `GET /v2` reports; `model_repository` lives in agent/ops_api.py.
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 
 
 def setup(app: web.Application) -> None:
@@ -44,7 +66,7 @@ def setup(app: web.Application) -> None:
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "edgefleet", "version": __version__, "extensions": []})
+    return json_response({"name": "edgefleet", "version": __version__, "extensions": EXTENSIONS})
 
 
 async def live(request: web.Request) -> web.Response:
@@ -90,68 +112,230 @@ async def model_ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if status.state is ModelState.READY else 400)
 
 
-def _to_array(tensor: Any, index: int) -> tuple[str, Any]:
-    import numpy as np
+# --- request body framing ---------------------------------------------------
 
+
+async def _read_body(request: web.Request) -> bytes:
+    """The whole (decompressed) body, refused early with 413 when it says it is too large."""
+    limit = request.app[CONFIG].server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"Request body too large: {request.content_length} bytes, "
+                       f"the limit is {limit}", code="request_too_large")
+    raw = await request.read()  # aiohttp enforces client_max_size while reading
+    if not raw:
+        raise bad_request("The request body is empty; send a JSON object")
+    return raw
+
+
+def _header_length(value: str, body_size: int) -> int:
+    """The JSON header's length from Inference-Header-Content-Length, checked against the body."""
+    if not _DIGITS.fullmatch(value.strip()):
+        raise bad_request(f"{HEADER_LENGTH} must be a non-negative integer, got {value!r}")
+    length = int(value)
+    if length == 0:
+        raise bad_request(f"{HEADER_LENGTH}: 0 (a raw binary request with no JSON header) is not "
+                          "supported; send the JSON inference header before the binary data")
+    if length > body_size:
+        raise bad_request(f"{HEADER_LENGTH} is {length}, but the body has only {body_size} bytes")
+    return length
+
+
+def _split_body(raw: bytes, header_value: str | None) -> tuple[Any, memoryview | None]:
+    """The parsed JSON header and the binary data after it (None: no binary section)."""
+    if header_value is None:
+        try:
+            return loads(raw), None
+        except ValueError as exc:  # orjson.JSONDecodeError, invalid UTF-8
+            raise bad_request(f"We could not parse the JSON body of your request: {exc} (binary tensor "
+                              f"data needs the {HEADER_LENGTH} header)") from None
+    length = _header_length(header_value, len(raw))
+    view = memoryview(raw)
+    try:
+        return loads(bytes(view[:length])), view[length:]
+    except ValueError as exc:
+        raise bad_request(f"the first {length} bytes of the body ({HEADER_LENGTH}) are not a JSON "
+                          f"inference header: {exc}") from None
+
+
+# --- inputs -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _InputHeader:
+    """One entry of `inputs`, checked, before its data is decoded."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any
+    binary_size: int | None
+
+
+def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    params = obj.get("parameters", {})
+    if not isinstance(params, dict):
+        raise bad_request(f"{where}.parameters must be an object")
+    if any(key in params for key in _SHARED_MEMORY):
+        raise bad_request(f"{where}: shared memory is not supported; send the data in the request")
+    return params
+
+
+def _binary_size(params: Mapping[str, Any], name: str) -> int | None:
+    size = params.get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise TensorError(f"input '{name}': parameters.binary_data_size must be a non-negative "
+                          f"integer, got {size!r}")
+    return size
+
+
+def _input_header(tensor: Any, index: int, limit: int) -> _InputHeader:
+    """Check one input's name, datatype, shape and where its data is; refuse absurd shapes."""
     if not isinstance(tensor, dict):
         raise bad_request(f"inputs[{index}] must be an object")
-    name, shape, datatype = tensor.get("name"), tensor.get("shape"), tensor.get("datatype")
-    if not isinstance(name, str) or not name:
-        raise bad_request(f"inputs[{index}].name must be a non-empty string")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
-                                              and d >= 0 for d in shape):
-        raise bad_request(f"input '{name}': shape must be a list of non-negative integers")
-    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
-        raise bad_request(f"input '{name}': unknown datatype {datatype!r}; "
-                          f"one of {', '.join(V2_TO_NUMPY)}")
-    if "data" not in tensor:
-        raise bad_request(f"input '{name}': no data (binary tensor data is not supported)")
-    try:
-        array = np.asarray(tensor["data"], dtype=V2_TO_NUMPY[datatype])
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise bad_request(f"input '{name}': data is not {datatype}: {exc}") from None
-    expected = math.prod(shape)
-    if array.size != expected:
-        raise bad_request(f"input '{name}': shape {shape} holds {expected} values, "
-                          f"data has {array.size}")
-    return name, array.reshape(shape)
+    name, datatype, shape = check_header(tensor.get("name"), tensor.get("datatype"), tensor.get("shape"),
+                                         f"inputs[{index}]")
+    count = bounded_count(name, shape, limit)
+    size = _binary_size(_parameters(tensor, f"input '{name}'"), name)
+    has_data = "data" in tensor
+    if has_data and size is not None:
+        raise TensorError(f"input '{name}' has both 'data' and parameters.binary_data_size; give one")
+    if not has_data and size is None:
+        raise TensorError(f"input '{name}': no data; give 'data' or send it as binary "
+                          "with parameters.binary_data_size")
+    itemsize = raw_itemsize(datatype)
+    if size is not None and itemsize is not None and size != count * itemsize:
+        raise TensorError(f"input '{name}': parameters.binary_data_size is {size}, but shape {shape} "
+                          f"of {datatype} is {count * itemsize} bytes")
+    return _InputHeader(name, datatype, shape, tensor.get("data"), size)
 
 
-def _flat(array: Any) -> Any:
-    """Row-major data: numeric arrays as they are (orjson writes them), others as lists."""
-    if array.dtype.kind in "biuf" and array.dtype.name != "float16":
-        return array.ravel()
-    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in array.ravel().tolist()]
+def _slice_binary(headers: list[_InputHeader], binary: memoryview | None) -> list[memoryview | None]:
+    """Each binary input's bytes, in input order; the sizes must add up to the binary section."""
+    sizes = [h.binary_size for h in headers if h.binary_size is not None]
+    if binary is None:
+        if sizes:
+            first = next(h.name for h in headers if h.binary_size is not None)
+            raise bad_request(f"input '{first}' has parameters.binary_data_size, but the request has "
+                              f"no {HEADER_LENGTH} header to say where the binary data starts")
+        return [None] * len(headers)
+    if sum(sizes) != len(binary):
+        raise bad_request(f"the inputs' binary_data_size add up to {sum(sizes)} bytes, but "
+                          f"{len(binary)} bytes follow the JSON header")
+    slices: list[memoryview | None] = []
+    offset = 0
+    for h in headers:
+        if h.binary_size is None:
+            slices.append(None)
+            continue
+        slices.append(binary[offset:offset + h.binary_size])
+        offset += h.binary_size
+    return slices
+
+
+def _decode(header: _InputHeader, raw: memoryview | None) -> np.ndarray:
+    if raw is None:
+        return from_values(header.name, header.datatype, header.shape, header.data)
+    # A view into the body, at whatever offset the JSON header's length left it: copy it
+    # when it is not aligned for its dtype, which not every backend and CPU forgives.
+    return np.require(from_raw(header.name, header.datatype, header.shape, raw), requirements="A")
+
+
+def _inputs(body: Mapping[str, Any], binary: memoryview | None, limit: int) -> dict[str, np.ndarray]:
+    """Named arrays from the request's `inputs` and the binary section after the JSON header."""
+    tensors = body.get("inputs")
+    if not isinstance(tensors, list) or not tensors:
+        raise bad_request("the request must be an object with a non-empty 'inputs' list")
+    headers = [_input_header(t, i, limit) for i, t in enumerate(tensors)]
+    inputs: dict[str, np.ndarray] = {}
+    for header, raw in zip(headers, _slice_binary(headers, binary), strict=True):
+        if header.name in inputs:
+            raise bad_request(f"input '{header.name}' is given twice")
+        inputs[header.name] = _decode(header, raw)
+    return inputs
+
+
+# --- outputs ----------------------------------------------------------------
+
+
+def _flag(params: Mapping[str, Any], key: str, where: str) -> bool | None:
+    value = params.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise bad_request(f"{where}.parameters.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _requested_outputs(body: Mapping[str, Any]) -> tuple[list[str] | None, dict[str, bool | None]]:
+    """Which outputs to return (None: all) and, per named output, whether it goes as binary."""
+    wanted = body.get("outputs")
+    if wanted is None:
+        return None, {}
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                               for o in wanted):
+        raise bad_request("'outputs' must be a list of objects with a 'name'")
+    binary: dict[str, bool | None] = {}
+    for output in wanted:
+        name = output["name"]
+        where = f"output '{name}'"
+        if name in binary:
+            raise bad_request(f"{where} is asked for twice")
+        params = _parameters(output, where)
+        if "classification" in params:
+            raise bad_request(f"{where}: the classification extension is not supported; "
+                              "ask for the tensor and take the top classes yourself")
+        binary[name] = _flag(params, "binary_data", where)
+    return list(binary), binary
+
+
+def _binary_default(body: Mapping[str, Any]) -> bool:
+    """The request-wide `binary_data_output`: outputs without their own `binary_data` follow it."""
+    return bool(_flag(_parameters(body, "the request"), "binary_data_output", "the request"))
+
+
+# --- response ---------------------------------------------------------------
+
+
+def _output_json(name: str, array: np.ndarray, raw: bytes | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "datatype": v2_datatype(array), "shape": list(array.shape)}
+    if raw is None:
+        out["data"] = to_values(array)
+    else:
+        out["parameters"] = {"binary_data_size": len(raw)}
+    return out
+
+
+def _infer_response(head: dict[str, Any], results: Mapping[str, np.ndarray],
+                    binary_of: Mapping[str, bool | None], default: bool) -> web.Response:
+    """JSON alone when no output is binary; else the JSON header then the outputs' bytes, in order."""
+    chunks: list[bytes] = []
+    outputs = []
+    for name, array in results.items():
+        as_binary = binary_of.get(name)
+        raw = to_raw(array) if (default if as_binary is None else as_binary) else None
+        if raw is not None:
+            chunks.append(raw)
+        outputs.append(_output_json(name, array, raw))
+    header = orjson.dumps({**head, "outputs": outputs}, option=OPTIONS)
+    if not chunks:
+        return web.Response(body=header, content_type="application/json")
+    return web.Response(body=b"".join([header, *chunks]), content_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(len(header))})
 
 
 async def infer(request: web.Request) -> web.Response:
+    """Decode every input and every output request before the model is asked, so that a
+    malformed body costs no model time and never reaches the queue."""
     served = _tensor_served(request)
-    body = await read_json(request)
-    if not isinstance(body, dict) or not isinstance(body.get("inputs"), list) or not body["inputs"]:
+    raw = await _read_body(request)
+    body, binary = _split_body(raw, request.headers.get(HEADER_LENGTH))
+    if not isinstance(body, dict):
         raise bad_request("the request must be an object with a non-empty 'inputs' list")
-    inputs: dict[str, Any] = {}
-    for i, tensor in enumerate(body["inputs"]):
-        name, array = _to_array(tensor, i)
-        if name in inputs:
-            raise bad_request(f"input '{name}' is given twice")
-        inputs[name] = array
-    wanted = body.get("outputs")
-    output_names = None
-    if wanted is not None:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                   for o in wanted):
-            raise bad_request("'outputs' must be a list of objects with a 'name'")
-        output_names = [o["name"] for o in wanted]
+    inputs = _inputs(body, binary, limit=request.app[CONFIG].server.max_body_bytes)
+    output_names, binary_of = _requested_outputs(body)
+    default = _binary_default(body)
     results = await served.infer(inputs, output_names)
-    response: dict[str, Any] = {
-        "model_name": served.name,
-        "model_version": served.version,
-        "outputs": [
-            {"name": name, "datatype": NUMPY_TO_V2.get(array.dtype.name, "BYTES"),
-             "shape": list(array.shape), "data": _flat(array)}
-            for name, array in results.items()
-        ],
-    }
+    head: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
     if isinstance(body.get("id"), str):
-        response["id"] = body["id"]
-    return json_response(response)
+        head["id"] = body["id"]
+    return _infer_response(head, results, binary_of, default)
