@@ -25,10 +25,11 @@ from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
 from . import openai_api, ops_api
-from .kserve import http_api as kserve_api
 from .config import AgentConfig
 from .context import CONFIG, METRICS, MODELS
 from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error
+from .fleet_link import mqtt_ctx
+from .kserve import http_api as kserve_api
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
     openai_api.setup(app)
     kserve_api.setup(app)
     ops_api.setup(app)

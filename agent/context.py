@@ -7,6 +7,7 @@ from typing import Any
 from aiohttp import web
 
 from runtime.registry import ModelRegistry
+from sync.mqtt import MqttLink
 
 from .config import AgentConfig
 from .errors import ApiError, bad_request
@@ -16,6 +17,8 @@ from .metrics import Metrics
 CONFIG = web.AppKey("config", AgentConfig)
 MODELS = web.AppKey("models", ModelRegistry)
 METRICS = web.AppKey("metrics", Metrics)
+#: Present only when ``[mqtt]`` is configured (agent/fleet_link.py).
+MQTT = web.AppKey("mqtt", MqttLink)
 
 
 async def read_json(request: web.Request) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -152,6 +153,19 @@ class ModelRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._usage: dict[str, ModelUsage] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        self._watchers: list[Callable[[str], None]] = []
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(name)` on the loop whenever a name's status changes (load, swap,
+        unload, failure), so the MQTT state message and listings can follow without polling."""
+        self._watchers.append(callback)
+
+    def _changed(self, name: str) -> None:
+        for callback in self._watchers:
+            try:
+                callback(name)
+            except Exception:  # a watcher's bug must not break a load or swap
+                log.exception("registry watcher failed")
 
     def get(self, name: str) -> ServedModel:
         """The version serving `name` now; raises if unknown or not ready."""
@@ -222,6 +236,7 @@ class ModelRegistry:
             self._set_status(served.bundle, ModelState.UNLOADING)
             await self._shutdown(served)
             self._status.pop(name, None)
+            self._changed(name)
 
     async def close(self) -> None:
         """Unload everything (agent shutdown)."""
@@ -236,6 +251,7 @@ class ModelRegistry:
             self._status[name] = ModelStatus(
                 name=name, state=ModelState.FAILED, version=None, path=path, error=error
             )
+            self._changed(name)
 
     def _retire(self, served: ServedModel) -> None:
         task = asyncio.create_task(self._shutdown(served), name=f"retire:{served.name}")
@@ -268,3 +284,4 @@ class ModelRegistry:
             loaded_at=served.loaded_at if served else None,
             info=served.info if served else None,
         )
+        self._changed(bundle.name)
