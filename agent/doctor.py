@@ -45,7 +45,13 @@ class Finding:
 
 
 def check_cpu() -> list[Finding]:
-    from runtime.devices import choose_llama_placement, describe_cpu, llama_gpu_offload_supported
+    from runtime.devices import (
+        choose_llama_placement,
+        describe_cpu,
+        llama_gpu_offload_supported,
+        llama_system_info,
+        missing_cpu_features,
+    )
 
     cpu = describe_cpu()
     interesting = ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimd", "sve", "dotprod")
@@ -60,6 +66,12 @@ def check_cpu() -> list[Finding]:
     except Exception as exc:  # noqa: BLE001 - an import failure is the finding
         return [*findings, Finding(Level.FAIL, "llama.cpp", f"cannot load llama-cpp-python: {exc}",
                                    "reinstall the package (the wheel does not match this CPU or libc)")]
+    missing = missing_cpu_features(llama_system_info(), cpu)
+    if missing:
+        findings.append(Finding(Level.FAIL, "llama.cpp", f"built for CPU features this CPU lacks: "
+                                f"{', '.join(missing)}; GGUF models would crash the agent (SIGILL)",
+                                "install the portable package (packaging/build-deb.sh --portable builds "
+                                "llama.cpp with GGML_NATIVE=OFF and all CPU variants)"))
     placement = choose_llama_placement(cpu, gpu_offload_supported=gpu)
     findings.append(Finding(Level.OK, "llama.cpp", "; ".join(placement.reasons)))
     return findings
