@@ -8,6 +8,7 @@ arrived when /readyz first said 200?" or "how far apart were the WATCHDOG=1s?".
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import socket
@@ -74,7 +75,8 @@ class ServiceProcess:
     """`edgefleet serve --config FILE` with a notify socket; stderr goes to a log file."""
 
     def __init__(self, config: Path, tmp_path: Path, watchdog_usec: int | None = None,
-                 abstract_socket: bool = False, preexec_fn: object = None) -> None:
+                 abstract_socket: bool = False, preexec_fn: object = None,
+                 command: list[str] | None = None) -> None:
         address = f"@edgefleet-test-{os.getpid()}-{id(self)}" if abstract_socket else str(tmp_path / "notify.sock")
         self.notify = NotifySocket(address)
         self.log_path = tmp_path / "agent.log"
@@ -83,7 +85,7 @@ class ServiceProcess:
         if watchdog_usec is not None:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen([*EDGEFLEET, "serve", "--config", str(config)], stdout=self._log,
+        self.proc = subprocess.Popen([*(command or EDGEFLEET), "serve", "--config", str(config)], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)  # type: ignore[arg-type]
 
     def signal(self, sig: signal.Signals) -> None:
@@ -118,3 +120,17 @@ def write_config(path: Path, state_dir: Path, port: int, models: list[str], api_
         lines += ["[[models]]", f'name = "{name}"']
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+
+
+def deny_write_execute() -> None:
+    """In a child before exec: the kernel's form of systemd's MemoryDenyWriteExecute=yes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE)")
+
+
+def kernel_has_mdwe() -> bool:
+    return ctypes.CDLL(None, use_errno=True).prctl(PR_GET_MDWE, 0, 0, 0, 0) >= 0
