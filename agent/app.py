@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -26,10 +26,10 @@ from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
 from . import openai_api, ops_api
-from .kserve import http_api as kserve_api
 from .config import AgentConfig
 from .context import CONFIG, LIVE, METRICS, MODELS, LiveState
 from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error
+from .kserve import http_api as kserve_api
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ import ipaddress
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -114,8 +115,9 @@ class Service:
     def _status(self, text: str, **extra: str | int) -> None:
         self.notifier.send(STATUS=text, **extra)
 
-    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start a task the service owns: cancelled and awaited at shutdown."""
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -219,6 +221,8 @@ class Service:
                 if restart:
                     log.warning("changed but applied only after a restart: %s", ", ".join(restart),
                                 extra={"restart_needed": ",".join(restart)})
+            except Exception:  # a bug in applying must not kill the agent; the old models keep serving
+                log.exception("reload failed while applying the new configuration")
             finally:
                 self.notifier.send(READY=1, STATUS=self._serving_line(models))
 

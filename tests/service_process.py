@@ -86,7 +86,8 @@ class ServiceProcess:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen([*(command or EDGEFLEET), "serve", "--config", str(config)], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, preexec_fn=preexec_fn)  # type: ignore[arg-type]
+                                     stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=preexec_fn)  # type: ignore[arg-type]  # noqa: PLW1509 - prctl before exec
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)

@@ -4,6 +4,7 @@ when it is stopped and reloaded. Real `edgefleet serve` processes, real signals.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -60,7 +61,7 @@ async def test_systemd_hears_ready_only_after_models_answer_then_watchdog_status
         pings = [m.at for m in agent.notify.with_key("WATCHDOG", "1")]
         assert pings[0] < ready.at
         recent = [t for t in pings if t > ready.at]
-        gaps = [b - a for a, b in zip(recent, recent[1:], strict=False)]
+        gaps = [b - a for a, b in itertools.pairwise(recent)]
         assert 8 <= len(recent) <= 14, recent
         assert max(gaps) < 0.4, f"a gap of {max(gaps):.2f}s would have tripped WatchdogSec=0.4s"
 
@@ -121,10 +122,10 @@ async def test_sigterm_under_load_finishes_admitted_requests_and_refuses_new_one
             signalled = time.monotonic()
             agent.signal(signal.SIGTERM)
             await agent.notify.wait_for("STOPPING", "1", timeout=10)
-            async with aiohttp.ClientSession() as fresh:  # a new client, a new connection
-                async with fresh.post(url + "/v1/chat/completions", json=body) as resp:
-                    refused_status, refused = resp.status, await resp.json()
-                    retry_after = resp.headers.get("Retry-After")
+            async with aiohttp.ClientSession() as fresh, \
+                    fresh.post(url + "/v1/chat/completions", json=body) as resp:  # a new client and connection
+                refused_status, refused = resp.status, await resp.json()
+                retry_after = resp.headers.get("Retry-After")
             stream_status, stream_done = await stream_task
             plain_status, plain_body = await plain_task
 
@@ -149,10 +150,10 @@ async def test_sighup_applies_new_key_and_models_and_refuses_a_broken_config(tmp
     agent = ServiceProcess(path, tmp_path)
 
     async def models(key: str) -> tuple[int, set[str]]:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-            async with http.get(url + "/v1/models") as resp:
-                body = await resp.json()
-                return resp.status, {m["id"] for m in body.get("data", [])}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http, \
+                http.get(url + "/v1/models") as resp:
+            body = await resp.json()
+            return resp.status, {m["id"] for m in body.get("data", [])}
 
     async def reload(expected_ready: int) -> None:
         agent.signal(signal.SIGHUP)
@@ -168,9 +169,9 @@ async def test_sighup_applies_new_key_and_models_and_refuses_a_broken_config(tmp
         await reload(expected_ready=2)
         assert await models(new_key) == (200, {CHAT, EMBED})
         assert (await models(old_key))[0] == 401
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {new_key}"}) as http:
-            async with http.post(url + "/v1/embeddings", json={"model": EMBED, "input": "hello"}) as resp:
-                assert resp.status == 200 and len((await resp.json())["data"][0]["embedding"]) == 384
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {new_key}"}) as http, \
+                http.post(url + "/v1/embeddings", json={"model": EMBED, "input": "hello"}) as resp:
+            assert resp.status == 200 and len((await resp.json())["data"][0]["embedding"]) == 384
 
         path.write_text(path.read_text().replace(f"port = {port}", 'port = "eighty"'))
         await reload(expected_ready=3)

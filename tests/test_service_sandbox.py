@@ -19,6 +19,7 @@ import pytest
 from conftest import CHAT, EMBED, free_port
 from service_process import ServiceProcess, deny_write_execute, kernel_has_mdwe, write_config
 
+
 @pytest.mark.skipif(not kernel_has_mdwe(), reason="kernel without PR_SET_MDWE (Linux < 6.3)")
 def test_the_rule_is_in_force_for_the_child() -> None:
     """The check below is not vacuous: under the rule a writable+executable mapping fails."""

@@ -64,7 +64,8 @@ def test_tmpfiles_rule_lets_the_agent_group_read_rapl_counters(tmp_path: Path) -
         pytest.skip("systemd-tmpfiles is not installed")
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
-    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nedgefleet:x:997:997::/var/lib/edgefleet:/usr/sbin/nologin\n")
+    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n"
+                                         "edgefleet:x:997:997::/var/lib/edgefleet:/usr/sbin/nologin\n")
     (root / "etc" / "group").write_text("root:x:0:\nedgefleet:x:997:\n")
     zones = [root / "sys/class/powercap/intel-rapl:0", root / "sys/class/powercap/intel-rapl:0:0"]
     for zone in zones:
@@ -114,7 +115,8 @@ def test_deb_has_the_agent_venv_unit_conffile_and_maintainer_scripts(deb: Path, 
 
     listing = _dpkg_deb("-c", str(deb))
     for path in ("./usr/lib/systemd/system/edgefleet.service", "./etc/edgefleet/agent.toml",
-                 "./opt/edgefleet/venv/bin/edgefleet", "./opt/edgefleet/venv/lib/python3.11/site-packages/agent/kserve/",
+                 "./opt/edgefleet/venv/bin/edgefleet",
+                 "./opt/edgefleet/venv/lib/python3.11/site-packages/agent/kserve/",
                  "./usr/lib/sysusers.d/edgefleet.conf", "./usr/lib/tmpfiles.d/edgefleet.conf",
                  "./usr/lib/udev/rules.d/70-edgefleet-rapl.rules", "./usr/share/edgefleet/systemd/gpu-nvidia.conf",
                  "./usr/share/doc/edgefleet/operations.md", "./usr/bin/edgefleet -> /opt/edgefleet/venv/bin/edgefleet"):
@@ -178,7 +180,8 @@ async def test_deb_installs_into_a_throwaway_root_runs_doctor_and_purges_only_on
     config = tmp_path / "agent.toml"
     config.write_text((root / "etc/edgefleet/agent.toml").read_text()
                       + f'\n[[models]]\nname = "{CHAT}"\n[[models]]\nname = "{EMBED}"\n')
-    doctor = subprocess.run([str(python), str(script), "doctor", "--config", str(config), "--state-dir", str(state_dir)],
+    doctor = subprocess.run([str(python), str(script), "doctor", "--config", str(config),
+                             "--state-dir", str(state_dir)],
                             capture_output=True, text=True, check=False, env={**os.environ, "EDGEFLEET_CONFIG": ""})
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert f"[ok  ] model {CHAT}: gguf" in doctor.stdout and "no problems found" in doctor.stdout
