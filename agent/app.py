@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -25,10 +26,10 @@ from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
 from . import openai_api, ops_api
-from .kserve import http_api as kserve_api
 from .config import AgentConfig
-from .context import CONFIG, METRICS, MODELS
+from .context import CONFIG, LIVE, METRICS, MODELS, LiveState
 from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error
+from .kserve import http_api as kserve_api
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,33 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 @web.middleware
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count requests in flight, and refuse new ones once shutdown has begun.
+
+    On SIGTERM the port stays open while admitted requests finish, so a client
+    that arrives then gets a 503 in the API's error JSON (and Connection: close)
+    rather than a refused connection it cannot tell from a crash.
+    """
+    live = request.app[LIVE]
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    if live.draining:
+        raise ApiError(503, "The agent is shutting down and takes no new requests; retry shortly",
+                       type="unavailable_error", code="shutting_down",
+                       headers={"Retry-After": "5", "Connection": "close"})
+    live.in_flight += 1
+    live.idle.clear()
+    try:
+        return await handler(request)
+    finally:
+        live.in_flight -= 1
+        if live.in_flight == 0:
+            live.idle.set()
+
+
+@web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    api_key = request.app[CONFIG].server.api_key
+    api_key = request.app[LIVE].config.server.api_key
     if (api_key and request.path not in PUBLIC_PATHS
             and not api_key_matches(api_key, request.headers.get("Authorization"))):
         raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
@@ -104,26 +130,61 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
+    await reconcile_models(config, models)
+
+
+@dataclass
+class ModelChanges:
+    """What `reconcile_models` did, for the log of a reload."""
+
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {', '.join(self.loaded)}"] if self.loaded else []
+        parts += [f"unloaded {', '.join(self.unloaded)}"] if self.unloaded else []
+        return "; ".join(parts) or "unchanged"
+
+
+async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelChanges:
+    """Make the registry serve what `config` lists: load new or changed bundles (hot swap),
+    unload names no longer listed. Failures are logged and shown in /readyz, not raised."""
+    changes = ModelChanges()
+    wanted = {entry.name for entry in config.models}
+    for status in models.statuses():
+        if status.name not in wanted:
+            with contextlib.suppress(RuntimeLayerError):
+                await models.unload(status.name)
+            changes.unloaded.append(status.name)
+    serving = {served.name: served for served in models.serving()}
     for entry in config.models:
         path = config.bundle_path(entry)
         try:
             bundle = read_bundle(path, name=entry.name)
         except BundleError as exc:
-            log.error("model %s: %s", entry.name, exc)
-            models.record_failure(entry.name, str(path), str(exc))
+            log.error("model %s: %s", entry.name, exc, extra={"model": entry.name})
+            if entry.name not in serving:
+                models.record_failure(entry.name, str(path), str(exc))
+            continue
+        current = serving.get(entry.name)
+        if current is not None and current.version == bundle.version and current.bundle.path == bundle.path:
             continue
         with contextlib.suppress(RuntimeLayerError):  # the registry logged it and shows it as failed
             await models.load(bundle)
+            changes.loaded.append(entry.name)
     statuses = models.statuses()
     log.info("models: %s", ", ".join(f"{s.name}={s.state.value}" for s in statuses) or "none")
+    return changes
 
 
 def create_app(config: AgentConfig) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, drain_middleware, auth_middleware],
     )
     app[CONFIG] = config
+    app[LIVE] = LiveState(config)
+    app[LIVE].idle.set()
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
     openai_api.setup(app)

@@ -31,6 +31,10 @@ class ConfigError(Exception):
 
 
 def default_state_dir() -> str:
+    """$STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/edgefleet as root, else
+    the user's data directory."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
     if os.geteuid() == 0:
         return "/var/lib/edgefleet"
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +18,26 @@ from .metrics import Metrics
 CONFIG = web.AppKey("config", AgentConfig)
 MODELS = web.AppKey("models", ModelRegistry)
 METRICS = web.AppKey("metrics", Metrics)
+
+
+@dataclass
+class LiveState:
+    """What changes while the app runs: the config a reload applied, and draining.
+
+    aiohttp freezes the app's own state once it starts, and a SIGHUP must still
+    change the API key and the model list; so the current config lives here and
+    `CONFIG` keeps the one the app was built with (what needs a restart to change).
+    """
+
+    config: AgentConfig
+    #: Set on SIGTERM: new requests get 503, admitted ones finish.
+    draining: bool = False
+    #: API requests being handled now (streams count until their last byte).
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+LIVE = web.AppKey("live", LiveState)
 
 
 async def read_json(request: web.Request) -> Any:

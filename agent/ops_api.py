@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from runtime.bundle import read_bundle
 from runtime.registry import ModelStatus
 
-from .context import CONFIG, METRICS, MODELS
+from .context import LIVE, METRICS, MODELS
 from .errors import ApiError
 from .jsonio import json_response
 
@@ -37,7 +37,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Every configured model is loaded and serving."""
     models = request.app[MODELS]
-    ready = models.all_ready()
+    ready = models.all_ready() and not request.app[LIVE].draining
     return json_response(
         {"status": "ready" if ready else "not ready",
          "models": [_status_json(s) for s in models.statuses()]},
@@ -59,7 +59,7 @@ async def repository_index(request: web.Request) -> web.Response:
 
 async def repository_load(request: web.Request) -> web.Response:
     """(Re)load a configured model from its bundle path; swaps atomically if serving."""
-    config = request.app[CONFIG]
+    config = request.app[LIVE].config
     name = request.match_info["name"]
     entry = next((m for m in config.models if m.name == name), None)
     if entry is None:

@@ -153,6 +153,13 @@ class ModelRegistry:
         self._usage: dict[str, ModelUsage] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
+    def set_limits(self, max_pending: int, drain_timeout_s: float) -> None:
+        """Change admission and drain limits live (config reload): serving models and later loads."""
+        self._max_pending = max_pending
+        self._drain_timeout_s = drain_timeout_s
+        for served in self._serving.values():
+            served.scheduler.max_pending = max_pending
+
     def get(self, name: str) -> ServedModel:
         """The version serving `name` now; raises if unknown or not ready."""
         served = self._serving.get(name)
