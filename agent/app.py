@@ -3,7 +3,11 @@
 `create_app` builds the whole HTTP side from one AgentConfig. Each long-lived
 resource is one cleanup context (start before ``yield``, stop after), so
 shutdown happens in reverse start-up order: the server stops taking requests,
-admitted requests finish, then models unload. Models load in a background task
+admitted requests finish, then models unload. Shutdown keeps to
+``server.drain_timeout_s`` from the moment it starts (`_drain`, on_shutdown):
+queued requests are answered 503 at once, running ones may finish until the
+deadline and are then stopped (a stream ends with finish_reason "shutdown" and
+``[DONE]``), and aiohttp only waits a short grace for the handlers after that. Models load in a background task
 owned by the registry's context, so the port answers /healthz at once and
 /readyz turns 200 when the models are in.
 """
@@ -18,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from runtime.backend import ModelLimits
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
 from runtime.errors import BundleError, RuntimeLayerError
@@ -28,7 +33,8 @@ from . import openai_api, ops_api
 from .kserve import http_api as kserve_api
 from .config import AgentConfig
 from .context import CONFIG, METRICS, MODELS
-from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error
+from .errors import ApiError, error_response, to_api_error
+from .http_server import shutdown_grace_s
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -55,10 +61,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         err = to_api_error(exc)
         if err.status >= 500 and not isinstance(exc, (ApiError, RuntimeLayerError)):
             log.exception("unhandled error on %s %s", request.method, request.path)
-        elif err.status >= 500:
+        elif err.status >= 500 and err.status != 503:
             log.error("%s %s: %s", request.method, request.path, err.message)
-        render = kserve_error_response if request.path.startswith("/v2") else openai_error_response
-        return render(err)
+        return error_response(request.path, err)
 
 
 @web.middleware
@@ -93,7 +98,8 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     cpu_repack = None if config.runtime.cpu_repack == "auto" else bool(config.runtime.cpu_repack)
     machine = MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack)
-    models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s)
+    models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s,
+                           limits_for=lambda name: model_limits(config, name))
     app[MODELS] = models
     app[METRICS].watch(models)
     app[LOADER] = asyncio.create_task(_load_configured(config, models), name="load-models")
@@ -101,6 +107,28 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LOADER].cancel()
     await asyncio.gather(app[LOADER], return_exceptions=True)
     await models.close()
+
+
+def model_limits(config: AgentConfig, name: str) -> ModelLimits:
+    """What one request may use of model `name`, from the config."""
+    limits = config.limits
+    return ModelLimits(
+        memory_budget_bytes=config.model_budget_mb(name) << 20,
+        max_model_time_s=limits.max_model_time_s,
+        max_messages=limits.max_messages,
+        max_prompt_chars=limits.max_prompt_chars,
+    )
+
+
+async def _drain(app: web.Application) -> None:
+    """on_shutdown: runs once the listening socket is closed, before aiohttp waits for the
+    handlers. Queued requests get 503 now; running ones are stopped at the deadline."""
+    config = app[CONFIG].server
+    grace = shutdown_grace_s(config)
+    deadline = time.monotonic() + config.drain_timeout_s - 2 * grace
+    log.info("draining: up to %.1fs for running requests", max(0.0, deadline - time.monotonic()))
+    if MODELS in app:
+        await app[MODELS].begin_shutdown(deadline, grace)
 
 
 async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
@@ -126,6 +154,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
+    app.on_shutdown.append(_drain)
     openai_api.setup(app)
     kserve_api.setup(app)
     ops_api.setup(app)

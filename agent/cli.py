@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from runtime.bundle import read_bundle
 from runtime.errors import RuntimeLayerError
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
 from .demo import DEMO_MODELS, build_demo_bundles
+from .logs import configure_logging
 
 log = logging.getLogger("edgefleet")
 
@@ -104,16 +103,12 @@ def _is_loopback(host: str) -> bool:
 
 async def _serve(config: AgentConfig) -> None:
     from .app import create_app, wait_until_loaded
+    from .http_server import start_server
 
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port,
-                       shutdown_timeout=config.server.drain_timeout_s)
     try:
-        await site.start()
+        runner = await start_server(app, config.server)
     except OSError as exc:
-        await runner.cleanup()
         raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}") from None
     log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host,
              config.server.port)
@@ -174,11 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
             return 0
         config = _load(args)
-        logging.basicConfig(
-            level=config.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        configure_logging(config.log_level)
         if args.command == "models":
             return _list_models(config, args.json)
         asyncio.run(_serve(config))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -19,12 +20,21 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, or a 400/413 that says what is wrong with it."""
-    limit = request.app[CONFIG].server.max_body_bytes
+    """The request's JSON body, or a 400/408/413 that says what is wrong with it.
+
+    The body must arrive within server.body_timeout_s: a client that trickles it
+    gets a 408 and its connection closed instead of holding a handler."""
+    server = request.app[CONFIG].server
+    limit = server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"Request body too large: {request.content_length} bytes, "
-                       f"the limit is {limit}", code="request_too_large")
-    raw = await request.read()  # aiohttp enforces client_max_size while reading
+                       f"the limit is {limit}", code="request_too_large", close=True)
+    try:
+        async with asyncio.timeout(server.body_timeout_s):
+            raw = await request.read()  # aiohttp enforces client_max_size while reading
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {server.body_timeout_s:g}s",
+                       code="request_timeout", close=True) from None
     if not raw:
         raise bad_request("The request body is empty; send a JSON object")
     try:

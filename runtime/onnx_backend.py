@@ -6,6 +6,14 @@ shapes, so a wrong request is a precise `InvalidInputError` rather than an
 onnxruntime stack trace. Embeddings follow sentence-transformers: tokenize with
 the bundle's tokenizer.json, run, mean-pool over the attention mask (or take the
 CLS token), optionally L2-normalise.
+
+Memory: a request runs as micro-batches that fit the model's memory budget
+(runtime/working_set.py): texts sorted by length and padded per micro-batch, KServe
+tensors split along their batch dimension when every input and output has a free
+first dimension. The job's cancel flag is checked between micro-batches. Runs
+whose working set is large ask onnxruntime to shrink its CPU arena afterwards
+(run option ``memory.enable_memory_arena_shrinkage``), so the memory goes back
+to the system instead of staying reserved; small runs keep the arena warm.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from .backend import (
 )
 from .bundle import ModelBundle
 from .devices import MachineSettings, choose_onnx_placement, onnx_available_providers
-from .errors import InferenceError, InvalidInputError, ModelLoadError
+from .errors import InferenceError, InvalidInputError, ModelLoadError, WorkingSetTooLargeError, WorkStopped
+from .working_set import MB, WorkingSetModel, length_sorted_batches, rows_that_fit
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,10 @@ ONNX_TO_NUMPY: dict[str, str] = {
     "tensor(bool)": "bool",
     "tensor(string)": "object",
 }
+
+
+#: Runs estimated above this many bytes give their arena memory back afterwards.
+SHRINK_ABOVE_BYTES = 32 * MB
 
 
 def _spec(node: Any) -> TensorSpec:
@@ -76,11 +89,17 @@ class OnnxBackend(BackendBase):
         self._inputs = {spec.name: spec for spec in map(_spec, self._session.get_inputs())}
         self._outputs = {spec.name: spec for spec in map(_spec, self._session.get_outputs())}
         self._options = options
+        self._working_set = WorkingSetModel(options.bytes_per_token, options.bytes_per_token_pair)
+        self._run_plain = ort.RunOptions()
+        self._run_shrink = ort.RunOptions()
+        arenas = "cpu:0;gpu:0" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu:0"
+        self._run_shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
+        self._pad_id = 0
         self._tokenizer = None
         capabilities = {Capability.TENSOR}
         embedding_dim = None
         if options.tokenizer:
-            self._tokenizer = self._load_tokenizer(bundle.file(options.tokenizer), options.max_length)
+            self._tokenizer, self._pad_id = self._load_tokenizer(bundle.file(options.tokenizer), options.max_length)
             self._hidden = options.hidden_state_output or next(iter(self._outputs))
             if self._hidden not in self._outputs:
                 raise ModelLoadError(f"{bundle.name}: no output named {self._hidden!r}")
@@ -99,7 +118,8 @@ class OnnxBackend(BackendBase):
         )
 
     @staticmethod
-    def _load_tokenizer(path: Any, max_length: int) -> Any:
+    def _load_tokenizer(path: Any, max_length: int) -> tuple[Any, int]:
+        """The tokenizer, truncating and not padding (micro-batches pad), and its pad id."""
         from tokenizers import Tokenizer
 
         try:
@@ -107,8 +127,13 @@ class OnnxBackend(BackendBase):
         except Exception as exc:
             raise ModelLoadError(f"{path}: not a tokenizers JSON file: {exc}") from exc
         tokenizer.enable_truncation(max_length=max_length)
-        tokenizer.enable_padding()
-        return tokenizer
+        pad_id = int((tokenizer.padding or {}).get("pad_id", 0))
+        tokenizer.no_padding()
+        return tokenizer, pad_id
+
+    def _run(self, names: list[str], feeds: dict[str, np.ndarray], estimate_bytes: int) -> list[np.ndarray]:
+        shrink = estimate_bytes > SHRINK_ABOVE_BYTES
+        return self._session.run(names, feeds, self._run_shrink if shrink else self._run_plain)
 
     # --- raw tensors ---------------------------------------------------------
 
@@ -148,11 +173,57 @@ class OnnxBackend(BackendBase):
                     f"unknown output tensor '{name}'; this model gives: {', '.join(self._outputs)}",
                     param=name,
                 )
-        try:
-            results = self._session.run(names, inputs)
-        except Exception as exc:  # values the declared shapes allow but the graph refuses
-            raise InvalidInputError(f"onnxruntime refused the inputs: {_first_line(exc)}") from exc
-        return dict(zip(names, results, strict=True))
+        budget = ctx.limits.memory_budget_bytes
+        rows, tokens, elements = self._row_shape(inputs)
+        batchable = (rows > 0 and self._splits_along_batch(names)
+                     and all(a.ndim and a.shape[0] == rows for a in inputs.values()))
+        per_batch = rows_that_fit(self._working_set, budget, tokens, elements,
+                                  what=f"one row of {elements} values") if batchable else rows
+        if not batchable and rows * self._working_set.row_bytes(tokens, elements) > budget:
+            raise WorkingSetTooLargeError(rows * self._working_set.row_bytes(tokens, elements) / MB,
+                                          budget / MB, "this tensor (the model cannot be run in parts)")
+        parts: list[list[np.ndarray]] = []
+        for start in range(0, max(rows, 1), max(per_batch, 1)):
+            if ctx.cancelled():
+                raise WorkStopped("stopped between micro-batches")
+            feeds = {k: v[start:start + per_batch] for k, v in inputs.items()} if batchable else inputs
+            size = len(next(iter(feeds.values()))) if batchable else rows
+            try:
+                results = self._run(names, feeds, size * self._working_set.row_bytes(tokens, elements))
+            except Exception as exc:  # values the declared shapes allow but the graph refuses
+                raise InvalidInputError(f"onnxruntime refused the inputs: {_first_line(exc)}") from exc
+            if not parts and batchable and size < rows:  # the whole answer must fit too
+                projected = sum(r.nbytes for r in results) * rows / max(size, 1)
+                if projected > budget:
+                    raise WorkingSetTooLargeError(projected / MB, budget / MB, "the outputs")
+            parts.append(results)
+            if not batchable:
+                break
+        if len(parts) == 1:
+            return dict(zip(names, parts[0], strict=True))
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+    def _row_shape(self, inputs: dict[str, np.ndarray]) -> tuple[int, int, int]:
+        """(rows along the first dimension, free-length positions per row, values per row)
+        of the largest input: what the working-set estimate is made from."""
+        rows, tokens, elements = 0, 1, 1
+        for name, array in inputs.items():
+            if not array.ndim:
+                continue
+            spec = self._inputs[name]
+            per_row = int(np.prod(array.shape[1:], dtype=np.int64)) if array.ndim > 1 else 1
+            free = int(np.prod([d for d, want in zip(array.shape[1:], spec.shape[1:], strict=False)
+                                if want == -1], dtype=np.int64))
+            rows = max(rows, array.shape[0])
+            if per_row >= elements:
+                tokens, elements = max(1, free), max(1, per_row)
+        return rows, tokens, elements
+
+    def _splits_along_batch(self, outputs: list[str]) -> bool:
+        """Whether the model can be run on slices of rows: every input and every wanted
+        output has a free first dimension."""
+        return all(s.shape[:1] == (-1,) for s in self._inputs.values()) and all(
+            self._outputs[n].shape[:1] == (-1,) for n in outputs)
 
     # --- embeddings ----------------------------------------------------------
 
@@ -160,15 +231,36 @@ class OnnxBackend(BackendBase):
         if self._tokenizer is None:
             return super().embed(texts, normalize, ctx)
         encodings = self._tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        lengths = [len(e.ids) for e in encodings]
+        budget = ctx.limits.memory_budget_bytes
+        vectors: np.ndarray | None = None
+        for batch in length_sorted_batches(lengths, self._working_set, budget):
+            if ctx.cancelled():
+                raise WorkStopped("stopped between micro-batches")
+            pooled = self._embed_batch([encodings[i] for i in batch], normalize)
+            if vectors is None:
+                vectors = np.empty((len(texts), pooled.shape[1]), dtype=np.float32)
+            vectors[batch] = pooled
+        assert vectors is not None  # texts is never empty
+        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(lengths))
+
+    def _embed_batch(self, encodings: list[Any], normalize: bool | None) -> np.ndarray:
+        """Pooled vectors of one micro-batch, padded to its own longest input."""
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, e in enumerate(encodings):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = 1
+            types[row, :len(e.ids)] = e.type_ids
         feeds: dict[str, np.ndarray] = {"input_ids": ids}
         if "attention_mask" in self._inputs:
             feeds["attention_mask"] = mask
         if "token_type_ids" in self._inputs:
-            feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
+            feeds["token_type_ids"] = types
         try:
-            (hidden,) = self._session.run([self._hidden], feeds)
+            (hidden,) = self._run([self._hidden], feeds, len(encodings) * self._working_set.row_bytes(width))
         except Exception as exc:
             raise InferenceError(f"onnxruntime failed: {_first_line(exc)}") from exc
         if self._options.pooling == "cls":
@@ -178,7 +270,7 @@ class OnnxBackend(BackendBase):
             pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
         if self._options.normalize if normalize is None else normalize:
             pooled = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-        return EmbeddingResult(vectors=pooled.astype(np.float32), prompt_tokens=int(mask.sum()))
+        return pooled.astype(np.float32)
 
 
 def _first_line(exc: Exception) -> str:
