@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import web
+from aiohttp import compression_utils, web
 
 from runtime.registry import ModelRegistry
 
@@ -13,6 +13,13 @@ from .config import AgentConfig
 from .errors import ApiError, bad_request
 from .jsonio import loads
 from .metrics import Metrics
+
+#: Content-Encodings aiohttp decodes here; any other is refused rather than read as JSON.
+DECODED_ENCODINGS = frozenset(
+    {"", "identity", "gzip", "x-gzip", "deflate"}
+    | ({"br"} if compression_utils.HAS_BROTLI else set())
+    | ({"zstd"} if compression_utils.HAS_ZSTD else set())
+)
 
 CONFIG = web.AppKey("config", AgentConfig)
 MODELS = web.AppKey("models", ModelRegistry)
@@ -29,6 +36,9 @@ async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"Request body too large: {request.content_length} bytes, "
                        f"the limit is {limit}", code="request_too_large", close=True)
+    if request.headers.get("Content-Encoding", "").strip().lower() not in DECODED_ENCODINGS:
+        raise ApiError(415, "The request body's Content-Encoding is not supported (use gzip, deflate or none)",
+                       code="unsupported_content_encoding", close=True)
     try:
         async with asyncio.timeout(server.body_timeout_s):
             raw = await request.read()  # aiohttp enforces client_max_size while reading

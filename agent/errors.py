@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from runtime import errors as rt
 
@@ -101,6 +102,11 @@ def to_api_error(exc: BaseException) -> ApiError:
                         if exc.status < 500 else "server_error", headers=allow)
     if isinstance(exc, http_exceptions.HttpProcessingError):
         return protocol_error(exc)
+    if isinstance(exc, RequestPayloadError):  # raised by request.read(), the cause says why
+        cause = exc.__cause__
+        if isinstance(cause, http_exceptions.HttpProcessingError):
+            return protocol_error(cause)
+        return ApiError(400, "The request body could not be read", close=True)
     return ApiError(500, "Internal server error; see the agent's log", type="server_error")
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .config import ServerConfig
 from .errors import ApiError, error_response, protocol_error
@@ -88,6 +88,11 @@ class GuardedRequestHandler(RequestHandler):
         if self._request_count != before:  # a request's head is complete
             self._cancel_header_timer()
         elif data and in_head and self._header_timer is None and self.transport is not None:
+            # A request has begun: from here its header deadline governs, not the idle timeout
+            # (aiohttp arms that again after the response).
+            if self._keepalive_handle is not None:
+                self._keepalive_handle.cancel()
+                self._keepalive_handle = None
             self._header_timer = self._loop.call_later(self._header_timeout_s, self._header_timed_out, before)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -110,6 +115,15 @@ class GuardedRequestHandler(RequestHandler):
         if self.transport is not None:
             self.transport.write(raw)
         self.force_close()
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp logs a traceback when discarding the rest of a body it cannot decode
+        (after our handler already answered 4xx): that is the client's error, one line."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, (RequestPayloadError, HttpProcessingError)):
+            log.info("discarded the unreadable rest of a request body: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(
         self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
