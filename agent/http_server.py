@@ -167,7 +167,7 @@ class GuardedSite(web.TCPSite):
 def shutdown_grace_s(config: ServerConfig) -> float:
     """The part of drain_timeout_s kept for streams to write their last chunk, and again
     for aiohttp to let the handlers return: the drain itself gets the rest."""
-    return min(2.0, config.drain_timeout_s / 4)
+    return min(1.0, config.drain_timeout_s / 8)
 
 
 async def start_server(app: web.Application, config: ServerConfig) -> web.AppRunner:
