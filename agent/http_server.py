@@ -33,6 +33,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .config import ServerConfig
 from .errors import ApiError, error_response, protocol_error
+from .process import raise_open_file_limit, return_large_blocks_to_the_system
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def _header_timed_out(self, request_count: int) -> None:
         self._header_timer = None
+        if self._request_in_progress or self._messages:
+            return  # the bytes were a body arriving before its handler started: not a head
         if self._request_count == request_count and self.transport is not None:
             log.info("closed a connection whose request headers took more than %gs (server.header_timeout_s)",
                      self._header_timeout_s)
@@ -175,6 +178,8 @@ async def start_server(app: web.Application, config: ServerConfig) -> web.AppRun
 
     Shutdown (`runner.cleanup()`) runs the app's on_shutdown drain first; aiohttp then
     waits a short grace for the handlers, which by then are writing their last bytes."""
+    raise_open_file_limit()
+    return_large_blocks_to_the_system()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=shutdown_grace_s(config))
     await runner.setup()
