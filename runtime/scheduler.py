@@ -244,6 +244,8 @@ class ModelScheduler:
             return None, self._stopped_error(job), time.monotonic() - started
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine, never lost
             return None, exc, time.monotonic() - started
+        finally:
+            job._deadline = None  # the limit is on model time: none passes once it is done
         return result, None, time.monotonic() - started
 
     def _stopped_error(self, job: Job[Any]) -> BaseException:
@@ -260,7 +262,7 @@ class ModelScheduler:
         if busy and job.stop_reason is None:  # only whole jobs say how long a job takes
             avg = self._avg_job_s
             self._avg_job_s = busy if avg is None else 0.7 * avg + 0.3 * busy
-        if job.stop_reason is not None or job.cancelled():
+        if job.stop_reason is not None or job._cancel.is_set():
             stats.cancelled += 1
         elif error is not None:
             stats.failed += 1
