@@ -30,11 +30,11 @@ from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
 from . import openai_api, ops_api
-from .kserve import http_api as kserve_api
 from .config import AgentConfig
 from .context import CONFIG, METRICS, MODELS
 from .errors import ApiError, error_response, to_api_error
 from .http_server import shutdown_grace_s
+from .kserve import http_api as kserve_api
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import logging
 import random
 import re
@@ -203,7 +204,7 @@ class GgufBackend(BackendBase):
         cuts = [m.start() for i, m in enumerate(self._special_text.finditer(text))
                 if i and i % SPECIALS_PER_PIECE == 0]
         bounds = [0, *cuts, len(text)]
-        return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
     def _tokenize(self, text: str, add_bos: bool, max_tokens: int | None, ctx: JobContext) -> list[int]:
         """Tokens of `text` (special tokens parsed), as one llama.cpp call would give them.

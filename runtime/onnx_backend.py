@@ -26,6 +26,7 @@ about 45 MB, for runs about 20% slower on large batches and no slower on small o
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -83,19 +84,21 @@ def _malloc_trim() -> Callable[[int], int] | None:
 MALLOC_TRIM = _malloc_trim()
 
 _ARENA_LOCK = threading.Lock()
-_arena_registered = False
+
+
+@functools.cache
+def _register_shared_cpu_arena(ort: Any) -> None:
+    """Once per process: a CPU arena whose regions are as large as each request."""
+    same_as_requested = 1  # OrtArenaCfg: 0 kNextPowerOfTwo, 1 kSameAsRequested
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
 
 
 def _use_shared_cpu_arena(ort: Any, session_options: Any) -> None:
-    """Make the session allocate from the process's shared CPU arena (registered once),
-    whose regions are as large as each request, so that shrinking it frees them."""
-    global _arena_registered
-    with _ARENA_LOCK:
-        if not _arena_registered:
-            same_as_requested = 1  # OrtArenaCfg: 0 kNextPowerOfTwo, 1 kSameAsRequested
-            memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
-            _arena_registered = True
+    """Make the session allocate from the process's shared CPU arena, so that shrinking
+    it after a large run frees what that run took."""
+    with _ARENA_LOCK:  # functools.cache does not stop two threads from both registering
+        _register_shared_cpu_arena(ort)
     session_options.add_session_config_entry("session.use_env_allocators", "1")
 
 
@@ -229,14 +232,14 @@ class OnnxBackend(BackendBase):
             feeds = {k: v[start:start + per_batch] for k, v in inputs.items()} if batchable else inputs
             size = len(next(iter(feeds.values()))) if batchable else rows
             try:
-                results = self._run(names, feeds, size * self._working_set.row_bytes(tokens, elements))
+                outs = self._run(names, feeds, size * self._working_set.row_bytes(tokens, elements))
             except Exception as exc:  # values the declared shapes allow but the graph refuses
                 raise InvalidInputError(f"onnxruntime refused the inputs: {_first_line(exc)}") from exc
             if not parts and batchable and size < rows:  # the whole answer must fit too
-                projected = sum(r.nbytes for r in results) * rows / max(size, 1)
+                projected = sum(r.nbytes for r in outs) * rows / max(size, 1)
                 if projected > budget:
                     raise WorkingSetTooLargeError(projected / MB, budget / MB, "the outputs")
-            parts.append(results)
+            parts.append(outs)
             if not batchable:
                 break
         if len(parts) == 1:

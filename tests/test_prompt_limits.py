@@ -96,8 +96,9 @@ async def test_a_client_that_leaves_during_a_long_prompt_frees_the_model_quickly
 async def test_the_model_time_limit_ends_generation_and_refuses_big_embeddings(make_agent, state_dir):
     from dataclasses import replace
 
-    from agent.config import LimitsConfig
     from conftest import demo_config, start_agent
+
+    from agent.config import LimitsConfig
 
     config = demo_config(state_dir)
     config = replace(config, limits=LimitsConfig(max_model_time_s=1.0))
