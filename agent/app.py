@@ -3,13 +3,16 @@
 `create_app` builds the whole HTTP side from one AgentConfig. Each long-lived
 resource is one cleanup context (start before ``yield``, stop after), so
 shutdown happens in reverse start-up order: the server stops taking requests,
-admitted requests finish, then models unload. Shutdown keeps to
-``server.drain_timeout_s`` from the moment it starts (`_drain`, on_shutdown):
-queued requests are answered 503 at once, running ones may finish until the
-deadline and are then stopped (a stream ends with finish_reason "shutdown" and
-``[DONE]``), and aiohttp only waits a short grace for the handlers after that. Models load in a background task
+admitted requests finish, then models unload. Models load in a background task
 owned by the registry's context, so the port answers /healthz at once and
 /readyz turns 200 when the models are in.
+
+Shutdown keeps to ``server.drain_timeout_s`` from the moment it starts (`_drain`,
+on_shutdown): queued requests are answered 503 at once; running ones may go on
+until the drain deadline less three graces and are then stopped (a stream ends
+with finish_reason "shutdown" and ``[DONE]``); the handlers get two graces to
+write their last bytes (`InFlight` counts them); aiohttp waits the last grace
+before it cancels what is left.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -41,6 +45,16 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 LOADER = web.AppKey("loader", asyncio.Task)
+
+
+@dataclass
+class InFlight:
+    """HTTP requests whose handlers have not returned: what shutdown waits for."""
+
+    count: int = 0
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -82,6 +96,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
     route = _route_label(request)
     started = time.perf_counter()
     status = 500
+    in_flight = request.app[IN_FLIGHT]
+    in_flight.count += 1
     try:
         response = await handler(request)
         status = response.status
@@ -90,6 +106,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = 499  # client closed the connection (nginx's convention)
         raise
     finally:
+        in_flight.count -= 1
         metrics.requests.labels(route, request.method, str(status)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - started)
 
@@ -125,10 +142,14 @@ async def _drain(app: web.Application) -> None:
     handlers. Queued requests get 503 now; running ones are stopped at the deadline."""
     config = app[CONFIG].server
     grace = shutdown_grace_s(config)
-    deadline = time.monotonic() + config.drain_timeout_s - 2 * grace
-    log.info("draining: up to %.1fs for running requests", max(0.0, deadline - time.monotonic()))
+    started = time.monotonic()
+    handlers_by = started + config.drain_timeout_s - grace  # aiohttp's own wait takes the last grace
+    jobs_by = handlers_by - 2 * grace
+    log.info("draining: up to %.1fs for running requests", max(0.0, jobs_by - started))
     if MODELS in app:
-        await app[MODELS].begin_shutdown(deadline, grace)
+        await app[MODELS].begin_shutdown(jobs_by, grace)
+    while app[IN_FLIGHT].count and time.monotonic() < handlers_by:
+        await asyncio.sleep(0.01)
 
 
 async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
@@ -153,6 +174,7 @@ def create_app(config: AgentConfig) -> web.Application:
     )
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[IN_FLIGHT] = InFlight()
     app.cleanup_ctx.append(_registry_ctx)
     app.on_shutdown.append(_drain)
     openai_api.setup(app)

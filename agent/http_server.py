@@ -168,8 +168,8 @@ class GuardedSite(web.TCPSite):
 
 
 def shutdown_grace_s(config: ServerConfig) -> float:
-    """The part of drain_timeout_s kept for streams to write their last chunk, and again
-    for aiohttp to let the handlers return: the drain itself gets the rest."""
+    """A slice of drain_timeout_s; shutdown keeps three (agent/app.py `_drain`): two for
+    stopped requests' handlers to write their last bytes, one for aiohttp's own wait."""
     return min(1.0, config.drain_timeout_s / 8)
 
 
