@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from runtime.backend import Capability, GenerationResult, TextDelta
+from runtime.errors import ShuttingDownError
 from runtime.registry import ServedModel
 from runtime.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
 
@@ -188,11 +189,16 @@ async def _stream(
                 await sse.send(chunk("", role=True))
             for piece in pending:
                 await sse.send(chunk(piece))
-            async for piece in texts:
-                await sse.send(chunk(piece))
-            result = job.future.result()
-            await sse.send(chunk(None if chat else "", finish_reason=_finish_reason(job, result)))
-            if parsed.include_usage:
+            result: GenerationResult | None = None
+            try:
+                async for piece in texts:
+                    await sse.send(chunk(piece))
+                result = job.future.result()
+                finish = _finish_reason(job, result)
+            except ShuttingDownError:  # the model did not stop by the deadline: end the stream anyway
+                finish = "shutdown"
+            await sse.send(chunk(None if chat else "", finish_reason=finish))
+            if parsed.include_usage and result is not None:
                 await sse.send(dumps({**header, "choices": [], "usage": _usage(result)}))
             await sse.send("[DONE]")
     except ConnectionError:

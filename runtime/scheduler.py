@@ -273,8 +273,8 @@ class ModelScheduler:
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new work, let admitted work finish (up to the timeout), stop the thread."""
         self._closing = True
-        deadline = time.monotonic() + drain_timeout_s
-        while self.depth and time.monotonic() < deadline:
+        deadline = time.monotonic() + (0.0 if self._shutdown_at is not None else drain_timeout_s)
+        while self.depth and time.monotonic() < deadline:  # after `shutdown`, no second drain
             await asyncio.sleep(0.05)
         with self._cv:
             for job in self._pending:
@@ -308,3 +308,11 @@ class ModelScheduler:
         stop_by = time.monotonic() + grace_s  # backends check between tokens, chunks, batches
         while self.depth and time.monotonic() < stop_by:
             await asyncio.sleep(0.01)
+        with self._cv:
+            running = self._running
+        if running is not None and not running.future.done():
+            # A native call longer than the grace (one token can take seconds on a CPU that
+            # other processes keep busy): answer its client now; the thread ends with the call.
+            log.warning("model %s: a request did not stop within %.1fs; answering its client without it",
+                        self.name, grace_s)
+            running._finish(error=ShuttingDownError(self.name, self.shutdown_retry_after_s()))
