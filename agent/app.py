@@ -6,6 +6,15 @@ shutdown happens in reverse start-up order: the server stops taking requests,
 admitted requests finish, then models unload. Models load in a background task
 owned by the registry's context, so the port answers /healthz at once and
 /readyz turns 200 when the models are in.
+
+Shutdown keeps to ``server.drain_timeout_s`` from the moment it starts (`drain`:
+called by the service on SIGTERM while the port still answers, and again by
+aiohttp's on_shutdown, where it finds the work done): new API requests get 503
+``shutting_down``; admitted requests, queued or running, may finish until the
+drain deadline less three graces; then queued ones get 503 and running ones are
+stopped (a stream ends with finish_reason "shutdown" and ``[DONE]``); the
+handlers get two graces to write their last bytes (`LiveState.in_flight` counts
+them); aiohttp waits the last grace before it cancels what is left.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from runtime.backend import ModelLimits
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
 from runtime.errors import BundleError, RuntimeLayerError
@@ -28,7 +38,8 @@ from security.api_keys import api_key_matches
 from . import openai_api, ops_api
 from .config import AgentConfig
 from .context import CONFIG, LIVE, METRICS, MODELS, LiveState
-from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error
+from .errors import ApiError, error_response, to_api_error
+from .http_server import shutdown_grace_s
 from .kserve import http_api as kserve_api
 from .metrics import Metrics
 
@@ -36,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 LOADER = web.AppKey("loader", asyncio.Task)
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,10 +68,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         err = to_api_error(exc)
         if err.status >= 500 and not isinstance(exc, (ApiError, RuntimeLayerError)):
             log.exception("unhandled error on %s %s", request.method, request.path)
-        elif err.status >= 500:
+        elif err.status >= 500 and err.status != 503:
             log.error("%s %s: %s", request.method, request.path, err.message)
-        render = kserve_error_response if request.path.startswith("/v2") else openai_error_response
-        return render(err)
+        return error_response(request.path, err)
 
 
 @web.middleware
@@ -119,7 +130,8 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     cpu_repack = None if config.runtime.cpu_repack == "auto" else bool(config.runtime.cpu_repack)
     machine = MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack)
-    models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s)
+    models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s,
+                           limits_for=lambda name: model_limits(app[LIVE].config, name))
     app[MODELS] = models
     app[METRICS].watch(models)
     app[LOADER] = asyncio.create_task(_load_configured(config, models), name="load-models")
@@ -127,6 +139,40 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LOADER].cancel()
     await asyncio.gather(app[LOADER], return_exceptions=True)
     await models.close()
+
+
+def model_limits(config: AgentConfig, name: str) -> ModelLimits:
+    """What one request may use of model `name`, from the config."""
+    limits = config.limits
+    return ModelLimits(
+        memory_budget_bytes=config.model_budget_mb(name) << 20,
+        max_model_time_s=limits.max_model_time_s,
+        max_messages=limits.max_messages,
+        max_prompt_chars=limits.max_prompt_chars,
+    )
+
+
+async def drain(app: web.Application) -> None:
+    """Stop taking API requests and let admitted ones finish within server.drain_timeout_s,
+    counted from the first call; what is left at the deadline is stopped (see the module's
+    docstring). Safe to call again: a later call keeps the first call's deadline."""
+    live = app[LIVE]
+    live.draining = True
+    if live.drain_started is None:
+        live.drain_started = time.monotonic()
+    config = live.config.server
+    grace = shutdown_grace_s(config)
+    handlers_by = live.drain_started + config.drain_timeout_s - grace  # aiohttp's own wait takes the last grace
+    jobs_by = handlers_by - 2 * grace
+    if live.in_flight:
+        log.info("draining: up to %.1fs for %d admitted request(s)", max(0.0, jobs_by - time.monotonic()),
+                 live.in_flight, extra={"in_flight": live.in_flight})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.idle.wait(), max(0.0, jobs_by - time.monotonic()))
+    if MODELS in app:  # queued requests get 503 now, running ones are stopped now
+        await app[MODELS].begin_shutdown(time.monotonic(), grace)
+    while live.in_flight and time.monotonic() < handlers_by:
+        await asyncio.sleep(0.01)
 
 
 async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
@@ -187,6 +233,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app[LIVE].idle.set()
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
+    app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)
     ops_api.setup(app)

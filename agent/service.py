@@ -12,9 +12,10 @@ watchdog task, reload tasks and the signal handlers. What it tells systemd:
   restarts the agent;
 - ``RELOADING=1`` … ``READY=1`` around a SIGHUP reload, ``STOPPING=1`` on SIGTERM.
 
-SIGTERM drains: the port stays open, new API requests get a 503 in the API's
-error JSON, admitted requests (streams included) finish within
-``server.drain_timeout_s``, then the server closes and models unload.
+SIGTERM drains (agent/app.py `drain`): the port stays open, new API requests get
+a 503 in the API's error JSON, admitted requests (streams included) finish within
+``server.drain_timeout_s`` or are stopped at its end, then the server closes and
+models unload.
 SIGHUP re-reads the config: a broken one is refused with one log line and the
 running config keeps serving; a good one applies what can change live (API key,
 log level, limits, models added, removed or changed) and logs what needs a restart.
@@ -38,9 +39,10 @@ from runtime.backend import Capability, ChatMessage, GenerationRequest
 from runtime.registry import ModelRegistry, ModelState, ServedModel
 
 from . import __version__
-from .app import create_app, reconcile_models, wait_until_loaded
+from .app import create_app, drain, reconcile_models, wait_until_loaded
 from .config import AgentConfig
 from .context import LIVE, MODELS
+from .http_server import start_server
 from .logs import setup_logging
 from .sdnotify import Notifier, watchdog_interval_s
 
@@ -125,13 +127,9 @@ class Service:
     async def run(self) -> None:
         config = self.config
         self._status("starting")
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port)
         try:
-            await site.start()
+            runner = await start_server(self.app, config.server)
         except OSError as exc:
-            await runner.cleanup()
             raise ServeError(f"cannot listen on {config.server.host}:{config.server.port}: "
                              f"{exc.strerror}") from None
         log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host, config.server.port,
@@ -228,16 +226,10 @@ class Service:
 
     async def _shutdown(self, runner: web.AppRunner) -> None:
         live = self.app[LIVE]
-        live.draining = True
-        deadline_s = live.config.server.drain_timeout_s
         log.info("shutting down: finishing %d admitted request(s) (up to %.0fs); new ones get 503",
-                 live.in_flight, deadline_s, extra={"in_flight": live.in_flight})
+                 live.in_flight, live.config.server.drain_timeout_s, extra={"in_flight": live.in_flight})
         self.notifier.send(STOPPING=1, STATUS=f"draining {live.in_flight} request(s)")
-        try:
-            await asyncio.wait_for(live.idle.wait(), deadline_s)
-        except TimeoutError:
-            log.warning("drain deadline reached; cancelling %d request(s)", live.in_flight,
-                        extra={"in_flight": live.in_flight})
+        await drain(self.app)  # the port still answers meanwhile: new clients get a 503, not a refusal
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
