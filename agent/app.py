@@ -6,6 +6,15 @@ shutdown happens in reverse start-up order: the server stops taking requests,
 admitted requests finish, then models unload. Models load in a background task
 owned by the registry's context, so the port answers /healthz at once and
 /readyz turns 200 when the models are in.
+
+Shutdown keeps to ``server.drain_timeout_s`` from the moment it starts (`drain`:
+called by the service on SIGTERM while the port still answers, and again by
+aiohttp's on_shutdown, where it finds the work done): new API requests get 503
+``shutting_down``; admitted requests, queued or running, may finish until the
+drain deadline less three graces; then queued ones get 503 and running ones are
+stopped (a stream ends with finish_reason "shutdown" and ``[DONE]``); the
+handlers get two graces to write their last bytes (`LiveState.in_flight` counts
+them); aiohttp waits the last grace before it cancels what is left.
 """
 
 from __future__ import annotations
@@ -15,9 +24,11 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from runtime.backend import ModelLimits
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
 from runtime.errors import BundleError, RuntimeLayerError
@@ -26,9 +37,10 @@ from security.api_keys import api_key_matches
 
 from . import openai_api, ops_api
 from .config import AgentConfig
-from .context import CONFIG, METRICS, MODELS
-from .errors import ApiError, kserve_error_response, openai_error_response, to_api_error
+from .context import CONFIG, LIVE, METRICS, MODELS, LiveState
+from .errors import ApiError, error_response, to_api_error
 from .fleet_link import mqtt_ctx
+from .http_server import shutdown_grace_s
 from .kserve import http_api as kserve_api
 from .metrics import Metrics
 
@@ -36,6 +48,7 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 LOADER = web.AppKey("loader", asyncio.Task)
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,15 +69,39 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         err = to_api_error(exc)
         if err.status >= 500 and not isinstance(exc, (ApiError, RuntimeLayerError)):
             log.exception("unhandled error on %s %s", request.method, request.path)
-        elif err.status >= 500:
+        elif err.status >= 500 and err.status != 503:
             log.error("%s %s: %s", request.method, request.path, err.message)
-        render = kserve_error_response if request.path.startswith("/v2") else openai_error_response
-        return render(err)
+        return error_response(request.path, err)
+
+
+@web.middleware
+async def drain_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count requests in flight, and refuse new ones once shutdown has begun.
+
+    On SIGTERM the port stays open while admitted requests finish, so a client
+    that arrives then gets a 503 in the API's error JSON (and Connection: close)
+    rather than a refused connection it cannot tell from a crash.
+    """
+    live = request.app[LIVE]
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    if live.draining:
+        raise ApiError(503, "The agent is shutting down and takes no new requests; retry shortly",
+                       type="unavailable_error", code="shutting_down",
+                       headers={"Retry-After": "5", "Connection": "close"})
+    live.in_flight += 1
+    live.idle.clear()
+    try:
+        return await handler(request)
+    finally:
+        live.in_flight -= 1
+        if live.in_flight == 0:
+            live.idle.set()
 
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    api_key = request.app[CONFIG].server.api_key
+    api_key = request.app[LIVE].config.server.api_key
     if (api_key and request.path not in PUBLIC_PATHS
             and not api_key_matches(api_key, request.headers.get("Authorization"))):
         raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
@@ -94,7 +131,8 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     cpu_repack = None if config.runtime.cpu_repack == "auto" else bool(config.runtime.cpu_repack)
     machine = MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack)
-    models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s)
+    models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s,
+                           limits_for=lambda name: model_limits(app[LIVE].config, name))
     app[MODELS] = models
     app[METRICS].watch(models)
     app[LOADER] = asyncio.create_task(_load_configured(config, models), name="load-models")
@@ -104,30 +142,100 @@ async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     await models.close()
 
 
+def model_limits(config: AgentConfig, name: str) -> ModelLimits:
+    """What one request may use of model `name`, from the config."""
+    limits = config.limits
+    return ModelLimits(
+        memory_budget_bytes=config.model_budget_mb(name) << 20,
+        max_model_time_s=limits.max_model_time_s,
+        max_messages=limits.max_messages,
+        max_prompt_chars=limits.max_prompt_chars,
+    )
+
+
+async def drain(app: web.Application) -> None:
+    """Stop taking API requests and let admitted ones finish within server.drain_timeout_s,
+    counted from the first call; what is left at the deadline is stopped (see the module's
+    docstring). Safe to call again: a later call keeps the first call's deadline."""
+    live = app[LIVE]
+    live.draining = True
+    if live.drain_started is None:
+        live.drain_started = time.monotonic()
+    config = live.config.server
+    grace = shutdown_grace_s(config)
+    handlers_by = live.drain_started + config.drain_timeout_s - grace  # aiohttp's own wait takes the last grace
+    jobs_by = handlers_by - 2 * grace
+    if live.in_flight:
+        log.info("draining: up to %.1fs for %d admitted request(s)", max(0.0, jobs_by - time.monotonic()),
+                 live.in_flight, extra={"in_flight": live.in_flight})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.idle.wait(), max(0.0, jobs_by - time.monotonic()))
+    if MODELS in app:  # queued requests get 503 now, running ones are stopped now
+        await app[MODELS].begin_shutdown(time.monotonic(), grace)
+    while live.in_flight and time.monotonic() < handlers_by:
+        await asyncio.sleep(0.01)
+
+
 async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
+    await reconcile_models(config, models)
+
+
+@dataclass
+class ModelChanges:
+    """What `reconcile_models` did, for the log of a reload."""
+
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {', '.join(self.loaded)}"] if self.loaded else []
+        parts += [f"unloaded {', '.join(self.unloaded)}"] if self.unloaded else []
+        return "; ".join(parts) or "unchanged"
+
+
+async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelChanges:
+    """Make the registry serve what `config` lists: load new or changed bundles (hot swap),
+    unload names no longer listed. Failures are logged and shown in /readyz, not raised."""
+    changes = ModelChanges()
+    wanted = {entry.name for entry in config.models}
+    for status in models.statuses():
+        if status.name not in wanted:
+            with contextlib.suppress(RuntimeLayerError):
+                await models.unload(status.name)
+            changes.unloaded.append(status.name)
+    serving = {served.name: served for served in models.serving()}
     for entry in config.models:
         path = config.bundle_path(entry)
         try:
             bundle = read_bundle(path, name=entry.name)
         except BundleError as exc:
-            log.error("model %s: %s", entry.name, exc)
-            models.record_failure(entry.name, str(path), str(exc))
+            log.error("model %s: %s", entry.name, exc, extra={"model": entry.name})
+            if entry.name not in serving:
+                models.record_failure(entry.name, str(path), str(exc))
+            continue
+        current = serving.get(entry.name)
+        if current is not None and current.version == bundle.version and current.bundle.path == bundle.path:
             continue
         with contextlib.suppress(RuntimeLayerError):  # the registry logged it and shows it as failed
             await models.load(bundle)
+            changes.loaded.append(entry.name)
     statuses = models.statuses()
     log.info("models: %s", ", ".join(f"{s.name}={s.state.value}" for s in statuses) or "none")
+    return changes
 
 
 def create_app(config: AgentConfig) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, drain_middleware, auth_middleware],
     )
     app[CONFIG] = config
+    app[LIVE] = LiveState(config)
+    app[LIVE].idle.set()
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
+    app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)
     ops_api.setup(app)

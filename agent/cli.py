@@ -7,19 +7,14 @@ on stderr and exit non-zero; they never show a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from aiohttp import web
 
 from runtime.bundle import read_bundle
 from runtime.errors import RuntimeLayerError
@@ -27,6 +22,7 @@ from runtime.errors import RuntimeLayerError
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
 from .demo import DEMO_MODELS, build_demo_bundles
+from .logs import setup_logging
 
 log = logging.getLogger("edgefleet")
 
@@ -67,12 +63,28 @@ def _parser() -> argparse.ArgumentParser:
     build = demo_commands.add_parser("build", help="build the demo bundles into the state dir")
     build.add_argument("--config", type=Path, help="TOML config (for state_dir)")
     build.add_argument("--state-dir", help="where to put them (overrides the config)")
+
+    doctor = commands.add_parser("doctor", help="check this machine and the config; say what to fix")
+    doctor.add_argument("--config", type=Path, help="TOML config (default as for serve)")
+    doctor.add_argument("--state-dir", help="where models and state live (overrides the config)")
     return parser
 
 
+def config_path(explicit: Path | None) -> Path | None:
+    """--config, else $EDGEFLEET_CONFIG, else $CONFIGURATION_DIRECTORY/agent.toml (systemd's
+    ConfigurationDirectory=), else /etc/edgefleet/agent.toml if it exists, else defaults only."""
+    if explicit:
+        return explicit
+    if os.environ.get("EDGEFLEET_CONFIG"):
+        return Path(os.environ["EDGEFLEET_CONFIG"])
+    for directory in filter(None, os.environ.get("CONFIGURATION_DIRECTORY", "").split(":")):
+        if (Path(directory) / "agent.toml").is_file():
+            return Path(directory) / "agent.toml"
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
 def _load(args: argparse.Namespace) -> AgentConfig:
-    path = args.config or (Path(os.environ["EDGEFLEET_CONFIG"]) if os.environ.get("EDGEFLEET_CONFIG")
-                           else DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None)
+    path = config_path(args.config)
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -93,49 +105,6 @@ def _load(args: argparse.Namespace) -> AgentConfig:
         extra = [ModelEntry(name=d.name) for d in DEMO_MODELS if d.name not in known]
         config = config.with_overrides(models=[*config.models, *extra])
     return config
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-async def _serve(config: AgentConfig) -> None:
-    from .app import create_app, wait_until_loaded
-
-    app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port,
-                       shutdown_timeout=config.server.drain_timeout_s)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}") from None
-    log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host,
-             config.server.port)
-    if not config.server.api_key and not _is_loopback(config.server.host):
-        log.warning("listening on %s without an API key: anyone who can reach this port can "
-                    "use the models (set server.api_key)", config.server.host)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.create_task(wait_until_loaded(app))
-
-    def announce(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is None:
-            log.info("ready")
-
-    waiter.add_done_callback(announce)
-    await stop.wait()
-    log.info("shutting down: finishing admitted requests")
-    waiter.cancel()
-    await runner.cleanup()
-    log.info("stopped")
 
 
 def _list_models(config: AgentConfig, as_json: bool) -> int:
@@ -173,15 +142,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             for bundle in build_demo_bundles(Path(config.state_dir) / "models"):
                 print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
             return 0
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(lambda: _load(args))
         config = _load(args)
-        logging.basicConfig(
-            level=config.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        setup_logging(config.log_level)
         if args.command == "models":
             return _list_models(config, args.json)
-        asyncio.run(_serve(config))
+        from .service import ConfigRefused, ServeError, serve
+
+        def reload_config() -> AgentConfig:
+            try:
+                return _load(args)
+            except CliError as exc:
+                raise ConfigRefused(str(exc)) from None
+
+        try:
+            serve(config, reload_config)
+        except ServeError as exc:
+            raise CliError(str(exc)) from None
         return 0
     except CliError as exc:
         print(f"edgefleet: {exc}", file=sys.stderr)

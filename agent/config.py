@@ -32,6 +32,10 @@ class ConfigError(Exception):
 
 
 def default_state_dir() -> str:
+    """$STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/edgefleet as root, else
+    the user's data directory."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
     if os.geteuid() == 0:
         return "/var/lib/edgefleet"
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
@@ -47,12 +51,29 @@ class ServerConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     #: How long shutdown and model swaps wait for admitted requests.
     drain_timeout_s: float = 30.0
+    #: An idle keep-alive connection (or one that never sends a byte) is closed after this.
+    keepalive_timeout_s: float = 15.0
+    #: A request's line and headers must arrive within this long of their first byte.
+    header_timeout_s: float = 10.0
+    #: A request's body must arrive within this long of its headers (408 past it).
+    body_timeout_s: float = 60.0
+    #: Open connections at most; more are answered 503 and closed at once.
+    max_connections: int = 256
+    #: Longest request line and longest header line, in bytes (431 past it).
+    max_header_bytes: int = 8190
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
+        for name in ("drain_timeout_s", "keepalive_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if not 1024 <= self.max_header_bytes <= 1 << 20:
+            raise ValueError("max_header_bytes must be 1024..1048576")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("api_key must have at least 8 characters (or be left unset)")
 
@@ -68,15 +89,55 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Per-request limits, checked before any expensive work (docs/configuration.md)."""
+
+    #: Messages in one chat request.
+    max_messages: int = 2048
+    #: Characters in one prompt (all messages together, or the completion prompt).
+    max_prompt_chars: int = 262_144
+    #: Strings in one embeddings request.
+    max_embedding_inputs: int = 2048
+    #: Seconds of model time one request may use; generation stops with finish_reason
+    #: "length" past it, other work gets a 400 model_time_exceeded.
+    max_model_time_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_messages", "max_prompt_chars", "max_embedding_inputs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not self.max_model_time_s > 0:
+            raise ValueError("max_model_time_s must be more than 0")
+
+
+def default_memory_budget_mb() -> int:
+    """An eighth of the machine's memory, between 256 MB and 2 GB."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError):
+        total = 4096
+    return int(min(2048, max(256, total // 8)))
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     #: Threads per model; 0 sizes them to the machine's cores.
     threads: int = 0
     #: llama.cpp CPU weight repacking: "auto" turns it off on AMX CPUs only.
     cpu_repack: bool | Literal["auto"] = "auto"
+    #: Working memory for requests, in MB, shared by the models (0: an eighth of the
+    #: machine's memory, 256 MB to 2 GB). Each model gets an equal share unless its
+    #: [[models]] entry sets memory_budget_mb.
+    memory_budget_mb: int = 0
 
     def __post_init__(self) -> None:
         if self.threads < 0:
             raise ValueError("threads must be 0 (auto) or more")
+        if self.memory_budget_mb < 0:
+            raise ValueError("memory_budget_mb must be 0 (auto) or more")
+
+    def budget_mb(self) -> int:
+        return self.memory_budget_mb or default_memory_budget_mb()
 
 
 @dataclass(frozen=True)
@@ -84,10 +145,15 @@ class ModelEntry:
     name: str
     #: Bundle directory; default ``<state_dir>/models/<name>/current``.
     path: str | None = None
+    #: Working memory one request may use on this model, in MB (0: an equal share of
+    #: runtime.memory_budget_mb).
+    memory_budget_mb: int = 0
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
             raise ValueError(f"invalid model name {self.name!r}")
+        if self.memory_budget_mb < 0:
+            raise ValueError("memory_budget_mb must be 0 (its share) or more")
 
 
 @dataclass(frozen=True)
@@ -96,6 +162,7 @@ class AgentConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     server: ServerConfig = field(default_factory=ServerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     models: list[ModelEntry] = field(default_factory=list)
     #: ``[mqtt]``: the broker link (sync/mqtt/settings.py); off while ``mqtt.host`` is unset.
@@ -112,6 +179,14 @@ class AgentConfig:
             path = Path(entry.path)
             return path if path.is_absolute() else Path(self.state_dir) / "models" / path
         return Path(self.state_dir) / "models" / entry.name / "current"
+
+    def model_budget_mb(self, name: str) -> int:
+        """Working memory one request may use on model `name`."""
+        entry = next((m for m in self.models if m.name == name), None)
+        if entry is not None and entry.memory_budget_mb:
+            return entry.memory_budget_mb
+        shared = max(1, sum(1 for m in self.models if not m.memory_budget_mb))
+        return max(64, self.runtime.budget_mb() // shared)
 
     def with_overrides(self, **changes: Any) -> AgentConfig:
         return dataclasses.replace(self, **changes)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from runtime import errors as rt
 
@@ -27,9 +28,30 @@ class ApiError(Exception):
     param: str | None = None
     code: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: Close the connection after this response (the request's bytes cannot be trusted).
+    close: bool = False
 
     def __str__(self) -> str:
         return self.message
+
+
+def protocol_error(exc: http_exceptions.HttpProcessingError) -> ApiError:
+    """An error aiohttp's HTTP parser raised, in our words: the message is chosen by the
+    error's class and never quotes the request (aiohttp's own messages echo its bytes)."""
+    if isinstance(exc, http_exceptions.LineTooLong):
+        return ApiError(431, "The request line or a header is too long", code="request_header_too_large",
+                        close=True)
+    if isinstance(exc, http_exceptions.BadHttpMethod):
+        return ApiError(400, "The request method is not a valid HTTP method", close=True)
+    if isinstance(exc, http_exceptions.TransferEncodingError):
+        return ApiError(400, "The request body's chunked transfer encoding is malformed", close=True)
+    if isinstance(exc, http_exceptions.ContentEncodingError):
+        return ApiError(415, "The request body cannot be decoded: its Content-Encoding is not supported "
+                        "(use gzip, deflate or none) or the body is not valid for it",
+                        code="unsupported_content_encoding", close=True)
+    if isinstance(exc, http_exceptions.PayloadEncodingError):
+        return ApiError(400, "The request body is not valid for its encoding", close=True)
+    return ApiError(400, "The request is not valid HTTP", close=True)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -57,10 +79,16 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, rt.ShuttingDownError):
         return ApiError(
             503, str(exc), type="unavailable_error", code="shutting_down",
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": str(int(max(1, exc.retry_after_s)))}, close=True,
         )
     if isinstance(exc, rt.ContextLengthExceededError):
         return ApiError(400, str(exc), param=exc.param, code="context_length_exceeded")
+    if isinstance(exc, rt.PromptTooLargeError):
+        return ApiError(400, str(exc), param=exc.param, code="prompt_too_large")
+    if isinstance(exc, rt.ModelTimeExceededError):
+        return ApiError(400, str(exc), code="model_time_exceeded")
+    if isinstance(exc, rt.WorkingSetTooLargeError):
+        return ApiError(413, str(exc), code="working_set_too_large")
     if isinstance(exc, rt.InvalidInputError):
         return ApiError(400, str(exc), param=exc.param)
     if isinstance(exc, rt.UnsupportedOperationError):
@@ -70,17 +98,36 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, rt.RuntimeLayerError):
         return ApiError(500, str(exc), type="server_error")
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return ApiError(413, "Request body too large", code="request_too_large")
+        return ApiError(413, "Request body too large", code="request_too_large", close=True)
     if isinstance(exc, web.HTTPException):
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
         return ApiError(exc.status, exc.reason, type="invalid_request_error"
-                        if exc.status < 500 else "server_error")
+                        if exc.status < 500 else "server_error", headers=allow)
+    if isinstance(exc, http_exceptions.HttpProcessingError):
+        return protocol_error(exc)
+    if isinstance(exc, RequestPayloadError):  # raised by request.read(), the cause says why
+        cause = exc.__cause__
+        if isinstance(cause, http_exceptions.HttpProcessingError):
+            return protocol_error(cause)
+        return ApiError(400, "The request body could not be read", close=True)
     return ApiError(500, "Internal server error; see the agent's log", type="server_error")
 
 
 def openai_error_response(err: ApiError) -> web.Response:
     body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-    return json_response(body, status=err.status, headers=err.headers)
+    return _closing(json_response(body, status=err.status, headers=err.headers), err)
 
 
 def kserve_error_response(err: ApiError) -> web.Response:
-    return json_response({"error": err.message}, status=err.status, headers=err.headers)
+    return _closing(json_response({"error": err.message}, status=err.status, headers=err.headers), err)
+
+
+def error_response(path: str, err: ApiError) -> web.Response:
+    """`err` in the convention of the API that `path` belongs to."""
+    return (kserve_error_response if path.startswith("/v2") else openai_error_response)(err)
+
+
+def _closing(response: web.Response, err: ApiError) -> web.Response:
+    if err.close:
+        response.force_close()
+    return response

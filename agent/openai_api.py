@@ -6,6 +6,10 @@ work unmodified, including SSE streaming with ``data: [DONE]`` and
 until the model has produced its first piece of text (or failed), so errors
 found while preparing the prompt — a context that does not fit — are still
 proper 400s and not a broken stream.
+
+A generation the runtime stopped early says why in `finish_reason`: "length" when
+it reached the per-request model-time limit (as llama.cpp's server does for its
+time limit), "shutdown" when the agent stopped it at the drain deadline.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from runtime.backend import Capability, GenerationResult, TextDelta
+from runtime.errors import ShuttingDownError
 from runtime.registry import ServedModel
-from runtime.scheduler import Job
+from runtime.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
 
-from .context import METRICS, MODELS, read_json
+from .context import CONFIG, METRICS, MODELS, read_json
 from .errors import ApiError, bad_request
 from .jsonio import dumps, json_response
 from .openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
@@ -85,6 +90,13 @@ async def _texts(request: web.Request, served: ServedModel, job: Job[GenerationR
             yield item.text
 
 
+def _finish_reason(job: Job[GenerationResult], result: GenerationResult) -> str:
+    """The result's finish_reason, with a stop by the runtime said as why it stopped."""
+    if result.finish_reason != "cancelled":
+        return result.finish_reason
+    return {STOP_TIME_LIMIT: "length", STOP_SHUTDOWN: "shutdown"}.get(job.stop_reason or "", "cancelled")
+
+
 def _usage(result: GenerationResult) -> dict[str, int]:
     return {
         "prompt_tokens": result.prompt_tokens,
@@ -115,7 +127,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
         result = job.future.result()
     finally:
         job.cancel()  # no-op when finished; stops generation when this handler was cancelled
-    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(job, result), "logprobs": None}
     if chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -177,11 +189,16 @@ async def _stream(
                 await sse.send(chunk("", role=True))
             for piece in pending:
                 await sse.send(chunk(piece))
-            async for piece in texts:
-                await sse.send(chunk(piece))
-            result = job.future.result()
-            await sse.send(chunk(None if chat else "", finish_reason=result.finish_reason))
-            if parsed.include_usage:
+            result: GenerationResult | None = None
+            try:
+                async for piece in texts:
+                    await sse.send(chunk(piece))
+                result = job.future.result()
+                finish = _finish_reason(job, result)
+            except ShuttingDownError:  # the model did not stop by the deadline: end the stream anyway
+                finish = "shutdown"
+            await sse.send(chunk(None if chat else "", finish_reason=finish))
+            if parsed.include_usage and result is not None:
                 await sse.send(dumps({**header, "choices": [], "usage": _usage(result)}))
             await sse.send("[DONE]")
     except ConnectionError:
@@ -191,7 +208,7 @@ async def _stream(
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    parsed = parse_embedding(await read_json(request))
+    parsed = parse_embedding(await read_json(request), request.app[CONFIG].limits.max_embedding_inputs)
     served = _served_for(request, parsed.model, Capability.EMBEDDING)
     dim = served.info.embedding_dim
     if parsed.dimensions is not None and parsed.dimensions != dim:

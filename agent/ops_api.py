@@ -9,8 +9,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from runtime.bundle import read_bundle
 from runtime.registry import ModelStatus
+from security.api_keys import api_key_matches
 
-from .context import CONFIG, METRICS, MODELS
+from .context import LIVE, METRICS, MODELS
 from .errors import ApiError
 from .jsonio import json_response
 
@@ -24,7 +25,9 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/v2/repository/models/{name}/unload", repository_unload)
 
 
-def _status_json(status: ModelStatus) -> dict[str, object]:
+def _status_json(status: ModelStatus, detail: bool = True) -> dict[str, object]:
+    if not detail:  # failure reasons name paths on disk: not for anonymous callers
+        return {"name": status.name, "state": status.state.value}
     return {"name": status.name, "version": status.version, "state": status.state.value,
             "reason": status.error or ""}
 
@@ -35,12 +38,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Every configured model is loaded and serving."""
+    """Every configured model is loaded and serving. Open to all (service managers probe
+    it); with an API key configured, versions and failure reasons need the key."""
     models = request.app[MODELS]
-    ready = models.all_ready()
+    ready = models.all_ready() and not request.app[LIVE].draining
+    api_key = request.app[LIVE].config.server.api_key
+    detail = not api_key or api_key_matches(api_key, request.headers.get("Authorization"))
     return json_response(
         {"status": "ready" if ready else "not ready",
-         "models": [_status_json(s) for s in models.statuses()]},
+         "models": [_status_json(s, detail) for s in models.statuses()]},
         status=200 if ready else 503,
     )
 
@@ -59,7 +65,7 @@ async def repository_index(request: web.Request) -> web.Response:
 
 async def repository_load(request: web.Request) -> web.Response:
     """(Re)load a configured model from its bundle path; swaps atomically if serving."""
-    config = request.app[CONFIG]
+    config = request.app[LIVE].config
     name = request.match_info["name"]
     entry = next((m for m in config.models if m.name == name), None)
     if entry is None:

@@ -139,7 +139,8 @@ def main() -> None:
     tok = backend._llm.tokenize
 
     def chat(system: str, question: str) -> list[int]:
-        text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+        text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+                "<|im_start|>assistant\n")
         return tok(text.encode(), add_bos=False, special=True)
 
     import platform

@@ -30,8 +30,27 @@ class Capability(StrEnum):
     TENSOR = "tensor"
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What one request may use of a model: set per model by the agent's config."""
+
+    #: Working memory for one request (activations, outputs), in bytes.
+    memory_budget_bytes: int = 1 << 30
+    #: Seconds of model time for one request; past it the job's cancel flag is raised.
+    max_model_time_s: float = 120.0
+    #: Messages in one chat, and characters in one prompt: checked before it is queued.
+    max_messages: int = 2048
+    max_prompt_chars: int = 262_144
+
+
 class JobContext(Protocol):
-    """What a running request may do besides returning its result."""
+    """What a running request may do besides returning its result.
+
+    `cancelled` turns true when the client left, the model-time limit passed or the
+    agent is shutting down; work that cannot return a partial result then raises
+    `WorkStopped` and the scheduler reports why."""
+
+    limits: ModelLimits
 
     def cancelled(self) -> bool: ...
 

@@ -62,10 +62,17 @@ class OnnxOptions:
     hidden_state_output: str | None = None
     #: Execution providers to prefer over the automatic choice, e.g. ["CUDAExecutionProvider"].
     providers: list[str] = field(default_factory=list)
+    #: Working-set estimate per row of a run (runtime/working_set.py): bytes per token
+    #: (per value of the row) and per token pair (attention). Defaults measured on
+    #: all-MiniLM-L6-v2 int8, with a margin.
+    bytes_per_token: int = 8192
+    bytes_per_token_pair: int = 320
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
             raise ValueError("max_length must be at least 1")
+        if self.bytes_per_token < 0 or self.bytes_per_token_pair < 0:
+            raise ValueError("bytes_per_token and bytes_per_token_pair must be 0 or more")
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,44 @@ def onnx_available_providers() -> list[str]:
     import onnxruntime
 
     return list(onnxruntime.get_available_providers())
+
+
+#: llama.cpp's compile-time CPU features (as llama_print_system_info names them) and the
+#: /proc/cpuinfo flag each needs; x86 first, then ARM.
+LLAMA_FEATURE_FLAGS: dict[str, str] = {
+    "SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma",
+    "BMI2": "bmi2", "AVX_VNNI": "avx_vnni", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
+    "NEON": "asimd", "DOTPROD": "asimddp", "MATMUL_INT8": "i8mm", "SVE": "sve", "SME": "sme",
+}
+
+
+def missing_cpu_features(llama_system_info: str, cpu: CpuDescription) -> list[str]:
+    """Instruction sets this llama.cpp build was compiled to use that the CPU lacks.
+
+    A wheel built with llama.cpp's default GGML_NATIVE=ON targets the build machine's
+    CPU; copied to an older CPU it dies with SIGILL at the first matrix product. Only
+    features of the CPU's own architecture are compared (an x86 feature list says
+    nothing about an ARM CPU).
+    """
+    if not cpu.flags:
+        return []
+    arm = cpu.arch in ("aarch64", "arm64")
+    arm_features = {"NEON", "DOTPROD", "MATMUL_INT8", "SVE", "SME"}
+    missing = []
+    for part in llama_system_info.replace("\n", "|").split("|"):
+        name, _, value = part.rpartition(":")[2].partition("=")
+        name, value = name.strip(), value.strip()
+        flag = LLAMA_FEATURE_FLAGS.get(name)
+        if value != "1" or flag is None or (name in arm_features) != arm:
+            continue
+        if flag not in cpu.flags:
+            missing.append(name)
+    return missing
+
+
+def llama_system_info() -> str:
+    """llama.cpp's report of its compiled-in CPU features ("AVX2 = 1 | ...")."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode(errors="replace")

@@ -53,11 +53,11 @@ class InvalidInputError(RuntimeLayerError):
 class ContextLengthExceededError(InvalidInputError):
     """Prompt plus requested completion does not fit the model's context window."""
 
-    def __init__(self, n_ctx: int, prompt_tokens: int, max_tokens: int | None) -> None:
-        if max_tokens is None:
+    def __init__(self, n_ctx: int, prompt_tokens: int, max_tokens: int | None, at_least: bool = False) -> None:
+        if max_tokens is None or at_least:
             message = (
                 f"This model's maximum context length is {n_ctx} tokens. "
-                f"However, your prompt is {prompt_tokens} tokens."
+                f"However, your prompt is {'more than ' if at_least else ''}{prompt_tokens} tokens."
             )
         else:
             message = (
@@ -65,7 +65,7 @@ class ContextLengthExceededError(InvalidInputError):
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the prompt or max_tokens."
             )
-        super().__init__(message, param="messages" if max_tokens is None else "max_tokens")
+        super().__init__(message, param="messages" if max_tokens is None or at_least else "max_tokens")
         self.n_ctx = n_ctx
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
@@ -83,11 +83,44 @@ class OverloadedError(RuntimeLayerError):
 
 
 class ShuttingDownError(RuntimeLayerError):
-    """The scheduler is draining and accepts no new work."""
+    """The scheduler is draining and accepts no new work (or dropped this queued request)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(f"The model '{name}' is shutting down")
+    def __init__(self, name: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(f"The model '{name}' is shutting down; retry later")
         self.name = name
+        self.retry_after_s = retry_after_s
+
+
+class WorkStopped(RuntimeLayerError):
+    """Raised by a backend that saw its job's cancel flag during work that cannot return
+    a partial result; the scheduler turns it into the error that says why it stopped."""
+
+
+class ModelTimeExceededError(InvalidInputError):
+    """The request used more model time than a request may (`max_model_time_s`)."""
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(
+            f"This request needed more than {limit_s:g} s of model time, the limit per request; "
+            "send less work per request"
+        )
+        self.limit_s = limit_s
+
+
+class WorkingSetTooLargeError(InvalidInputError):
+    """The request's estimated working memory does not fit the model's memory budget."""
+
+    def __init__(self, needed_mb: float, budget_mb: float, what: str) -> None:
+        super().__init__(
+            f"This request needs about {needed_mb:.0f} MB of working memory for {what}; "
+            f"this model's budget is {budget_mb:.0f} MB. Send smaller inputs"
+        )
+        self.needed_mb = needed_mb
+        self.budget_mb = budget_mb
+
+
+class PromptTooLargeError(InvalidInputError):
+    """A prompt exceeds a limit that is checked before tokenizing (messages, characters)."""
 
 
 class InferenceError(RuntimeLayerError):

@@ -17,14 +17,23 @@ stream, which re-detokenizes the whole completion at every token. That keeps
 the model thread's per-token Python work small, which is what pays for the
 HTTP side on a 2-core machine. The job's cancel flag is checked at every
 token, so a client that hangs up stops the model rather than just the socket.
+
+Long prompts are tokenized in pieces (`_tokenize`), cut just before special-token
+text: llama.cpp's tokenizer with special tokens parsed is quadratic in their
+number within one call, and pieces let the cancel flag and the context size be
+checked as it goes. Cutting there gives exactly the tokens of one call, because
+llama.cpp splits the text at special tokens first and tokenizes the text between
+them separately.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import logging
 import random
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -46,6 +55,7 @@ from .errors import (
     InvalidInputError,
     ModelLoadError,
     UnsupportedOperationError,
+    WorkStopped,
 )
 from .text_stream import TextStream
 
@@ -111,6 +121,10 @@ def _logit_bias_processor(bias: dict[int, float]) -> Any:
 
 
 CPU_PROMPT_CHUNK = 64
+#: Prompts up to this many bytes are tokenized in one call (a few milliseconds at most).
+TOKENIZE_WHOLE_BYTES = 16_384
+#: Special tokens per tokenizer call when a prompt is tokenized in pieces.
+SPECIALS_PER_PIECE = 64
 
 
 def prompt_chunk(options: GgufOptions, placement: LlamaPlacement) -> int:
@@ -157,6 +171,7 @@ class GgufBackend(BackendBase):
         self._canonical = 0
         self._formatter = self._chat_formatter(options.chat_template)
         self._vocab = self._llm._model.vocab
+        self._special_text = self._special_token_pattern(llama_cpp)
         self._token_to_piece = llama_cpp.llama_token_to_piece
         self._piece_buf = ctypes.create_string_buffer(64)
         capabilities = {Capability.COMPLETION}
@@ -168,6 +183,46 @@ class GgufBackend(BackendBase):
             context_length=self._llm.n_ctx(),
             placement=placement.reasons,
         )
+
+    def _special_token_pattern(self, llama_cpp: Any) -> re.Pattern[str] | None:
+        """A regex matching the text of every control / user-defined token, longest first."""
+        flags = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = {
+            self._llm._model.token_get_text(token)
+            for token in range(self._llm.n_vocab())
+            if llama_cpp.llama_vocab_get_attr(self._vocab, token) & flags
+        }
+        texts.discard("")
+        if not texts:
+            return None
+        return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+    def _pieces(self, text: str) -> list[str]:
+        """`text` cut just before every SPECIALS_PER_PIECE-th special-token occurrence."""
+        if self._special_text is None:
+            return [text]
+        cuts = [m.start() for i, m in enumerate(self._special_text.finditer(text))
+                if i and i % SPECIALS_PER_PIECE == 0]
+        bounds = [0, *cuts, len(text)]
+        return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+    def _tokenize(self, text: str, add_bos: bool, max_tokens: int | None, ctx: JobContext) -> list[int]:
+        """Tokens of `text` (special tokens parsed), as one llama.cpp call would give them.
+
+        Long text goes in pieces: between pieces the cancel flag is checked, and once the
+        tokens cannot fit the context the prompt is refused without reading the rest."""
+        data = text.encode("utf-8")
+        if len(data) <= TOKENIZE_WHOLE_BYTES:
+            return self._llm.tokenize(data, add_bos=add_bos, special=True)
+        n_ctx = self._llm.n_ctx()
+        tokens: list[int] = []
+        for i, piece in enumerate(self._pieces(text)):
+            if ctx.cancelled():
+                raise WorkStopped("stopped while tokenizing the prompt")
+            tokens += self._llm.tokenize(piece.encode("utf-8"), add_bos=add_bos and i == 0, special=True)
+            if len(tokens) >= n_ctx:
+                raise ContextLengthExceededError(n_ctx, len(tokens), max_tokens, at_least=True)
+        return tokens
 
     def _chat_formatter(self, override: str | None) -> Any:
         from llama_cpp import llama_chat_format
@@ -184,7 +239,7 @@ class GgufBackend(BackendBase):
             stop_token_ids=[eos_id],
         )
 
-    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+    def _prompt_tokens(self, request: GenerationRequest, ctx: JobContext) -> tuple[list[int], list[str]]:
         """Tokens of the prompt, and extra stop strings from the template.
 
         The template's own stopping criterion only watches for the end-of-sequence
@@ -194,16 +249,14 @@ class GgufBackend(BackendBase):
             result = self._formatter(
                 messages=[{"role": m.role, "content": m.content} for m in request.messages]
             )
-            tokens = self._llm.tokenize(
-                result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
-            )
+            tokens = self._tokenize(result.prompt, not result.added_special, request.max_tokens, ctx)
             stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
             return tokens, stops
         if isinstance(request.prompt, list):
             self._check_token_ids(request.prompt, "prompt")
             return list(request.prompt), []
         # What create_completion does with a text prompt: BOS (if the model uses one), then the text.
-        return self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=True), []
+        return self._tokenize(request.prompt or "", True, request.max_tokens, ctx), []
 
     def _check_token_ids(self, ids: Iterable[int], param: str) -> None:
         n_vocab = self._llm.n_vocab()
@@ -219,7 +272,7 @@ class GgufBackend(BackendBase):
         if request.messages is not None and self._formatter is None:
             raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
         self._check_token_ids(request.logit_bias, "logit_bias")
-        tokens, template_stops = self._prompt_tokens(request)
+        tokens, template_stops = self._prompt_tokens(request, ctx)
         if not tokens:
             raise InvalidInputError("the prompt is empty: there is nothing to continue", param="prompt")
         n_ctx = self._llm.n_ctx()
@@ -237,13 +290,14 @@ class GgufBackend(BackendBase):
             cached = self._prefill(tokens, ctx, repeatable=request.temperature == 0 or request.seed is not None)
         except (RuntimeError, ValueError) as exc:
             raise InferenceError(f"llama.cpp failed on the prompt: {exc}") from exc
-        if cached is None:  # the client left while the prompt was being read
-            return GenerationResult(finish_reason="cancelled", prompt_tokens=len(tokens), completion_tokens=0)
+        if cached is None:  # stopped (client left, time limit, shutdown) while reading the prompt
+            raise WorkStopped("stopped while evaluating the prompt")
 
         text = TextStream(list(request.stop) + template_stops)
         is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._vocab
         generated = 0
         finish_reason = "length"
+        stopped = False
         try:
             # The prompt is in the KV cache and its last logits are fresh: generate from here.
             for token in self._llm.generate(
@@ -256,7 +310,8 @@ class GgufBackend(BackendBase):
                 logits_processor=_logit_bias_processor(request.logit_bias),
                 **LLAMA_SAMPLING_DEFAULTS,
             ):
-                if ctx.cancelled():  # the client left: stop before the next decode
+                if ctx.cancelled():  # client left, time limit, shutdown: stop before the next decode
+                    stopped = True
                     break
                 if is_eog(vocab, token):
                     finish_reason = "stop"
@@ -273,10 +328,10 @@ class GgufBackend(BackendBase):
         except (RuntimeError, ValueError) as exc:
             raise InferenceError(f"llama.cpp failed: {exc}") from exc
         rest = text.flush()
-        if rest and not ctx.cancelled():
+        if rest and not stopped:
             ctx.emit(TextDelta(rest))
-        if ctx.cancelled():
-            finish_reason = "cancelled"
+        if stopped:
+            finish_reason = "cancelled"  # the interface says why, from Job.stop_reason
         return GenerationResult(
             finish_reason=finish_reason, prompt_tokens=len(tokens), completion_tokens=generated,
             cached_tokens=cached,

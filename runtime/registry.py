@@ -18,10 +18,24 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from .backend import Backend, EmbeddingResult, GenerationRequest, GenerationResult, ModelInfo, load_backend
+from .backend import (
+    Backend,
+    EmbeddingResult,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    ModelLimits,
+    load_backend,
+)
 from .bundle import ModelBundle
 from .devices import MachineSettings
-from .errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError, RuntimeLayerError
+from .errors import (
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    PromptTooLargeError,
+    RuntimeLayerError,
+)
 from .scheduler import Job, ModelScheduler
 
 if TYPE_CHECKING:
@@ -79,6 +93,7 @@ class ServedModel:
         """Admit a generation; its text arrives through `Job.stream()` (raises 429-style
         `OverloadedError` at once when the queue is full). Cancel the job when the caller
         leaves."""
+        self._check_prompt_size(request)
         backend = self.backend
         job = self.scheduler.submit(lambda ctx: backend.generate(request, ctx))
         usage = self.usage
@@ -94,6 +109,24 @@ class ServedModel:
 
         job.future.add_done_callback(counted)
         return job
+
+    def _check_prompt_size(self, request: GenerationRequest) -> None:
+        """Refuse what can be refused by counting, before the model tokenizes anything."""
+        limits = self.scheduler.limits
+        if request.messages is not None:
+            if len(request.messages) > limits.max_messages:
+                raise PromptTooLargeError(
+                    f"this chat has {len(request.messages)} messages; the limit is {limits.max_messages}",
+                    param="messages",
+                )
+            chars = sum(len(m.content) for m in request.messages)
+        else:
+            chars = len(request.prompt) if isinstance(request.prompt, str) else 0
+        if chars > limits.max_prompt_chars:
+            raise PromptTooLargeError(
+                f"this prompt has {chars} characters; the limit is {limits.max_prompt_chars}",
+                param="messages" if request.messages is not None else "prompt",
+            )
 
     async def embed(self, texts: list[str], normalize: bool | None = None) -> EmbeddingResult:
         """Embed `texts` (one vector each); if the caller is cancelled the work stops."""
@@ -143,9 +176,14 @@ class ModelRegistry:
     """Loads, serves, swaps and unloads models by name."""
 
     def __init__(
-        self, machine: MachineSettings, max_pending: int = 16, drain_timeout_s: float = 30.0
+        self,
+        machine: MachineSettings,
+        max_pending: int = 16,
+        drain_timeout_s: float = 30.0,
+        limits_for: Callable[[str], ModelLimits] | None = None,
     ) -> None:
         self._machine = machine
+        self._limits_for = limits_for or (lambda name: ModelLimits())
         self._max_pending = max_pending
         self._drain_timeout_s = drain_timeout_s
         self._serving: dict[str, ServedModel] = {}
@@ -166,6 +204,13 @@ class ModelRegistry:
                 callback(name)
             except Exception:  # a watcher's bug must not break a load or swap
                 log.exception("registry watcher failed")
+
+    def set_limits(self, max_pending: int, drain_timeout_s: float) -> None:
+        """Change admission and drain limits live (config reload): serving models and later loads."""
+        self._max_pending = max_pending
+        self._drain_timeout_s = drain_timeout_s
+        for served in self._serving.values():
+            served.scheduler.max_pending = max_pending
 
     def get(self, name: str) -> ServedModel:
         """The version serving `name` now; raises if unknown or not ready."""
@@ -208,7 +253,7 @@ class ModelRegistry:
             served = ServedModel(
                 bundle=bundle,
                 backend=backend,
-                scheduler=ModelScheduler(bundle.name, self._max_pending),
+                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name)),
                 loaded_at=time.time(),
                 usage=self._usage.setdefault(bundle.name, ModelUsage()),
             )
@@ -237,6 +282,11 @@ class ModelRegistry:
             await self._shutdown(served)
             self._status.pop(name, None)
             self._changed(name)
+
+    async def begin_shutdown(self, deadline: float, grace_s: float = 2.0) -> None:
+        """Agent shutdown: every model refuses new and queued work now and stops what still
+        runs at `deadline` (time.monotonic()); returns when nothing runs. `close` then unloads."""
+        await asyncio.gather(*(s.scheduler.shutdown(deadline, grace_s) for s in self._serving.values()))
 
     async def close(self) -> None:
         """Unload everything (agent shutdown)."""

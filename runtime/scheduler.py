@@ -8,6 +8,14 @@ thread pool, onnxruntime's arena) warm. Admission is bounded: past
 than queued into a latency nobody wants. The worker takes one job at a time
 today; continuous batching replaces `_take` and `_execute` without changing
 how requests are submitted or cancelled.
+
+Every job has a reason to stop early besides its client leaving: the model-time
+limit (`ModelLimits.max_model_time_s`, counted from when the model starts on it)
+and agent shutdown (`shutdown`). All three raise the same cancel flag, which the
+backends check between tokens, prompt chunks and micro-batches; `Job.stop_reason`
+says which one it was, so the interface can say why (a finish_reason, a 503).
+Retry-After is the measured time to drain the queue: the running job's expected
+remainder plus the average measured job time for each one waiting.
 """
 
 from __future__ import annotations
@@ -22,13 +30,18 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .backend import JobContext
-from .errors import OverloadedError, ShuttingDownError
+from .backend import JobContext, ModelLimits
+from .errors import ModelTimeExceededError, OverloadedError, ShuttingDownError, WorkStopped
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _DONE = object()
+
+#: Why a job stopped before its work was done (`Job.stop_reason`).
+STOP_CLIENT = "client"
+STOP_TIME_LIMIT = "time_limit"
+STOP_SHUTDOWN = "shutdown"
 
 
 @dataclass
@@ -46,9 +59,15 @@ class SchedulerStats:
 class Job(Generic[T]):
     """One request in a model's queue: its work, its stream of events, its result."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, work: Callable[[JobContext], T]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, work: Callable[[JobContext], T], limits: ModelLimits | None = None
+    ) -> None:
         self._loop = loop
         self._work = work
+        self.limits = limits or ModelLimits()
+        #: None while the job may run on; else STOP_CLIENT, STOP_TIME_LIMIT or STOP_SHUTDOWN.
+        self.stop_reason: str | None = None
+        self._deadline: float | None = None
         self._cancel = threading.Event()
         self._events: collections.deque[Any] = collections.deque()
         self._wakeup: asyncio.Event = asyncio.Event()
@@ -59,7 +78,12 @@ class Job(Generic[T]):
 
     # JobContext, called from the model thread
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        if self._cancel.is_set():
+            return True
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self.stop(STOP_TIME_LIMIT)
+            return True
+        return False
 
     def emit(self, item: Any) -> None:
         # deque.append is atomic; wake the loop only if no wake-up is already on its way,
@@ -73,9 +97,17 @@ class Job(Generic[T]):
         self._wakeup_pending = False
         self._wakeup.set()
 
+    def stop(self, reason: str) -> None:
+        """Ask the work to stop at its next check; the first reason given is kept."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self._cancel.set()
+
     # the coroutine's side
     def cancel(self) -> None:
-        """Ask the work to stop at its next check (the client went away)."""
+        """Ask the work to stop at its next check (the client went away); a no-op once done."""
+        if not self.future.done():
+            self.stop(STOP_CLIENT)
         self._cancel.set()
 
     async def stream(self) -> AsyncIterator[Any]:
@@ -107,15 +139,21 @@ class Job(Generic[T]):
 class ModelScheduler:
     """Queue and worker thread of one loaded model."""
 
-    def __init__(self, name: str, max_pending: int, thread_name: str | None = None) -> None:
+    def __init__(
+        self, name: str, max_pending: int, thread_name: str | None = None, limits: ModelLimits | None = None
+    ) -> None:
         self.name = name
         self.max_pending = max_pending
+        self.limits = limits or ModelLimits()
         self.stats = SchedulerStats()
         self._pending: collections.deque[Job[Any]] = collections.deque()
         self._running: Job[Any] | None = None
         self._cv = threading.Condition()
         self._closing = False
-        self._avg_job_s = 0.5
+        self._shutdown_at: float | None = None
+        #: Average measured time of a finished job (exponential, recent jobs weigh most);
+        #: None until one has finished.
+        self._avg_job_s: float | None = None
         self._thread = threading.Thread(
             target=self._worker, name=thread_name or f"model:{name}", daemon=True
         )
@@ -127,15 +165,36 @@ class ModelScheduler:
         with self._cv:
             return len(self._pending) + (1 if self._running is not None else 0)
 
+    def drain_estimate_s(self) -> float:
+        """Seconds until the jobs admitted now are done, from measured job times: what is
+        left of the running job's expected time, plus one average job for each queued one."""
+        avg = self._avg_job_s if self._avg_job_s is not None else 1.0
+        with self._cv:
+            queued = len(self._pending)
+            running = self._running
+        left = 0.0
+        if running is not None:
+            elapsed = time.monotonic() - (running.started_at or time.monotonic())
+            left = max(avg - elapsed, 0.1 * avg)
+        return left + queued * avg
+
     def retry_after_s(self) -> int:
-        """A Retry-After estimate: the time to drain the current queue, 1 to 60 s."""
-        return int(min(60, max(1, math.ceil(self._avg_job_s * max(1, self.depth)))))
+        """A Retry-After for a refused request: the measured drain time, 1 to 600 s."""
+        if self._shutdown_at is not None:
+            return self.shutdown_retry_after_s()
+        return int(min(600, max(1, math.ceil(self.drain_estimate_s()))))
+
+    def shutdown_retry_after_s(self) -> int:
+        """While shutting down: until the agent has stopped, plus a few seconds for a
+        service manager to start it again."""
+        left = (self._shutdown_at or time.monotonic()) - time.monotonic()
+        return int(max(1, math.ceil(left)) + 5)
 
     def submit(self, work: Callable[[JobContext], T]) -> Job[T]:
         """Admit `work` or refuse it now; called on the event loop."""
         if self._closing:
-            raise ShuttingDownError(self.name)
-        job: Job[T] = Job(asyncio.get_running_loop(), work)
+            raise ShuttingDownError(self.name, self.shutdown_retry_after_s())
+        job: Job[T] = Job(asyncio.get_running_loop(), work, self.limits)
         with self._cv:
             depth = len(self._pending) + (1 if self._running is not None else 0)
             if depth >= self.max_pending:
@@ -176,20 +235,34 @@ class ModelScheduler:
     def _execute(self, job: Job[Any]) -> tuple[Any, BaseException | None, float]:
         """Run one job on this thread: (result, error, seconds busy)."""
         if job.cancelled():
-            return None, asyncio.CancelledError(), 0.0
+            return None, self._stopped_error(job), 0.0
         started = job.started_at = time.monotonic()
+        job._deadline = started + job.limits.max_model_time_s
         try:
             result = job._work(job)
+        except WorkStopped:
+            return None, self._stopped_error(job), time.monotonic() - started
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting coroutine, never lost
             return None, exc, time.monotonic() - started
+        finally:
+            job._deadline = None  # the limit is on model time: none passes once it is done
         return result, None, time.monotonic() - started
+
+    def _stopped_error(self, job: Job[Any]) -> BaseException:
+        """The error for a job stopped before it had anything to return: says why."""
+        if job.stop_reason == STOP_TIME_LIMIT:
+            return ModelTimeExceededError(job.limits.max_model_time_s)
+        if job.stop_reason == STOP_SHUTDOWN:
+            return ShuttingDownError(self.name, self.shutdown_retry_after_s())
+        return asyncio.CancelledError()
 
     def _settle(self, job: Job[Any], result: Any, error: BaseException | None, busy: float) -> None:
         stats = self.stats
         stats.busy_seconds += busy
-        if busy:
-            self._avg_job_s = 0.8 * self._avg_job_s + 0.2 * busy
-        if job.cancelled():
+        if busy and job.stop_reason is None:  # only whole jobs say how long a job takes
+            avg = self._avg_job_s
+            self._avg_job_s = busy if avg is None else 0.7 * avg + 0.3 * busy
+        if job.stop_reason is not None or job._cancel.is_set():
             stats.cancelled += 1
         elif error is not None:
             stats.failed += 1
@@ -200,8 +273,8 @@ class ModelScheduler:
     async def close(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new work, let admitted work finish (up to the timeout), stop the thread."""
         self._closing = True
-        deadline = time.monotonic() + drain_timeout_s
-        while self.depth and time.monotonic() < deadline:
+        deadline = time.monotonic() + (0.0 if self._shutdown_at is not None else drain_timeout_s)
+        while self.depth and time.monotonic() < deadline:  # after `shutdown`, no second drain
             await asyncio.sleep(0.05)
         with self._cv:
             for job in self._pending:
@@ -210,3 +283,36 @@ class ModelScheduler:
                 self._running.cancel()
             self._cv.notify_all()
         await asyncio.to_thread(self._thread.join)
+
+    async def shutdown(self, deadline: float, grace_s: float = 2.0) -> None:
+        """Agent shutdown, by `deadline` (a time.monotonic() value): refuse new work, answer
+        every queued job now with ShuttingDownError (503 + Retry-After), let the running
+        job go on until the deadline, then stop it with reason STOP_SHUTDOWN (a stream
+        then ends with finish_reason "shutdown"). Returns once nothing runs."""
+        self._closing = True
+        self._shutdown_at = deadline
+        with self._cv:
+            queued = list(self._pending)
+            self._pending.clear()
+        for job in queued:
+            job.stop(STOP_SHUTDOWN)
+            self.stats.cancelled += 1
+            job._finish(error=ShuttingDownError(self.name, self.shutdown_retry_after_s()))
+        while self.depth and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        with self._cv:
+            running = self._running
+        if running is not None:
+            log.warning("model %s: stopping a request still running at the drain deadline", self.name)
+            running.stop(STOP_SHUTDOWN)
+        stop_by = time.monotonic() + grace_s  # backends check between tokens, chunks, batches
+        while self.depth and time.monotonic() < stop_by:
+            await asyncio.sleep(0.01)
+        with self._cv:
+            running = self._running
+        if running is not None and not running.future.done():
+            # A native call longer than the grace (one token can take seconds on a CPU that
+            # other processes keep busy): answer its client now; the thread ends with the call.
+            log.warning("model %s: a request did not stop within %.1fs; answering its client without it",
+                        self.name, grace_s)
+            running._finish(error=ShuttingDownError(self.name, self.shutdown_retry_after_s()))

@@ -20,7 +20,13 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 def api_key_matches(expected: str, authorization: str | None) -> bool:
+    """Whether the header carries `expected`. Any header, however malformed (bytes that are
+    not UTF-8 arrive as surrogates), is an answer of False, never an exception."""
     token = bearer_token(authorization)
     if token is None:
         return False
-    return hmac.compare_digest(token.encode("utf-8"), expected.encode("utf-8"))
+    try:
+        given = token.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no byte sequence decodes to
+        return False
+    return hmac.compare_digest(given, expected.encode("utf-8"))

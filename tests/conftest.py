@@ -19,6 +19,7 @@ from mqtt_broker import MosquittoBroker
 from agent.app import create_app, wait_until_loaded
 from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig
 from agent.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles
+from agent.http_server import start_server
 from runtime.devices import choose_llama_placement, describe_cpu
 
 CHAT = CHAT_MODEL
@@ -107,10 +108,7 @@ class RunningAgent:
 @asynccontextmanager
 async def start_agent(config: AgentConfig) -> AsyncIterator[RunningAgent]:
     app = create_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", config.server.port)
-    await site.start()
+    runner = await start_server(app, config.server)  # the server `edgefleet serve` runs
     await wait_until_loaded(app)
     try:
         async with aiohttp.ClientSession() as session:

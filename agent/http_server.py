@@ -1,0 +1,191 @@
+"""The HTTP server around the app: connection timeouts, a connection cap, and the
+errors aiohttp raises itself answered in the API's JSON.
+
+Why: aiohttp's defaults suit a server behind a proxy, not a device on a shared
+network. Its keep-alive lasts an hour, nothing bounds how long a request's
+headers may take to arrive, any number of connections is accepted until the
+process runs out of descriptors, and errors found by its HTTP parser (an
+oversized header, a bad method, bad chunking) are answered in plain text that
+quotes the request's bytes, with a traceback in the log. Here:
+
+- ``keepalive_timeout_s`` closes idle connections (aiohttp arms it at connect too);
+- ``header_timeout_s`` closes a connection whose request head has started but not
+  finished arriving in time (slowloris), with a 408;
+- ``max_connections`` answers connections past the cap with a 503 and closes them
+  at once, so descriptors stay bounded and the agent keeps serving the others;
+- parser errors become the API's error JSON via `agent.errors.protocol_error`,
+  logged as one rate-limited line without a traceback.
+
+Body read timeouts are the handlers' job (`agent.context.read_json`), since only they
+read bodies. What the server does at shutdown is agent/app.py's (`on_shutdown`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+
+from .config import ServerConfig
+from .errors import ApiError, error_response, protocol_error
+from .process import raise_open_file_limit, return_large_blocks_to_the_system
+
+log = logging.getLogger(__name__)
+
+#: Body bytes aiohttp may read and discard after a handler answered without reading them.
+LINGERING_TIME_S = 2.0
+
+
+def _raw_error(status: int, reason: str, message: str, code: str, retry_after: int | None = None) -> bytes:
+    """A complete HTTP/1.1 error response, written before aiohttp has parsed anything."""
+    body = orjson.dumps({"error": {"message": message, "type": "unavailable_error" if status == 503
+                                   else "invalid_request_error", "param": None, "code": code}})
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n")
+    if retry_after is not None:
+        head += f"Retry-After: {retry_after}\r\n"
+    return head.encode("ascii") + b"\r\n" + body
+
+
+TOO_MANY_CONNECTIONS = _raw_error(503, "Service Unavailable", "The agent has too many open connections; "
+                                  "retry later", "too_many_connections", retry_after=1)
+HEADER_TIMEOUT = _raw_error(408, "Request Timeout", "The request's headers did not arrive in time",
+                            "request_timeout")
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's protocol with a header deadline, a connection cap and JSON parser errors."""
+
+    def __init__(self, manager: web.Server, *, config: ServerConfig, **kwargs: Any) -> None:
+        super().__init__(
+            manager,
+            keepalive_timeout=config.keepalive_timeout_s,
+            max_line_size=config.max_header_bytes,
+            max_field_size=config.max_header_bytes,
+            lingering_time=min(LINGERING_TIME_S, config.body_timeout_s),
+            **kwargs,
+        )
+        self._header_timeout_s = config.header_timeout_s
+        self._max_connections = config.max_connections
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        if manager is not None and len(manager.connections) > self._max_connections:
+            log.warning("refused a connection: %d are open, server.max_connections is %d",
+                        len(manager.connections), self._max_connections)
+            self._answer_and_close(TOO_MANY_CONNECTIONS)
+
+    def data_received(self, data: bytes) -> None:
+        in_head = not self._request_in_progress and not self._messages
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:  # a request's head is complete
+            self._cancel_header_timer()
+        elif data and in_head and self._header_timer is None and self.transport is not None:
+            # A request has begun: from here its header deadline governs, not the idle timeout
+            # (aiohttp arms that again after the response).
+            if self._keepalive_handle is not None:
+                self._keepalive_handle.cancel()
+                self._keepalive_handle = None
+            self._header_timer = self._loop.call_later(self._header_timeout_s, self._header_timed_out, before)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _header_timed_out(self, request_count: int) -> None:
+        self._header_timer = None
+        if self._request_in_progress or self._messages:
+            return  # the bytes were a body arriving before its handler started: not a head
+        if self._request_count == request_count and self.transport is not None:
+            log.info("closed a connection whose request headers took more than %gs (server.header_timeout_s)",
+                     self._header_timeout_s)
+            self._answer_and_close(HEADER_TIMEOUT)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _answer_and_close(self, raw: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(raw)
+        self.force_close()
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp logs a traceback when discarding the rest of a body it cannot decode
+        (after our handler already answered 4xx): that is the client's error, one line."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, (RequestPayloadError, HttpProcessingError)):
+            log.info("discarded the unreadable rest of a request body: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kwargs)
+
+    def handle_error(
+        self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """Errors raised outside the app's middlewares: the parser's, chiefly."""
+        if isinstance(exc, HttpProcessingError):
+            err = protocol_error(exc)
+            log.info("bad HTTP request from %s: %s (%d)", request.remote, type(exc).__name__, err.status)
+        else:
+            err = ApiError(500, "Internal server error; see the agent's log", type="server_error", close=True)
+            log.error("unhandled error on a request from %s", request.remote, exc_info=exc)
+        if request.writer.output_size > 0:  # the response has begun; only closing is left
+            raise ConnectionError("response already started")
+        response = error_response(request.path, err)
+        response.force_close()
+        return response
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections are `GuardedRequestHandler`s."""
+
+    def __init__(self, runner: web.BaseRunner, config: ServerConfig, backlog: int = 128) -> None:
+        super().__init__(runner, config.host, config.port, backlog=backlog)
+        self._config = config
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        manager = self._runner.server
+        assert manager is not None
+        config = self._config
+
+        def protocol() -> GuardedRequestHandler:
+            return GuardedRequestHandler(manager, config=config, loop=loop, access_log=None)
+
+        self._server = await loop.create_server(protocol, self._host, self._port, backlog=self._backlog)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+def shutdown_grace_s(config: ServerConfig) -> float:
+    """A slice of drain_timeout_s; shutdown keeps three (agent/app.py `drain`): two for
+    stopped requests' handlers to write their last bytes, one for aiohttp's own wait."""
+    return min(1.0, config.drain_timeout_s / 8)
+
+
+async def start_server(app: web.Application, config: ServerConfig) -> web.AppRunner:
+    """Set up `app` and listen on the configured host and port (OSError if it cannot).
+
+    Shutdown (`runner.cleanup()`) runs the app's on_shutdown drain first; aiohttp then
+    waits a short grace for the handlers, which by then are writing their last bytes."""
+    raise_open_file_limit()
+    return_large_blocks_to_the_system()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=shutdown_grace_s(config))
+    await runner.setup()
+    try:
+        await GuardedSite(runner, config).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner

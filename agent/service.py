@@ -1,0 +1,249 @@
+"""The agent as a long-running service: start, report to systemd, reload, drain, stop.
+
+`serve` owns everything that lives as long as the process: the HTTP site, the
+watchdog task, reload tasks and the signal handlers. What it tells systemd:
+
+- ``STATUS=`` lines at each step (``systemctl status`` shows the last one);
+- ``READY=1`` only when the port listens *and* every configured model that
+  loaded has answered a real request (a 1-token generation, a 1-text
+  embedding): "started" is not "healthy";
+- ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``, sent by a task on the event
+  loop itself, so a loop stuck in a blocking call stops pinging and systemd
+  restarts the agent;
+- ``RELOADING=1`` … ``READY=1`` around a SIGHUP reload, ``STOPPING=1`` on SIGTERM.
+
+SIGTERM drains (agent/app.py `drain`): the port stays open, new API requests get
+a 503 in the API's error JSON, admitted requests (streams included) finish within
+``server.drain_timeout_s`` or are stopped at its end, then the server closes and
+models unload.
+SIGHUP re-reads the config: a broken one is refused with one log line and the
+running config keeps serving; a good one applies what can change live (API key,
+log level, limits, models added, removed or changed) and logs what needs a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiohttp import web
+
+from runtime.backend import Capability, ChatMessage, GenerationRequest
+from runtime.registry import ModelRegistry, ModelState, ServedModel
+
+from . import __version__
+from .app import create_app, drain, reconcile_models, wait_until_loaded
+from .config import AgentConfig
+from .context import LIVE, MODELS
+from .http_server import start_server
+from .logs import setup_logging
+from .sdnotify import Notifier, watchdog_interval_s
+
+log = logging.getLogger("edgefleet")
+
+
+class ServeError(Exception):
+    """The service cannot start (the port is taken); one line for the operator."""
+
+
+class ConfigRefused(Exception):
+    """A reload's config cannot be used; the message says why."""
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def needs_restart(old: AgentConfig, new: AgentConfig) -> list[str]:
+    """Keys whose change a reload cannot apply to a running agent."""
+    keys = []
+    if old.state_dir != new.state_dir:
+        keys.append("state_dir")
+    for key in ("host", "port", "max_body_bytes"):
+        if getattr(old.server, key) != getattr(new.server, key):
+            keys.append(f"server.{key}")
+    keys += [f"runtime.{f.name}" for f in dataclasses.fields(old.runtime)
+             if getattr(old.runtime, f.name) != getattr(new.runtime, f.name)]
+    return keys
+
+
+def live_part(old: AgentConfig, new: AgentConfig) -> AgentConfig:
+    """`new`, with the keys that need a restart kept as they run now."""
+    server = dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
+                                 max_body_bytes=old.server.max_body_bytes)
+    return dataclasses.replace(new, state_dir=old.state_dir, runtime=old.runtime, server=server)
+
+
+async def probe(served: ServedModel) -> None:
+    """One real, tiny request through the model's work surface (raises if it cannot answer)."""
+    caps = served.info.capabilities
+    if Capability.CHAT in caps or Capability.COMPLETION in caps:
+        request = (GenerationRequest(messages=[ChatMessage("user", "ok")], max_tokens=1, temperature=0.0)
+                   if Capability.CHAT in caps else GenerationRequest(prompt="ok", max_tokens=1, temperature=0.0))
+        job = served.generate(request)
+        try:
+            async for _ in job.stream():
+                pass
+        finally:
+            job.cancel()
+    elif Capability.EMBEDDING in caps:
+        await served.embed(["ok"])
+    # A tensor-only model has no input we could invent; loaded is the best we know.
+
+
+class Service:
+    """One run of the agent, from bind to exit."""
+
+    def __init__(self, config: AgentConfig, reload_config: Callable[[], AgentConfig],
+                 notifier: Notifier | None = None) -> None:
+        self.config = config
+        self._reload_config = reload_config
+        self.notifier = notifier or Notifier()
+        self.app = create_app(config)
+        self._stop = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _status(self, text: str, **extra: str | int) -> None:
+        self.notifier.send(STATUS=text, **extra)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Start a task the service owns: cancelled and awaited at shutdown."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def run(self) -> None:
+        config = self.config
+        self._status("starting")
+        try:
+            runner = await start_server(self.app, config.server)
+        except OSError as exc:
+            raise ServeError(f"cannot listen on {config.server.host}:{config.server.port}: "
+                             f"{exc.strerror}") from None
+        log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host, config.server.port,
+                 extra={"host": config.server.host, "port": config.server.port})
+        if not config.server.api_key and not is_loopback(config.server.host):
+            log.warning("listening on %s without an API key: anyone who can reach this port can "
+                        "use the models (set server.api_key)", config.server.host)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload(), "reload"))
+        interval = watchdog_interval_s()
+        if interval is not None and self.notifier.enabled:
+            self._spawn(self._watchdog(interval), "watchdog")
+            log.info("watchdog ping every %.3gs", interval, extra={"interval_s": interval})
+        self._spawn(self._become_ready(), "ready")
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._shutdown(runner)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            self.notifier.send(WATCHDOG=1)
+            await asyncio.sleep(interval)
+
+    async def _become_ready(self) -> None:
+        models = self.app[MODELS]
+        self._status(f"loading {len(self.config.models)} model(s)")
+        await wait_until_loaded(self.app)
+        await self._probe_all(models)
+        self.notifier.send(READY=1, STATUS=self._serving_line(models))
+        log.info("ready", extra={"models": len(models.serving())})
+
+    async def _probe_all(self, models: ModelRegistry, names: list[str] | None = None) -> None:
+        for served in models.serving():
+            if names is not None and served.name not in names:
+                continue
+            self._status(f"checking {served.name} with a real request")
+            started = time.monotonic()
+            try:
+                await probe(served)
+            except Exception as exc:  # noqa: BLE001 - reported; the agent still serves the others
+                log.error("model %s loaded but did not answer: %s", served.name, exc, extra={"model": served.name})
+            else:
+                log.info("model %s answers (%.2fs)", served.name, time.monotonic() - started,
+                         extra={"model": served.name})
+
+    def _serving_line(self, models: ModelRegistry) -> str:
+        statuses = models.statuses()
+        ready = [s.name for s in statuses if s.state is ModelState.READY]
+        failed = [s.name for s in statuses if s.state is ModelState.FAILED]
+        line = f"serving {len(ready)} model(s): {', '.join(ready) or 'none'}"
+        if failed:
+            line += f"; failed: {', '.join(failed)} (see the log)"
+        return line
+
+    async def reload(self) -> None:
+        """Re-read the config (SIGHUP) and apply what can change live."""
+        async with self._reload_lock:
+            live = self.app[LIVE]
+            if live.draining:
+                return
+            log.info("reloading the configuration")
+            self.notifier.send(RELOADING=1, STATUS="reloading the configuration",
+                               MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
+            models = self.app[MODELS]
+            try:
+                try:
+                    new = self._reload_config()
+                except ConfigRefused as exc:
+                    log.error("reload refused, the running configuration stays: %s", exc)
+                    return
+                old = live.config
+                restart = needs_restart(old, new)
+                live.config = applied = live_part(old, new)
+                setup_logging(applied.log_level)
+                models.set_limits(applied.scheduler.max_pending, applied.server.drain_timeout_s)
+                await wait_until_loaded(self.app)
+                changes = await reconcile_models(applied, models)
+                await self._probe_all(models, changes.loaded)
+                log.info("configuration reloaded", extra={
+                    "api_key": "changed" if old.server.api_key != applied.server.api_key else "same",
+                    "models": str(changes), "log_level": applied.log_level})
+                if restart:
+                    log.warning("changed but applied only after a restart: %s", ", ".join(restart),
+                                extra={"restart_needed": ",".join(restart)})
+            except Exception:  # a bug in applying must not kill the agent; the old models keep serving
+                log.exception("reload failed while applying the new configuration")
+            finally:
+                self.notifier.send(READY=1, STATUS=self._serving_line(models))
+
+    async def _shutdown(self, runner: web.AppRunner) -> None:
+        live = self.app[LIVE]
+        log.info("shutting down: finishing %d admitted request(s) (up to %.0fs); new ones get 503",
+                 live.in_flight, live.config.server.drain_timeout_s, extra={"in_flight": live.in_flight})
+        self.notifier.send(STOPPING=1, STATUS=f"draining {live.in_flight} request(s)")
+        await drain(self.app)  # the port still answers meanwhile: new clients get a 503, not a refusal
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._status("stopping: unloading models")
+        await runner.cleanup()
+        log.info("stopped")
+        self.notifier.close()
+
+
+def serve(config: AgentConfig, reload_config: Callable[[], AgentConfig]) -> None:
+    """Run the service until SIGTERM/SIGINT (blocking; the process's one event loop)."""
+
+    async def main() -> None:
+        await Service(config, reload_config).run()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Build the edgefleet .deb from this checkout's committed and untracked (not ignored)
+# files, as a clean clone would have them:
+#   packaging/build-deb.sh [--out DIR] [--portable] [--arch amd64|arm64]
+# The agent goes into its own virtual environment, built for /opt/edgefleet/venv on the
+# target's interpreter (Debian's /usr/bin/python3.11; $PYTHON overrides it).
+#   --portable  build llama.cpp from source without -march=native and with every CPU
+#               variant loaded at run time (GGML_NATIVE=OFF, GGML_BACKEND_DL=ON,
+#               GGML_CPU_ALL_VARIANTS=ON): what a release for unknown CPUs must use.
+#               About 10 minutes on 2 cores. Without it, pip's cached wheel is used,
+#               which llama.cpp compiles for the build machine's CPU.
+#   --compression xz|gzip|zstd  xz by default (smallest; about 2.5 minutes on 2 cores);
+#               gzip is ten times faster, for CI and tests.
+#   --arch      arm64 needs an arm64 build host, or this script run under
+#               qemu-user-static in an arm64 chroot (docs/operations.md, "arm64").
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+out="$repo/dist"
+portable=0
+compression=xz
+arch=$(dpkg --print-architecture)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) out=$2; shift 2 ;;
+    --portable) portable=1; shift ;;
+    --compression) compression=$2; shift 2 ;;
+    --arch) arch=$2; shift 2 ;;
+    *) echo "usage: packaging/build-deb.sh [--out DIR] [--portable] [--compression C] [--arch ARCH]" >&2; exit 2 ;;
+  esac
+done
+if [ "$arch" != "$(dpkg --print-architecture)" ]; then
+  echo "build-deb: building for $arch on $(dpkg --print-architecture) needs an $arch host or chroot" \
+       "(native wheels); see docs/operations.md" >&2
+  exit 2
+fi
+python=${PYTHON:-/usr/bin/python3.11}
+prefix=/opt/edgefleet
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# 1. a clean source tree: what git would check out, plus new files not yet committed
+src="$work/src"
+mkdir -p "$src"
+(cd "$repo" && git ls-files -z --cached --others --exclude-standard) \
+  | (cd "$repo" && xargs -0 -I{} sh -c '[ -e "{}" ] && cp --parents -P "{}" "$0"' "$src")
+version=$(cd "$src" && "$python" -c 'import re; print(re.search(r"__version__ = \"(.+)\"", open("agent/__init__.py").read())[1])')
+
+# 2. the agent's virtual environment, laid out where it will live
+root="$work/root"
+venv="$root$prefix/venv"
+"$python" -m venv --without-pip "$venv"
+pip=("$python" -m pip)
+"$python" -m pip --version >/dev/null 2>&1 || pip=("${PIP_PYTHON:-$repo/.venv/bin/python}" -m pip)
+wheels="$work/wheels"
+"${pip[@]}" wheel --quiet --no-deps --wheel-dir "$wheels" "$src"
+extra=()
+if [ "$portable" = 1 ]; then
+  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
+  extra=(--no-binary llama-cpp-python --no-cache-dir)
+fi
+"${pip[@]}" --python "$venv/bin/python" install --quiet --no-compile --disable-pip-version-check \
+  ${extra[@]+"${extra[@]}"} "$wheels"/edgefleet-*.whl
+
+# 3. paths: the venv was built under $root; scripts and metadata must name /opt/edgefleet
+grep -rlIF "$root" "$venv" | while read -r f; do sed -i "s|$root||g" "$f"; done
+find "$venv" -name direct_url.json -delete
+# llama-cpp-python also installs its CMake output (libs, headers) beside the package; the
+# package loads its own copies from llama_cpp/lib, so these 37 MB are dead weight.
+site=$(echo "$venv"/lib/python3.*/site-packages)
+rm -rf "$site/lib" "$site/include"
+rm -f "$venv"/bin/activate.fish "$venv"/bin/activate.csh "$venv"/bin/Activate.ps1
+if grep -rlIF "$root" "$venv" | grep -q .; then
+  echo "build-deb: build paths left in the venv" >&2; exit 1
+fi
+# byte-compile now, naming the installed paths, so the read-only /opt needs no writes
+"$venv/bin/python" -m compileall -q -j 0 -s "$root" -p / "$venv/lib" >/dev/null
+
+# 4. the rest of the system's files
+install -D -m 0644 "$src/systemd/edgefleet.service" "$root/usr/lib/systemd/system/edgefleet.service"
+install -D -m 0644 "$src/systemd/gpu-nvidia.conf" "$root/usr/share/edgefleet/systemd/gpu-nvidia.conf"
+install -D -m 0644 "$src/systemd/gpu-rocm.conf" "$root/usr/share/edgefleet/systemd/gpu-rocm.conf"
+install -D -m 0644 "$here/sysusers.conf" "$root/usr/lib/sysusers.d/edgefleet.conf"
+install -D -m 0644 "$here/tmpfiles.conf" "$root/usr/lib/tmpfiles.d/edgefleet.conf"
+install -D -m 0644 "$here/udev.rules" "$root/usr/lib/udev/rules.d/70-edgefleet-rapl.rules"
+install -D -m 0644 "$here/agent.toml" "$root/etc/edgefleet/agent.toml"
+mkdir -p "$root/usr/bin"
+ln -s "$prefix/venv/bin/edgefleet" "$root/usr/bin/edgefleet"
+for doc in operations.md configuration.md api.md; do
+  [ -f "$src/docs/$doc" ] && install -D -m 0644 "$src/docs/$doc" "$root/usr/share/doc/edgefleet/$doc"
+done
+install -D -m 0644 /dev/stdin "$root/usr/share/doc/edgefleet/copyright" <<COPYRIGHT
+Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+Upstream-Name: edgefleet
+License: Apache-2.0
+Comment: $prefix/venv bundles third-party Python packages under their own licenses
+ (see their .dist-info directories).
+COPYRIGHT
+
+# 5. control data
+mkdir -p "$root/DEBIAN"
+size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
+sed -e "s/@VERSION@/$version/" -e "s/@ARCH@/$arch/" -e "s/@SIZE@/$size/" \
+  "$here/debian/control.in" > "$root/DEBIAN/control"
+install -m 0644 "$here/debian/conffiles" "$root/DEBIAN/conffiles"
+for script in postinst prerm postrm; do
+  install -m 0755 "$here/debian/$script" "$root/DEBIAN/$script"
+done
+(cd "$root" && find . -path ./DEBIAN -prune -o -type f -print0 | sort -z | xargs -0 md5sum | sed 's|\./||') \
+  > "$root/DEBIAN/md5sums"
+
+mkdir -p "$out"
+deb="$out/edgefleet_${version}_${arch}.deb"
+dpkg-deb --root-owner-group -Z"$compression" --build "$root" "$deb" >/dev/null
+echo "$deb"
