@@ -43,6 +43,7 @@ from .fleet_link import mqtt_ctx
 from .http_server import shutdown_grace_s
 from .kserve import http_api as kserve_api
 from .metrics import Metrics
+from .telemetry import telemetry_ctx
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
+    app.cleanup_ctx.append(telemetry_ctx)  # sampler, idle unload, telemetry over the link
     app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)
