@@ -165,6 +165,8 @@ class ModelEntry:
 class TelemetryConfig:
     """``[telemetry]``: energy and system sampling, and the MQTT telemetry records (docs/telemetry.md)."""
 
+    #: false: no sampling, no records (and no system or energy figures in /metrics).
+    enabled: bool = True
     #: Seconds between telemetry records (published on MQTT when [mqtt] is configured).
     interval_s: float = 10.0
     #: Seconds between energy readings (also the attribution window).

@@ -56,7 +56,8 @@ def _model_card(status: ModelStatus, keep_alive_s: float) -> dict[str, Any]:
         "version": status.version,
         "capabilities": sorted(c.value for c in info.capabilities),
         "context_length": info.context_length,
-        # "ready", or "unloaded": idle past keep_alive_s, reloaded by the next request
+        # "ready"; "unloaded": idle past keep_alive_s, reloaded by the next request;
+        # "unloading" / "loading" while that happens
         "state": status.state.value,
         "keep_alive_s": keep_alive_s,
     }
@@ -65,7 +66,7 @@ def _model_card(status: ModelStatus, keep_alive_s: float) -> dict[str, Any]:
 def _listed(request: web.Request) -> dict[str, dict[str, Any]]:
     models = request.app[MODELS]
     return {s.name: _model_card(s, models.keep_alive_s.get(s.name, 0.0)) for s in models.statuses()
-            if s.state in (ModelState.READY, ModelState.UNLOADED) and s.info is not None}
+            if s.state is not ModelState.FAILED and s.info is not None}
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -39,6 +39,13 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     settings = config.telemetry
     models = app[MODELS]
+    idle = asyncio.create_task(_unload_idle(app), name="idle-unload")
+    if not settings.enabled:
+        try:
+            yield
+        finally:
+            await _cancel(idle)
+        return
     # the registry's counters start with this app: a new run id and start time say so
     run_id, started = str(uuid.uuid4()), time.time()
     meter = await asyncio.to_thread(
@@ -66,16 +73,19 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
         await publisher.start()
         app[PUBLISHER] = publisher
     app[METRICS].watch_telemetry(sampler, lambda: outbox_stats[0], lambda: link.status if link else None)
-    idle = asyncio.create_task(_unload_idle(app), name="idle-unload")
     try:
         yield
     finally:
-        idle.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await idle
+        await _cancel(idle)
         if publisher is not None:
             await publisher.stop()
         await sampler.stop()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _unload_idle(app: web.Application) -> None:

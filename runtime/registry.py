@@ -290,9 +290,9 @@ class ModelRegistry:
                 if self._serving.get(name) is not served or served.scheduler.depth:
                     continue
                 del self._serving[name]
+                self._idle[name] = served.bundle  # from now on a request waits for a reload, never fails
                 self._set_status(served.bundle, ModelState.UNLOADING)
                 await self._shutdown(served)
-                self._idle[name] = served.bundle
                 served.usage.idle_unloads += 1
                 self._set_status(served.bundle, ModelState.UNLOADED, served=served)  # listings keep its card
                 log.info("model %s: unloaded after %.0fs idle (keep-alive %.0fs)", name,
@@ -418,13 +418,16 @@ class ModelRegistry:
         served: ServedModel | None = None,
         error: str | None = None,
     ) -> None:
+        before = self._status.get(bundle.name)
+        keep = served is None and before is not None and state in (ModelState.LOADING, ModelState.UNLOADING)
         self._status[bundle.name] = ModelStatus(
             name=bundle.name,
             state=state,
             version=bundle.version,
             path=str(bundle.path),
             error=error,
-            loaded_at=served.loaded_at if served else None,
-            info=served.info if served else None,
+            # an idle unload and its reload keep what listings show of the model
+            loaded_at=served.loaded_at if served else before.loaded_at if keep and before else None,
+            info=served.info if served else before.info if keep and before else None,
         )
         self._changed(bundle.name)

@@ -5,8 +5,9 @@ the seconds it spent running requests in that window (the registry's busy time,
 including the job still running). Within a window:
 
 - **idle** joules are the idle baseline power x the window's length (capped at
-  the window's joules). The baseline is learnt from windows in which no model was
-  busy (exponential average); until one is seen, the lowest window power so far;
+  the window's joules). The baseline is the lowest power of the last
+  `IDLE_WINDOWS` windows in which no model was busy (so a model loading, or another
+  process's burst, does not raise it); until one is seen, the lowest window power so far;
 - **active** joules are the rest, split between the models busy in the window in
   proportion to their busy seconds;
 - total = active + idle, always.
@@ -20,9 +21,10 @@ attributed; their length is counted in `unattributed_s`.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field, replace
 
-IDLE_EWMA = 0.2
+IDLE_WINDOWS = 120
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Attribution:
     models: dict[str, ModelEnergy] = field(default_factory=dict)
     _busy_seen: dict[str, float] = field(default_factory=dict)
     _lowest_w: float | None = None
+    _idle_powers: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=IDLE_WINDOWS))
 
     def window(self, seconds: float, joules: float | None, busy_now: dict[str, float]) -> None:
         """Account one window: `busy_now` is each model's cumulative busy seconds at its end."""
@@ -81,8 +84,8 @@ class Attribution:
         self._lowest_w = power if self._lowest_w is None else min(self._lowest_w, power)
         total_busy = sum(busy.values())
         if total_busy == 0:
-            learnt = self.idle_power_w if self.idle_power_learnt else None
-            self.idle_power_w = power if learnt is None else (1 - IDLE_EWMA) * learnt + IDLE_EWMA * power
+            self._idle_powers.append(power)
+            self.idle_power_w = min(self._idle_powers)
             self.idle_power_learnt = True
         baseline = self.idle_power_w if self.idle_power_learnt else self._lowest_w
         idle = min(joules, (baseline or 0.0) * seconds)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.energy import AttributionSnapshot, EnergySnapshot
-from runtime.registry import ModelRegistry
+from runtime.registry import ModelRegistry, ModelUsage
 from runtime.system import SystemSample
 
 from ..mqtt import LinkStatus
@@ -97,7 +97,9 @@ def model_fields(models: ModelRegistry, attribution: AttributionSnapshot | None)
     depths = {s.name: s.scheduler.depth for s in models.serving()}
     busy = models.busy_seconds()
     out: dict[str, Any] = {}
-    for name, usage in sorted(models.usage().items()):
+    usages = models.usage()
+    for name in sorted(set(usages) | set(statuses)):  # loading or failed models too, with zero counts
+        usage = usages.get(name) or ModelUsage()
         status = statuses.get(name)
         energy = attribution.models.get(name) if attribution else None
         q = usage.queue
