@@ -41,6 +41,14 @@ def telemetry_config(state_dir: Path, broker: MosquittoBroker, device: str, mode
     )
 
 
+def own_state(tmp_path: Path, state_dir: Path) -> Path:
+    """A state dir of the test's own (its own outbox) that shares the demo bundles."""
+    work = tmp_path / "state"
+    work.mkdir()
+    (work / "models").symlink_to(state_dir / "models")
+    return work
+
+
 def records(watcher: Watcher, topic: str) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in watcher.on(topic)]
 
@@ -65,8 +73,8 @@ async def chat(agent, max_tokens: int, text: str) -> int:  # type: ignore[no-unt
 
 
 async def test_records_arrive_at_the_interval_with_the_documented_fields_and_joules_per_token_grow(
-        mqtt_broker, state_dir):
-    config = telemetry_config(state_dir, mqtt_broker, "tele-1", (CHAT,))
+        mqtt_broker, state_dir, tmp_path):
+    config = telemetry_config(own_state(tmp_path, state_dir), mqtt_broker, "tele-1", (CHAT,))
     topic = "edgefleet/v1/devices/tele-1/telemetry"
     with Watcher(mqtt_broker, topic) as watcher:
         async with start_agent(config) as agent:
@@ -125,7 +133,7 @@ async def test_records_arrive_at_the_interval_with_the_documented_fields_and_jou
 def test_a_sigkilled_agent_goes_offline_through_its_last_will(mqtt_broker, state_dir, tmp_path):
     config = tmp_path / "agent.toml"
     config.write_text(f"""
-state_dir = "{state_dir}"
+state_dir = "{own_state(tmp_path, state_dir)}"
 [server]
 port = {free_port()}
 [mqtt]
@@ -170,11 +178,8 @@ async def test_a_broker_outage_with_an_agent_restart_loses_no_record(tmp_path, s
     broker = MosquittoBroker(tmp_path)
     broker.extra_config = f"listener {broker.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwords}\n"
     broker.start()
-    work = tmp_path / "state"
-    work.mkdir()
-    (work / "models").symlink_to(state_dir / "models")
-    config = telemetry_config(work, broker, "outage-1", (EMBED,), username="agent", password="right",
-                              reconnect_min_s=1.0, reconnect_max_s=1.0)
+    config = telemetry_config(own_state(tmp_path, state_dir), broker, "outage-1", (EMBED,), username="agent",
+                              password="right", reconnect_min_s=1.0, reconnect_max_s=1.0)
     topic = "edgefleet/v1/devices/outage-1/telemetry"
     served = 0
 
