@@ -128,6 +128,11 @@ async def test_records_arrive_at_the_interval_with_the_documented_fields_and_jou
             assert await agent.metric("edgefleet_telemetry_outbox_dropped_total") == 0
             assert await agent.metric("edgefleet_mqtt_connected") == 1
             assert await agent.metric("process_resident_memory_bytes") > 0
+            before_stop = records(watcher, topic)[-1]["seq"]
+        # a clean stop (SIGTERM) stores a last record of the run and hands it over before going offline
+        last = await record_where(watcher, topic, lambda r: r.get("final") is True, timeout_s=10)
+        assert last["seq"] > before_stop and last == records(watcher, topic)[-1]
+        assert last["models"][CHAT]["generated_tokens"] == more_m["generated_tokens"]
 
 
 def test_a_sigkilled_agent_goes_offline_through_its_last_will(mqtt_broker, state_dir, tmp_path):

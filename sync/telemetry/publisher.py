@@ -7,6 +7,10 @@ in order (paho keeps one connection's order) and removes each from the outbox
 once the broker acknowledged it. A broker outage just makes the outbox grow (up
 to its bound, counting what falls off); a restart resends whatever was not yet
 acknowledged — the only duplicates, recognisable by `seq`.
+
+On stop (SIGTERM) one last record is stored, so the energy and tokens of the
+last partial interval are not lost, and the sender gets `flush_s` to hand the
+outbox to the broker; what it cannot send stays on disk for the next start.
 """
 
 from __future__ import annotations
@@ -53,7 +57,22 @@ class TelemetryPublisher:
                        asyncio.create_task(self._send(), name="telemetry-sender")]
         self.link.add_connect_hook(self._on_connect)
 
-    async def stop(self) -> None:
+    async def stop(self, flush_s: float = 2.0) -> None:
+        """Stop ticking, store a last record, give the sender `flush_s` to empty the outbox."""
+        ticker, *senders = self._tasks or [None]
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            try:
+                await self.record_now(final=True)
+            except Exception:  # the records already stored still count
+                log.exception("telemetry: could not store the last record")
+            if self.link.connected and senders:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(flush_s):
+                        while (await self.stats()).queued and not senders[0].done():
+                            await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -65,11 +84,14 @@ class TelemetryPublisher:
     async def stats(self) -> OutboxStats:
         return await self._call(self.outbox.stats)
 
-    async def record_now(self) -> int:
-        """Build and store one record now; returns its seq."""
+    async def record_now(self, final: bool = False) -> int:
+        """Build and store one record now; returns its seq. `final` marks the last of a run."""
         seq = await self._call(self.outbox.next_seq)
         stats = await self._call(self.outbox.stats)
-        payload = orjson.dumps(self.build(seq, stats, self.published))
+        record = self.build(seq, stats, self.published)
+        if final:
+            record["final"] = True
+        payload = orjson.dumps(record)
         fell = await self._call(self.outbox.append, seq, payload)
         if fell:
             log.warning("telemetry: outbox full (%d records): %d oldest dropped and counted",
