@@ -42,6 +42,7 @@ from .errors import ApiError, error_response, to_api_error
 from .fleet_link import mqtt_ctx
 from .http_server import shutdown_grace_s
 from .kserve import http_api as kserve_api
+from .kserve.grpc_server import grpc_ctx
 from .metrics import Metrics
 from .telemetry import telemetry_ctx
 
@@ -90,14 +91,8 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise ApiError(503, "The agent is shutting down and takes no new requests; retry shortly",
                        type="unavailable_error", code="shutting_down",
                        headers={"Retry-After": "5", "Connection": "close"})
-    live.in_flight += 1
-    live.idle.clear()
-    try:
+    with live.admitted():
         return await handler(request)
-    finally:
-        live.in_flight -= 1
-        if live.in_flight == 0:
-            live.idle.set()
 
 
 @web.middleware
@@ -235,6 +230,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app[LIVE].idle.set()
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(grpc_ctx)  # after the registry: serves it
     app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
     app.cleanup_ctx.append(telemetry_ctx)  # sampler, idle unload, telemetry over the link
     app.on_shutdown.append(drain)

@@ -26,6 +26,9 @@ from .logs import setup_logging
 
 log = logging.getLogger("edgefleet")
 
+#: `serve --demo` turns gRPC on here unless the config or --grpc-port says otherwise.
+DEMO_GRPC_PORT = 8081
+
 
 class CliError(Exception):
     """A problem to report in one line, with exit status `code`."""
@@ -51,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     add_config(serve)
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8080)")
+    serve.add_argument("--grpc-port", type=int,
+                       help="also serve KServe v2 over gRPC on this port (default: off; 8081 with --demo)")
 
     models = commands.add_parser("models", help="inspect model bundles")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -98,6 +103,14 @@ def _load(args: argparse.Namespace) -> AgentConfig:
         if not 0 <= args.port <= 65535:
             raise CliError(f"--port must be 0..65535, got {args.port}", code=2)
         server = dataclasses.replace(server, port=args.port)
+    grpc_port = getattr(args, "grpc_port", None)
+    if grpc_port is None and getattr(args, "demo", False) and server.grpc_port is None:
+        grpc_port = DEMO_GRPC_PORT
+    if grpc_port is not None:
+        if not 0 <= grpc_port <= 65535 or (grpc_port and grpc_port == server.port):
+            raise CliError(f"--grpc-port must be 0..65535 and differ from the HTTP port, got {grpc_port}",
+                           code=2)
+        server = dataclasses.replace(server, grpc_port=grpc_port)
     config = config.with_overrides(server=server)
     if getattr(args, "demo", False):
         build_demo_bundles(Path(config.state_dir) / "models")

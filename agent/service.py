@@ -129,9 +129,9 @@ class Service:
         self._status("starting")
         try:
             runner = await start_server(self.app, config.server)
-        except OSError as exc:
-            raise ServeError(f"cannot listen on {config.server.host}:{config.server.port}: "
-                             f"{exc.strerror}") from None
+        except OSError as exc:  # the HTTP port, or the gRPC port (named in `filename`)
+            where = exc.filename or f"{config.server.host}:{config.server.port}"
+            raise ServeError(f"cannot listen on {where}: {exc.strerror}") from None
         log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host, config.server.port,
                  extra={"host": config.server.host, "port": config.server.port})
         if not config.server.api_key and not is_loopback(config.server.host):
