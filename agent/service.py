@@ -163,6 +163,8 @@ class Service:
         self._status(f"loading {len(self.config.models)} model(s)")
         await wait_until_loaded(self.app)
         await self._probe_all(models)
+        if self.app[LIVE].draining:  # SIGTERM came while loading: never say READY after STOPPING
+            return
         self.notifier.send(READY=1, STATUS=self._serving_line(models))
         log.info("ready", extra={"models": len(models.serving())})
 
