@@ -16,6 +16,10 @@ class BundleError(RuntimeLayerError):
     """A model bundle on disk is missing, incomplete or has an invalid model.toml."""
 
 
+class StoreError(RuntimeLayerError):
+    """The model store cannot do what was asked (bad name, missing blob, no version to roll back to)."""
+
+
 class ModelLoadError(RuntimeLayerError):
     """The backend could not load a bundle (bad weights, unsupported format, out of memory)."""
 
