@@ -24,6 +24,10 @@ class ModelLoadError(RuntimeLayerError):
     """The backend could not load a bundle (bad weights, unsupported format, out of memory)."""
 
 
+class ProbeFailedError(RuntimeLayerError):
+    """A loaded version did not pass its smoke test (a real inference on its probe input)."""
+
+
 class ModelNotFoundError(RuntimeLayerError):
     """No model of that name is known to the registry."""
 
