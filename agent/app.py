@@ -39,6 +39,7 @@ from . import openai_api, ops_api
 from .config import AgentConfig
 from .context import CONFIG, LIVE, METRICS, MODELS, LiveState
 from .errors import ApiError, error_response, to_api_error
+from .fleet_link import mqtt_ctx
 from .http_server import shutdown_grace_s
 from .kserve import http_api as kserve_api
 from .metrics import Metrics
@@ -233,6 +234,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app[LIVE].idle.set()
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
     app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from runtime.bundle import NAME_RE
 from runtime.structured import SchemaError, from_mapping
+from sync.mqtt.settings import MqttSettings
 
 ENV_PREFIX = "EDGEFLEET_"
 DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
@@ -164,6 +165,8 @@ class AgentConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     models: list[ModelEntry] = field(default_factory=list)
+    #: ``[mqtt]``: the broker link (sync/mqtt/settings.py); off while ``mqtt.host`` is unset.
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import compression_utils, web
 
 from runtime.registry import ModelRegistry
+from sync.mqtt import MqttLink
 
 from .config import AgentConfig
 from .errors import ApiError, bad_request
@@ -25,6 +26,8 @@ DECODED_ENCODINGS = frozenset(
 CONFIG = web.AppKey("config", AgentConfig)
 MODELS = web.AppKey("models", ModelRegistry)
 METRICS = web.AppKey("metrics", Metrics)
+#: Present only when ``[mqtt]`` is configured (agent/fleet_link.py).
+MQTT = web.AppKey("mqtt", MqttLink)
 
 
 @dataclass

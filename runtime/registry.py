@@ -223,6 +223,19 @@ class ModelRegistry:
         #: the version that served before an unconfirmed commit, still loaded for rollback
         self._warm: dict[str, ServedModel] = {}
         self._subscribers: list[Callable[[RegistryEvent], None]] = []
+        self._watchers: list[Callable[[str], None]] = []
+
+    def watch(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(name)` on the loop whenever a name's status changes (load, swap,
+        unload, failure), so the MQTT state message and listings can follow without polling."""
+        self._watchers.append(callback)
+
+    def _changed(self, name: str) -> None:
+        for callback in self._watchers:
+            try:
+                callback(name)
+            except Exception:  # a watcher's bug must not break a load or swap
+                log.exception("registry watcher failed")
 
     def set_limits(self, max_pending: int, drain_timeout_s: float) -> None:
         """Change admission and drain limits live (config reload): serving models and later loads."""
@@ -409,6 +422,7 @@ class ModelRegistry:
             self._retire_warm(name)
             await self._shutdown(served)
             self._status.pop(name, None)
+            self._changed(name)
 
     async def begin_shutdown(self, deadline: float, grace_s: float = 2.0) -> None:
         """Agent shutdown: every model refuses new and queued work now and stops what still
@@ -428,6 +442,7 @@ class ModelRegistry:
             self._status[name] = ModelStatus(
                 name=name, state=ModelState.FAILED, version=None, path=path, error=error
             )
+            self._changed(name)
 
     def _retire(self, served: ServedModel) -> None:
         task = asyncio.create_task(self._shutdown(served), name=f"retire:{served.name}")
@@ -460,3 +475,4 @@ class ModelRegistry:
             loaded_at=served.loaded_at if served else None,
             info=served.info if served else None,
         )
+        self._changed(bundle.name)

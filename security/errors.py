@@ -1,6 +1,6 @@
 """security/'s error hierarchy: every verdict against bytes, keys or a trust root.
 
-Each error carries a short `reason` code that sync/ publishes with a failed or
+Each error carries a short `code` that sync/ publishes with a failed or
 rejected update state (docs/mqtt.md lists them), next to the message.
 """
 
@@ -10,19 +10,19 @@ from __future__ import annotations
 class SecurityError(Exception):
     """Base of every error security/ raises on purpose."""
 
-    reason = "security"
+    code = "security"
 
 
 class KeyStoreError(SecurityError):
     """A signing key cannot be created, read or written (permissions, format, passphrase)."""
 
-    reason = "key-store"
+    code = "key-store"
 
 
 class TrustRootError(SecurityError):
     """A trust root (root metadata shipped to devices) is missing, unreadable or not self-signed."""
 
-    reason = "trust-root"
+    code = "trust-root"
 
 
 class RefusedError(SecurityError):
@@ -33,64 +33,64 @@ class SignatureRefused(RefusedError):
     """Metadata not signed by a threshold of the keys the trust root names (unknown key,
     too few signatures, a root rotation not signed by old and new keys)."""
 
-    reason = "signature"
+    code = "signature"
 
 
 class RollbackRefused(RefusedError):
     """Metadata older than what was already accepted (a rollback or replay)."""
 
-    reason = "rollback"
+    code = "rollback"
 
 
 class ExpiredRefused(RefusedError):
     """Metadata past its expiry (a freeze: someone serves stale metadata)."""
 
-    reason = "expired"
+    code = "expired"
 
 
 class TargetMismatch(RefusedError):
     """A file's bytes are not the signed length or hashes (tampered, truncated, endless)."""
 
-    reason = "hash-mismatch"
+    code = "hash-mismatch"
 
 
 class TargetTooLong(TargetMismatch):
     """The server sent more bytes than the signed length (endless data)."""
 
-    reason = "length-mismatch"
+    code = "length-mismatch"
 
 
 class MetadataRefused(RefusedError):
     """Metadata that does not verify for another reason (malformed, inconsistent, mix-and-match)."""
 
-    reason = "metadata"
+    code = "metadata"
 
 
 class DesiredStateRefused(RefusedError):
     """A signed desired state this device must not act on (policy, not signature)."""
 
-    reason = "desired-state"
+    code = "desired-state"
 
 
 class OtherTargetRefused(DesiredStateRefused):
     """The desired state is for another group or device."""
 
-    reason = "other-target"
+    code = "other-target"
 
 
 class UnsafePathRefused(DesiredStateRefused):
     """A target path that could escape the model's directory (`..`, absolute, odd names)."""
 
-    reason = "unsafe-path"
+    code = "unsafe-path"
 
 
 class OtherReleaseRefused(DesiredStateRefused):
     """A file path that belongs to another model or version than the one named."""
 
-    reason = "other-release"
+    code = "other-release"
 
 
 class StaleDesiredState(DesiredStateRefused):
     """A desired state whose serial is below one already accepted."""
 
-    reason = "stale-desired-state"
+    code = "stale-desired-state"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from mqtt_broker import MosquittoBroker
 
 from agent.app import create_app, wait_until_loaded
 from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig
@@ -143,3 +144,16 @@ def make_agent(state_dir: Path) -> Callable[..., AbstractAsyncContextManager[Run
         return start_agent(config)
 
     return factory
+
+
+# ---- MQTT: a real mosquitto per test (cheap: ~50 ms), shared by telemetry and update tests ----
+
+@pytest.fixture
+def mqtt_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A mosquitto on a free loopback port; `stop()` / `start()` / `restart()` keep the port."""
+    broker = MosquittoBroker(tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -54,6 +54,12 @@ path = "/opt/bundles/embed"
         ("log_level = 'chatty'", {}, "log_level: expected one of"),
         ("[server\nport = 1", {}, "not valid TOML"),
         ("", {"EDGEFLEET_SERVER__PORT": "x1"}, "environment: server.port: expected an integer"),
+        ("[mqtt]\nhost = 'b'\ndevice_id = 'a/b'", {}, "mqtt: device_id 'a/b' must be"),
+        ("[mqtt]\nhost = 'b'\ngroup = '#'", {}, "mqtt: group '#' must be"),
+        ("[mqtt]\nhost = 'b'\npassword = 'x'", {}, "mqtt: a password needs a username"),
+        ("[mqtt]\nhost = 'b'\nca_file = '/ca.pem'", {}, "mqtt: ca_file / cert_file are set but tls = false"),
+        ("[mqtt]\nhost = 'b'\nkeepalive_s = 1", {}, "mqtt: keepalive_s must be 5..65535"),
+        ("[mqtt]\nhots = 'b'", {}, "unknown key mqtt.hots"),
     ],
 )
 def test_mistakes_are_reported_with_the_file_and_key(tmp_path, text, environ, fragment):
@@ -67,3 +73,25 @@ def test_mistakes_are_reported_with_the_file_and_key(tmp_path, text, environ, fr
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_mqtt_is_off_by_default_and_configured_from_file_and_environment(tmp_path):
+    assert not load_config(None, environ={}).mqtt.enabled
+    path = write(tmp_path, """
+[mqtt]
+host = "broker.example"
+tls = true
+username = "dev-7"
+password_file = "/etc/edgefleet/mqtt-password"
+group = "shop-floor"
+""")
+    config = load_config(path, environ={"EDGEFLEET_MQTT__DEVICE_ID": "press-7"})
+    mqtt = config.mqtt
+    assert mqtt.enabled and mqtt.broker_port == 8883 and mqtt.tls
+    assert mqtt.device_id == "press-7" and mqtt.client_id == "edgefleet-press-7" and mqtt.group == "shop-floor"
+
+
+def test_the_default_device_id_is_a_valid_topic_level():
+    from sync.mqtt.settings import ID_RE, default_device_id
+
+    assert ID_RE.match(default_device_id())
