@@ -13,6 +13,7 @@ Pure functions over metadata objects and bytes; no files, no network.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
@@ -83,7 +84,7 @@ def rotated(
     """The next root version with keys of `role` added and revoked (not yet signed)."""
     if role not in TOP_LEVEL_ROLES:
         raise TrustRootError(f"unknown role {role!r}")
-    signed = Root.from_dict(current.to_dict())
+    signed = Root.from_dict(copy.deepcopy(current.to_dict()))  # to_dict shares the roles' key lists
     signed.version = current.version + 1
     signed.expires = expires
     for key in add:

@@ -31,7 +31,7 @@ from security.desired import (
 from security.errors import RefusedError
 
 from ..errors import HubError
-from ..topics import desired_topic
+from ..mqtt.topics import Topics
 from .repository import HubRepository
 
 
@@ -50,8 +50,11 @@ class PublishResult:
     serial: int
     targets_version: int
     models: Mapping[str, str]
-    doorbell_topic: str
     doorbell: bytes
+
+    def doorbell_topic(self, prefix: str) -> str:
+        topics = Topics(prefix, self.target if self.scope == "group" else "-", self.target)
+        return topics.group_desired if self.scope == "group" else topics.device_desired
 
 
 def current_desired(repo: HubRepository, scope: Scope, target: str) -> DesiredState | None:
@@ -106,7 +109,6 @@ def publish(
         serial=state.serial,
         targets_version=targets_version,
         models={m.name: m.version for m in merged.values()},
-        doorbell_topic=desired_topic(scope, target),
         doorbell=doorbell_payload(targets_version, state.serial, state.issued_at),
     )
 

@@ -22,6 +22,7 @@ sign metadata that has already expired without waiting.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -240,7 +241,9 @@ class HubRepository(Repository):
         self.do_timestamp()
         return self.targets().version
 
-    def rotate_key(self, role: str, revoke: Sequence[str] | None = None, count: int = 1) -> tuple[list[str], list[str]]:
+    def rotate_key(
+        self, role: str, revoke: Sequence[str] | None = None, count: int | None = None
+    ) -> tuple[list[str], list[str]]:
         """Replace keys of `role`: `count` new keys in, `revoke` (default: all the role's current
         keys) out. The new root is signed by a threshold of the old root keys and of the new
         ones; the role's own metadata is re-signed with its new keys. Returns (added, revoked)."""
@@ -248,7 +251,7 @@ class HubRepository(Repository):
         current = root_md.signed
         old_root_keyids = list(current.roles["root"].keyids)
         revoke = list(current.roles[role].keyids) if revoke is None else list(revoke)
-        added = [self.keys.generate(role) for _ in range(count)]
+        added = [self.keys.generate(role) for _ in range(len(revoke) if count is None else count)]
         try:
             new_md = rotated(current, role, [k.public_key for k in added], revoke, self._expiry(Root.type))
             keyids = set(old_root_keyids) | set(new_md.signed.roles["root"].keyids)
@@ -287,7 +290,7 @@ class HubRepository(Repository):
         done = []
         if force or "root" in due:
             root = self.open(Root.type)
-            previous = Root.from_dict(root.signed.to_dict())
+            previous = Root.from_dict(copy.deepcopy(root.signed.to_dict()))
             root.signed.version += 1
             root.signed.expires = self._expiry(Root.type)
             sign_root(root, self.keys.signers_for("root", list(root.signed.roles["root"].keyids)), previous)
