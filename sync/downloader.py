@@ -118,6 +118,11 @@ class Downloader:
         stats.requests += 1
         async with self.session.get(item.url, headers=headers, timeout=timeout) as resp:
             if resp.status == 206 and have:
+                total = _content_range_total(resp.headers.get("Content-Range"))
+                if total is not None and total != item.length:
+                    raise TargetMismatch(
+                        f"{item.url}: the server's file is {total} bytes; the signed length is {item.length}"
+                    )
                 if not _range_matches(resp.headers.get("Content-Range"), have, item.length):
                     log.warning(
                         "%s: 206 with Content-Range %r, not bytes %d-/%d: starting over",
@@ -126,21 +131,29 @@ class Downloader:
                         have,
                         item.length,
                     )
-                    have, digest = 0, hashlib.sha256()
                     stats.restarts += 1
                     _truncate(item.dest)
-                    return have, digest
+                    return 0, hashlib.sha256()
             elif resp.status == 200:
+                if resp.content_length is not None and resp.content_length != item.length:
+                    raise TargetMismatch(
+                        f"{item.url}: the server's file is {resp.content_length} bytes; the "
+                        f"signed length is {item.length}"
+                    )
                 if have:
                     log.info("%s: the server ignored Range; starting over", item.url)
                     stats.restarts += 1
                 have, digest = 0, hashlib.sha256()
                 _truncate(item.dest)
             elif resp.status == 416 and have:
-                have, digest = 0, hashlib.sha256()  # what we hold is not a prefix of the file
-                stats.restarts += 1
+                total = _content_range_total(resp.headers.get("Content-Range"))
+                if total is not None and total != item.length:
+                    raise TargetMismatch(
+                        f"{item.url}: the server's file is {total} bytes; the signed length is {item.length}"
+                    )
+                stats.restarts += 1  # what we hold is not a prefix of the file
                 _truncate(item.dest)
-                return have, digest
+                return 0, hashlib.sha256()
             elif resp.status >= 500 or resp.status == 429:
                 raise HubUnreachable(f"{item.url}: HTTP {resp.status}")
             else:
@@ -187,6 +200,11 @@ def _range_matches(header: str | None, start: int, length: int) -> bool:
         return False
     first, last, total = match.groups()
     return int(first) == start and start <= int(last) < length and total in (str(length), "*")
+
+
+def _content_range_total(header: str | None) -> int | None:
+    total = (header or "").rpartition("/")[2]
+    return int(total) if total.isdigit() else None
 
 
 def _truncate(path: Path) -> None:
