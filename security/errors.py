@@ -54,10 +54,16 @@ class TargetMismatch(RefusedError):
     code = "hash-mismatch"
 
 
-class TargetTooLong(TargetMismatch):
+class WrongLength(TargetMismatch):
+    """The file is not the signed length."""
+
+    code = "wrong-length"
+
+
+class TargetTooLong(WrongLength):
     """The server sent more bytes than the signed length (endless data)."""
 
-    code = "length-mismatch"
+    code = "too-long"
 
 
 class MetadataRefused(RefusedError):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import aiohttp
 
-from security.errors import TargetMismatch, TargetTooLong
+from security.errors import TargetMismatch, TargetTooLong, WrongLength
 
 from .errors import DownloadFailed, HubUnreachable
 
@@ -120,7 +120,7 @@ class Downloader:
             if resp.status == 206 and have:
                 total = _content_range_total(resp.headers.get("Content-Range"))
                 if total is not None and total != item.length:
-                    raise TargetMismatch(
+                    raise WrongLength(
                         f"{item.url}: the server's file is {total} bytes; the signed length is {item.length}"
                     )
                 if not _range_matches(resp.headers.get("Content-Range"), have, item.length):
@@ -136,7 +136,7 @@ class Downloader:
                     return 0, hashlib.sha256()
             elif resp.status == 200:
                 if resp.content_length is not None and resp.content_length != item.length:
-                    raise TargetMismatch(
+                    raise WrongLength(
                         f"{item.url}: the server's file is {resp.content_length} bytes; the "
                         f"signed length is {item.length}"
                     )
@@ -148,7 +148,7 @@ class Downloader:
             elif resp.status == 416 and have:
                 total = _content_range_total(resp.headers.get("Content-Range"))
                 if total is not None and total != item.length:
-                    raise TargetMismatch(
+                    raise WrongLength(
                         f"{item.url}: the server's file is {total} bytes; the signed length is {item.length}"
                     )
                 stats.restarts += 1  # what we hold is not a prefix of the file

@@ -47,7 +47,14 @@ from runtime.errors import RuntimeLayerError
 from runtime.registry import ModelRegistry, RegistryEvent
 from runtime.store import ModelStore
 from security.desired import DesiredModel, Doorbell, parse_doorbell
-from security.errors import OtherReleaseRefused, RefusedError, SecurityError, StaleDesiredState, TargetMismatch
+from security.errors import (
+    OtherReleaseRefused,
+    RefusedError,
+    SecurityError,
+    StaleDesiredState,
+    TargetMismatch,
+    WrongLength,
+)
 
 from .downloader import Downloader, DownloadStats, Fetch, Progress
 from .errors import (
@@ -451,7 +458,10 @@ class UpdateService:
     def _verify(self, desired: DesiredModel, files: dict[str, SignedFile]) -> None:
         for file, signed in files.items():
             path = self.store.blob_path(signed.sha256)
-            if path.stat().st_size != signed.length or not self.store.verify_blob(signed.sha256):
+            if path.stat().st_size != signed.length:
+                path.unlink(missing_ok=True)
+                raise WrongLength(f"{desired.name} {desired.version}: {file} in the store is not the signed length")
+            if not self.store.verify_blob(signed.sha256):
                 path.unlink(missing_ok=True)
                 raise TargetMismatch(f"{desired.name} {desired.version}: {file} in the store is not the signed bytes")
         toml = self.store.blob_path(files["model.toml"].sha256).read_text(encoding="utf-8", errors="replace")
