@@ -95,7 +95,8 @@ class Downloader:
                 item.dest.unlink(missing_ok=True)
                 raise
             except (aiohttp.ClientError, TimeoutError, HubUnreachable) as exc:
-                have = item.dest.stat().st_size if item.dest.exists() else 0
+                # what reached the disk is what counts: hash it again rather than trust the attempt's state
+                digest, have = await asyncio.to_thread(_hash_prefix, item.dest, item.length)
                 attempt += 1
                 if attempt > self.retries:
                     raise HubUnreachable(f"{item.url}: gave up after {self.retries} retries: {exc}") from None

@@ -75,6 +75,7 @@ class Behaviour:
     cut_after: int | None = None  # bytes of body, first request only
     endless: bool = False
     serve_instead: Path | None = None
+    ignore_range: bool = False
     cut_done: bool = False
 
 
@@ -127,7 +128,7 @@ class Mirror:
             )
             return web.FileResponse(path)
         data = (behaviour.serve_instead or path).read_bytes()
-        start = request.http_range.start or 0
+        start = 0 if behaviour.ignore_range else request.http_range.start or 0
         if start:
             response = web.StreamResponse(
                 status=206, headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
