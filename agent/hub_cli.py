@@ -23,7 +23,7 @@ from typing import Any
 from security.errors import SecurityError
 from security.keys import ROLES
 from sync.errors import SyncError
-from sync.hub.mqtt_tools import Broker, fleet_status, ring_doorbell
+from sync.hub.mqtt_tools import Broker, fleet_status, follow_updates, ring_doorbell
 from sync.hub.publish import BundleSource, publish
 from sync.hub.repository import HubRepository, HubSettings
 
@@ -85,6 +85,10 @@ def add_hub_commands(commands: Any) -> None:
     add_mqtt_args(status)
     status.add_argument("--wait", type=float, default=1.0, help="seconds to collect retained messages")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--follow", type=float, metavar="SECONDS",
+                        help="then print update transitions as they arrive, for SECONDS (0: until interrupted)")
+    status.add_argument("--until", metavar="STATE", help="with --follow: stop at the first transition into STATE "
+                        "(e.g. active); exit 1 if none came")
 
 
 def add_hub_dir(parser: argparse.ArgumentParser) -> None:
@@ -186,6 +190,14 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.role}: added {', '.join(k[:16] for k in added)}; revoked {', '.join(k[:16] for k in revoked)}")
         print(f"root is now v{repo.root().version}; devices follow the rotation at their next refresh")
         return 0
+    if command == "status" and args.follow is not None:
+        def emit(m: dict[str, Any]) -> None:
+            code = f" ({m.get('code')}: {m.get('message')})" if m.get("code") else ""
+            print(f"{m.get('device')}: {m.get('model') or '-'} {m.get('version') or ''} -> {m.get('state')}{code}",
+                  flush=True)
+
+        reached = follow_updates(_broker(args), args.topic_prefix, args.follow, args.until, emit)
+        return 0 if reached or args.until is None else 1
     if command == "status":
         rows = fleet_status(_broker(args), args.topic_prefix, args.wait)
         if args.json:
@@ -194,7 +206,7 @@ def _run(args: argparse.Namespace) -> int:
         if not rows:
             print("no device has reported")
             return 0
-        print(f"{'DEVICE':20} {'GROUP':12} {'ONLINE':6}  {'UPDATE':28} MODELS")
+        print(f"{'DEVICE':20} {'GROUP':12} {'ONLINE':6}  {'LAST UPDATE':44} MODELS")
         for row in rows:
             update = row["update"] or {}
             state = " ".join(str(x) for x in (update.get("state"), update.get("model"), update.get("version")) if x)
@@ -202,6 +214,6 @@ def _run(args: argparse.Namespace) -> int:
                 state += f" ({update['code']})"
             online = {True: "yes", False: "no"}.get(row["online"], "?")
             models = ", ".join(f"{n}={v}" for n, v in sorted(row["models"].items()))
-            print(f"{row['device']:20} {row['group'] or '-':12} {online:6}  {state or '-':28} {models}")
+            print(f"{row['device']:20} {row['group'] or '-':12} {online:6}  {state or '-':44} {models}")
         return 0
     raise HubCliError(f"unknown hub command {command}", code=2)

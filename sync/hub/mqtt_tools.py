@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
-import paho.mqtt.publish as paho_publish
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from ..errors import HubUnreachable
@@ -34,13 +34,27 @@ class Broker:
             raise ValueError(f"broker {text!r}: use HOST or HOST:PORT") from None
 
 
-def ring_doorbell(broker: Broker, topic: str, payload: bytes) -> None:
-    """Publish a retained doorbell (QoS 1): agents that connect later still hear it."""
+def ring_doorbell(broker: Broker, topic: str, payload: bytes, timeout_s: float = 10.0) -> None:
+    """Publish a retained doorbell (QoS 1, waits for the broker's ack): agents that connect
+    later still hear it."""
+    client = _client()
     try:
-        paho_publish.single(topic, payload, qos=1, retain=True, hostname=broker.host, port=broker.port,
-                            protocol=MQTTProtocolVersion.MQTTv5, client_id="")
+        client.connect(broker.host, broker.port)
     except OSError as exc:
         raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: {exc}") from None
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout_s)
+        if not info.is_published():
+            raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: no ack within {timeout_s:g}s")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _client() -> paho.Client:
+    return paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
 
 
 def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0) -> dict[str, Any]:
@@ -48,7 +62,7 @@ def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0)
     ones arrive at once)."""
     received: dict[str, Any] = {}
     lock = threading.Lock()
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client = _client()
 
     def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         for topic_filter in topic_filters:
@@ -76,6 +90,42 @@ def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0)
         client.loop_stop()
     with lock:
         return dict(received)
+
+
+def follow_updates(broker: Broker, prefix: str, seconds: float, until: str | None,
+                   emit: Callable[[dict[str, Any]], None]) -> bool:
+    """Call `emit` with each update transition as it arrives (not the retained ones) for
+    `seconds` (0: until interrupted) or until one reaches state `until`; returns whether it did."""
+    done = threading.Event()
+    client = _client()
+
+    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        client.subscribe(f"{prefix}/devices/+/update", qos=1)
+
+    def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if msg.retain:
+            return
+        try:
+            body = orjson.loads(msg.payload)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(body, dict):
+            emit(body)
+            if until is not None and body.get("state") == until:
+                done.set()
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(broker.host, broker.port)
+    except OSError as exc:
+        raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: {exc}") from None
+    client.loop_start()
+    try:
+        return done.wait(seconds or None)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def fleet_status(broker: Broker, prefix: str, wait_s: float = 1.0) -> list[dict[str, Any]]:
