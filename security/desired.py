@@ -62,6 +62,9 @@ class DesiredModel:
     version: str
     #: file name in the bundle -> target path in the repository
     files: Mapping[str, str]
+    #: the desired-state serial at which this entry was last published: a version denied on a
+    #: device is tried again only when its entry is published anew
+    serial: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,11 @@ class DesiredState:
             "serial": self.serial,
             "issued_at": self.issued_at,
             "models": {
-                m.name: {"version": m.version, "files": dict(sorted(m.files.items()))}
+                m.name: {
+                    "version": m.version,
+                    "files": dict(sorted(m.files.items())),
+                    "serial": m.serial or self.serial,
+                }
                 for m in sorted(self.models.values(), key=lambda m: m.name)
             },
         }
@@ -109,11 +116,11 @@ def parse_desired(data: bytes, scope: Scope, target: str) -> DesiredState:
         raise DesiredStateRefused("desired state has no 'models' object")
     models = {}
     for name, entry in raw_models.items():
-        models[check_name(name, "model name")] = _parse_model(name, entry)
+        models[check_name(name, "model name")] = _parse_model(name, entry, serial)
     return DesiredState(scope, target, serial, models, str(body.get("issued_at", "")))
 
 
-def _parse_model(name: str, entry: Any) -> DesiredModel:
+def _parse_model(name: str, entry: Any, state_serial: int) -> DesiredModel:
     if not isinstance(entry, dict):
         raise DesiredStateRefused(f"model {name}: expected an object")
     version = check_name(entry.get("version"), f"model {name} version")
@@ -132,7 +139,10 @@ def _parse_model(name: str, entry: Any) -> DesiredModel:
                 f"({model_file_path(name, version, file)})"
             )
         checked[file] = path
-    return DesiredModel(name, version, checked)
+    serial = entry.get("serial", state_serial)
+    if not isinstance(serial, int) or isinstance(serial, bool) or not 0 <= serial <= state_serial:
+        raise DesiredStateRefused(f"model {name}: serial must be an integer up to the state's {state_serial}")
+    return DesiredModel(name, version, checked, serial)
 
 
 def _unsafe(path: str) -> bool:

@@ -6,7 +6,7 @@
   step it reached and how many activations were interrupted (a version that
   keeps killing the agent is given up on);
 - the deny list: versions that failed verification or their health check, not
-  tried again until a newer desired state is accepted;
+  tried again until the desired state publishes that model's entry anew;
 - the last transition published per model, so the retained update topic can be
   set right after a restart.
 
@@ -45,8 +45,8 @@ class DenyEntry:
     version: str
     code: str
     message: str
-    #: the desired serials when it was denied: a newer desired state lifts it
-    serial: str
+    #: the serial of the model's desired entry when it was denied: a newer one lifts it
+    serial: int
 
 
 @dataclass
@@ -56,6 +56,8 @@ class JournalData:
     targets_version: int = 0
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     deny: list[DenyEntry] = field(default_factory=list)
+    #: model -> serial of its desired entry, as last seen
+    entry_serials: dict[str, int] = field(default_factory=dict)
     last: dict[str, dict[str, Any]] = field(default_factory=dict)
     seq: int = 0
 
@@ -83,6 +85,7 @@ class Journal:
             targets_version=int(raw.get("targets_version", 0)),
             jobs={k: JobRecord(**v) for k, v in raw.get("jobs", {}).items()},
             deny=[DenyEntry(**d) for d in raw.get("deny", [])],
+            entry_serials={k: int(v) for k, v in raw.get("entry_serials", {}).items()},
             last=dict(raw.get("last", {})),
             seq=int(raw.get("seq", 0)),
         )
@@ -99,14 +102,17 @@ class Journal:
 
     def deny(self, model: str, version: str, code: str, message: str) -> None:
         if self.denied(model, version) is None:
-            self.data.deny.append(DenyEntry(model, version, code, message, self.data.serial_key))
+            serial = self.data.entry_serials.get(model, 0)
+            self.data.deny.append(DenyEntry(model, version, code, message, serial))
+
+    def see_entry(self, model: str, serial: int) -> None:
+        """The desired entry of `model` as published now: a newer one lifts its denials."""
+        self.data.entry_serials[model] = serial
+        self.data.deny = [d for d in self.data.deny if d.model != model or d.serial >= serial]
 
     def accept_serials(self, group: int, device: int, targets_version: int) -> bool:
-        """Record newly accepted desired serials; a newer desired state lifts the deny list.
-        Returns whether anything changed."""
+        """Record newly accepted desired serials; returns whether they changed."""
         changed = (group, device) != (self.data.group_serial, self.data.device_serial)
-        if changed:
-            self.data.group_serial, self.data.device_serial = group, device
-            self.data.deny = [d for d in self.data.deny if d.serial == self.data.serial_key]
+        self.data.group_serial, self.data.device_serial = group, device
         self.data.targets_version = max(self.data.targets_version, targets_version)
         return changed

@@ -23,7 +23,7 @@ before the models load at start-up and puts `current` back on the confirmed
 version when an activation was interrupted; the job then resumes (downloads
 continue where they stopped) or, after `max_activation_attempts`
 interruptions, ends rolled-back. A version that failed verification or its
-health check is denied until a newer desired state is accepted.
+health check is denied until the hub publishes that model's desired entry anew.
 
 Talks to the runtime only through `ModelStore` and `ModelRegistry`.
 """
@@ -288,11 +288,19 @@ class UpdateService:
                     )
                     return {"outcome": "rejected", "code": StaleDesiredState.code}
             self.journal.accept_serials(view.serial("group"), view.serial("device"), view.targets_version)
+            for model in view.models.values():
+                self.journal.see_entry(model.name, self._entry_serial(view, model))
             self.journal.save()
             results = {}
             for name in sorted(view.models):
                 results[name] = await self._reconcile_model(view, view.models[name])
             return {"outcome": "reconciled", "targets_version": view.targets_version, "models": results}
+
+    @staticmethod
+    def _entry_serial(view: HubView, model: DesiredModel) -> int:
+        """Group and device serials count separately: a device entry sorts above any group one."""
+        from_device = view.device is not None and model.name in view.device.models
+        return model.serial + (1 << 32 if from_device else 0)
 
     def _judge_doorbell(self, doorbell: Doorbell, scope: str, view: HubView, accepted: int) -> None:
         signed = view.serial(scope)
@@ -342,7 +350,7 @@ class UpdateService:
             return "up-to-date"
         denied = self.journal.denied(name, version)
         if denied is not None and job is None:
-            log.info("%s %s is denied until a newer desired state (%s)", name, version, denied.message)
+            log.info("%s %s is denied until the hub publishes it anew (%s)", name, version, denied.message)
             return "denied"
         if job is None:
             job = JobRecord(
@@ -486,7 +494,7 @@ class UpdateService:
 
     async def rollback(self, name: str, reason: str) -> str:
         """Serve the previous version of `name` again (`models rollback`, the rollback command);
-        the version rolled back from is denied until a newer desired state."""
+        the version rolled back from is denied until the hub publishes that model anew."""
         async with self._lock:
             current = self.store.current(name)
             target = await self._roll_back_serving(name, reason)

@@ -62,6 +62,18 @@ async def test_a_download_cut_halfway_resumes_and_fetches_no_byte_twice(mirror: 
     assert stats.bytes_received == SIZE  # every byte arrived exactly once
 
 
+async def test_a_stalled_download_is_cut_by_the_read_timeout_and_resumed(mirror: Mirror, tmp_path: Path) -> None:
+    mirror.on("blob.bin", stall_after=SIZE // 4)  # slow retrieval: the server goes quiet
+    stats = DownloadStats()
+    async with aiohttp.ClientSession() as session:
+        downloader = Downloader(session, backoff_s=0.05, read_timeout_s=0.5)
+        path = await downloader.fetch(fetch_for(mirror, tmp_path / "x.part"), stats=stats)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == fetch_for(mirror, path).sha256
+    assert stats.requests == 2 and stats.bytes_received == SIZE
+    first, second = mirror.ranges["blob.bin"]
+    assert first is None and second is not None and int(second[6:-1]) >= SIZE // 4
+
+
 async def test_a_partial_file_left_by_a_killed_agent_is_rehashed_and_continued(mirror: Mirror, tmp_path: Path) -> None:
     dest = tmp_path / "x.part"
     dest.write_bytes((mirror.root / "blob.bin").read_bytes()[: SIZE // 3])

@@ -260,6 +260,28 @@ async def test_an_update_announced_while_the_broker_was_down_arrives_after_it_re
     assert state["online"] is True
 
 
+async def test_reports_wait_for_the_broker_and_never_hold_an_update(
+    agent: RunningAgent, hub: HubRepository, broker: MosquittoBroker, watcher: Watcher, e2e_dir: Path
+) -> None:
+    release = make_release(e2e_dir / "emb-3", e2e_dir / "emb-4", "4", onnx_note="edgefleet release 4")
+    publish_release(hub, EMBED, release)
+    broker.stop()
+    service = agent.app[UPDATES]
+    outcome = await service.check_now()  # the hub is reachable; the broker is not
+    assert outcome["models"][EMBED] == "active"
+    assert await served_version(agent, EMBED) == "4"
+    assert service.reporter.pending >= len(JOB_STEPS)  # waiting, not lost, not blocking
+    sent = service.reporter.sent
+    broker.start()  # empty: the watcher's session and the retained messages are gone
+    async with asyncio.timeout(60):
+        while service.reporter.pending:
+            await asyncio.sleep(0.05)
+    assert service.reporter.sent >= sent + len(JOB_STEPS)
+    with Watcher(broker, UPDATE_TOPIC) as late:  # what an operator who looks now sees
+        last = json.loads((await late.wait(UPDATE_TOPIC))[-1].payload)
+    assert (last["model"], last["version"], last["state"]) == (EMBED, "4", "active")
+
+
 def test_hub_keys_are_owner_only(hub: HubRepository) -> None:
     assert os.stat(hub.keys.directory).st_mode & 0o777 == 0o700
     keys = list(hub.keys.directory.iterdir())

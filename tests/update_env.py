@@ -76,6 +76,7 @@ class Behaviour:
     endless: bool = False
     serve_instead: Path | None = None
     ignore_range: bool = False
+    stall_after: int | None = None  # bytes of body, then silence (first request only)
     cut_done: bool = False
 
 
@@ -106,7 +107,7 @@ class Mirror:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/{path:.+}", self._handle)
-        self.runner = web.AppRunner(app, handle_signals=False)
+        self.runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 
@@ -153,6 +154,11 @@ class Mirror:
                 behaviour.cut_done = True
                 assert request.transport is not None
                 request.transport.abort()  # the connection drops mid-file
+                return response
+            if behaviour.stall_after is not None and not behaviour.cut_done and offset >= behaviour.stall_after:
+                behaviour.cut_done = True
+                while request.transport is not None and not request.transport.is_closing():
+                    await asyncio.sleep(0.05)  # silence until the client gives up
                 return response
             await response.write(piece)
             self.sent[rel] = self.sent.get(rel, 0) + len(piece)

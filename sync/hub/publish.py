@@ -10,6 +10,7 @@ devices never need it to be right, only to be rung.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,8 @@ def publish(
             raise HubError(f"{name} {version} was never published; publish its bundle first")
         models[name] = DesiredModel(name, version, paths)
     previous = current_desired(repo, scope, target)
+    serial = (previous.serial if previous else 0) + 1
+    models = {name: dataclasses.replace(model, serial=serial) for name, model in models.items()}
     merged = dict(previous.models) if previous else {}
     for name in remove:
         if merged.pop(name, None) is None:
