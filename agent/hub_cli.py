@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from security.desired import Scope
 from security.errors import SecurityError
 from security.keys import ROLES
 from sync.errors import SyncError
@@ -151,7 +152,8 @@ def _run(args: argparse.Namespace) -> int:
         for spec in args.bundles:
             name, sep, path = spec.partition("=")
             bundles.append(BundleSource(Path(path), name) if sep else BundleSource(Path(spec)))
-        scope, target = ("group", args.group) if args.group else ("device", args.device)
+        scope: Scope = "group" if args.group else "device"
+        target = args.group or args.device
         if not bundles and not args.pin and not args.remove:
             raise HubCliError("nothing to publish: give bundle directories, --pin or --remove", code=2)
         result = publish(repo, scope, target, bundles, _pairs(args.pin, "--pin"), args.remove)

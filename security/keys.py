@@ -112,7 +112,7 @@ class KeyStore:
         except ValueError as exc:
             raise KeyStoreError(f"{path}: not a private key we can read ({exc})") from None
         try:
-            signer = CryptoSigner(private)  # type: ignore[arg-type]
+            signer = CryptoSigner(private)
         except ValueError as exc:
             raise KeyStoreError(f"{path}: unsupported key ({exc})") from None
         return StoredKey(role, signer.public_key.keyid, path, signer)

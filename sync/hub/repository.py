@@ -146,14 +146,14 @@ class HubRepository(Repository):
         md.signed.expires = self._expiry(role)
         self.sign_and_write(role, md)
 
-    def sign_and_write(self, role: str, md: Metadata, signers: list[Signer] | None = None) -> None:
+    def sign_and_write(self, role: str, md: Metadata, signers: Sequence[Signer] | None = None) -> None:
         """Sign `md` with `signers` (default: every key of the role the store holds), check a
         client would accept it, write it."""
         root = md.signed if role == Root.type else self.root()
         keyids = root.roles[role].keyids
         if signers is None:
             try:
-                signers = self.keys.signers_for(role, keyids)
+                signers = list(self.keys.signers_for(role, keyids))
             except SecurityError as exc:
                 raise HubError(str(exc)) from None
         md.signatures.clear()
