@@ -282,6 +282,30 @@ async def test_reports_wait_for_the_broker_and_never_hold_an_update(
     assert (last["model"], last["version"], last["state"]) == (EMBED, "4", "active")
 
 
+async def test_models_fetch_downloads_and_verifies_with_a_progress_bar_without_activating(
+    agent: RunningAgent, hub: HubRepository, hub_url: str, e2e_dir: Path
+) -> None:
+    release = make_release(e2e_dir / "emb-3", e2e_dir / "emb-5", "5", onnx_note="edgefleet release 5")
+    publish_release(hub, EMBED, release)  # no doorbell: the agent does not know yet
+    config = e2e_dir / "fetch.toml"
+    config.write_text(
+        f'state_dir = "{e2e_dir / "state"}"\n[mqtt]\ndevice_id = "{DEVICE}"\ngroup = "lab"\n'
+        f'[updates]\nhub_url = "{hub_url}"\ntrust_root = "{hub.dir / "trust-root.json"}"\n'
+    )
+    code, out = await cli("models", "fetch", "--config", str(config))
+    assert code == 0, out
+    assert f"{EMBED}=5" in out and "2 file(s) verified" in out  # model.onnx and model.toml; the tokenizer is unchanged
+    assert "100%" in out  # tqdm's bar for the model file
+    onnx = hub.targets().targets[f"models/{EMBED}/5/model.onnx"].hashes["sha256"]
+    store = ModelStore(e2e_dir / "state")
+    assert store.verify_blob(onnx) and store.current(EMBED) == "4"  # fetched, verified, not activated
+    assert await served_version(agent, EMBED) == "4"
+    outcome = await agent.app[UPDATES].check_now()  # the agent then finds the file already there
+    assert outcome["models"][EMBED] == "active"
+    assert onnx not in agent.app[UPDATES].download_stats  # nothing downloaded again
+    assert await served_version(agent, EMBED) == "5"
+
+
 def test_hub_keys_are_owner_only(hub: HubRepository) -> None:
     assert os.stat(hub.keys.directory).st_mode & 0o777 == 0o700
     keys = list(hub.keys.directory.iterdir())

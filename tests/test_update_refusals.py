@@ -11,7 +11,9 @@ test to the TUF attack it covers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import shutil
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -186,6 +188,25 @@ async def test_a_file_served_endlessly_past_its_signed_length_is_cut_off(
     sha = stored.name.split(".", 1)[0]
     assert agent.app[UPDATES].download_stats[sha].bytes_received <= signed  # ...the agent took nothing past it
     await old_version_serves(agent, env_dir)
+
+
+async def test_an_update_that_would_fill_the_disk_is_not_started(agent, hub, watcher, log, env_dir) -> None:
+    service = agent.app[UPDATES]
+    settings = service.settings
+    free_mb = shutil.disk_usage(env_dir).free >> 20
+    service.settings = dataclasses.replace(settings, min_free_mb=free_mb)  # as if the disk were nearly full
+    try:
+        seq = log.last_seq()
+        result = publish_release(hub, EMBED, release(env_dir, "big"))
+        ring(watcher, result.doorbell)
+        message = await log.until(seq, {"failed", "active"}, EMBED)
+    finally:
+        service.settings = settings
+    assert message["state"] == "failed" and message["code"] == "disk-full", message
+    assert "MB are free" in message["message"]
+    assert not list(ModelStore(env_dir / "state").staging.iterdir())  # not a byte fetched
+    await old_version_serves(agent, env_dir)
+    restore_desired(hub, serial_of(hub) + 1)  # not a verdict on the release: it would install with room
 
 
 # ---- metadata that is not what the trust root allows ---------------------------------------------------
