@@ -44,6 +44,7 @@ from .fleet_link import mqtt_ctx
 from .http_server import shutdown_grace_s
 from .kserve import http_api as kserve_api
 from .metrics import Metrics
+from .telemetry import telemetry_ctx
 from .updates import recovery_ctx, updates_ctx, with_managed_models
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app.cleanup_ctx.append(recovery_ctx)  # signed updates: `current` is a verified version before models load
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
+    app.cleanup_ctx.append(telemetry_ctx)  # sampler, idle unload, telemetry over the link
     app.cleanup_ctx.append(updates_ctx)  # after the link: doorbells, commands; stopped first
     app.on_shutdown.append(drain)
     openai_api.setup(app)

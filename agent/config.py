@@ -149,12 +149,48 @@ class ModelEntry:
     #: Working memory one request may use on this model, in MB (0: an equal share of
     #: runtime.memory_budget_mb).
     memory_budget_mb: int = 0
+    #: Energy saving: unload the model after this many seconds without a request; the
+    #: next request reloads it (and waits for the load). 0: stays loaded.
+    keep_alive_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
             raise ValueError(f"invalid model name {self.name!r}")
         if self.memory_budget_mb < 0:
             raise ValueError("memory_budget_mb must be 0 (its share) or more")
+        if self.keep_alive_s < 0:
+            raise ValueError("keep_alive_s must be 0 (stays loaded) or more")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    """``[telemetry]``: energy and system sampling, and the MQTT telemetry records (docs/telemetry.md)."""
+
+    #: false: no sampling, no records (and no system or energy figures in /metrics).
+    enabled: bool = True
+    #: Seconds between telemetry records (published on MQTT when [mqtt] is configured).
+    interval_s: float = 10.0
+    #: Seconds between energy readings (also the attribution window).
+    energy_sample_s: float = 1.0
+    #: Records kept on disk while the broker is away; past it the oldest are dropped and counted.
+    outbox_max_records: int = 10_000
+    #: The CPU estimate's power model, per logical CPU (used only where nothing is measured).
+    estimate_idle_w_per_cpu: float = 0.74
+    estimate_max_w_per_cpu: float = 3.5
+    #: An energy delta implying more than this (per domain) is a reset or garbage, not energy.
+    max_plausible_w: float = 10_000.0
+
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.interval_s <= 86_400:
+            raise ValueError("interval_s must be 0.1..86400")
+        if not 0.05 <= self.energy_sample_s <= self.interval_s:
+            raise ValueError("energy_sample_s must be at least 0.05 and at most interval_s")
+        if self.outbox_max_records < 1:
+            raise ValueError("outbox_max_records must be at least 1")
+        if not 0 <= self.estimate_idle_w_per_cpu <= self.estimate_max_w_per_cpu:
+            raise ValueError("estimate_idle_w_per_cpu must be 0..estimate_max_w_per_cpu")
+        if not self.max_plausible_w > 0:
+            raise ValueError("max_plausible_w must be more than 0")
 
 
 @dataclass(frozen=True)
@@ -170,6 +206,7 @@ class AgentConfig:
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     #: ``[updates]``: signed model updates from a hub (sync/update_settings.py); off while ``hub_url`` is unset.
     updates: UpdateSettings = field(default_factory=UpdateSettings)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]

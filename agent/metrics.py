@@ -3,19 +3,24 @@
 Request metrics are recorded by the HTTP middleware; queue, token and
 inference figures are counted by the runtime (`ModelUsage`, `SchedulerStats`)
 and read from the registry at scrape time by a collector, so the runtime stays
-free of any metrics library and every interface is counted alike. Each app has its own
+free of any metrics library and every interface is counted alike. System, energy and
+attribution figures are read from the runtime's `Sampler`, the same snapshots the MQTT
+telemetry records are built from. Each app has its own
 CollectorRegistry so that several agents can live in one test process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from runtime.registry import ModelRegistry, ModelState
+from runtime.sampler import Sampler
+from sync.mqtt import LinkStatus
+from sync.telemetry import OutboxStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -31,20 +36,23 @@ class Metrics:
             "edgefleet_http_request_duration_seconds", "Time to the last byte of the response",
             ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
-        self.time_to_first_token = Histogram(
-            "edgefleet_time_to_first_token_seconds", "From admission to the first generated text",
-            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry,
-        )
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... (prometheus_client's own)
+        ProcessCollector(registry=self.registry)
 
     def watch(self, models: ModelRegistry) -> None:
         self.registry.register(_RegistryCollector(models))
+
+    def watch_telemetry(self, sampler: Sampler, outbox: Callable[[], OutboxStats | None],
+                        link: Callable[[], LinkStatus | None]) -> None:
+        """System, energy, attribution, outbox and MQTT figures: what telemetry sends, at scrape time."""
+        self.registry.register(_TelemetryCollector(sampler, outbox, link))
 
 
 class _RegistryCollector(Collector):
     def __init__(self, models: ModelRegistry) -> None:
         self._models = models
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         loaded = GaugeMetricFamily(
             "edgefleet_models", "Models known to the registry, by state", labels=["state"]
         )
@@ -52,10 +60,22 @@ class _RegistryCollector(Collector):
         for state in ModelState:
             loaded.add_metric([state.value], sum(1 for s in statuses if s.state is state))
         yield loaded
+        keep_alive = GaugeMetricFamily("edgefleet_model_keep_alive_seconds",
+                                       "Idle time after which a model is unloaded (0: never)", labels=["model"])
+        in_memory = GaugeMetricFamily("edgefleet_model_loaded", "1 while the model is in memory, 0 when "
+                                  "unloaded for being idle (or loading, failed)", labels=["model", "state"])
+        for status in statuses:
+            keep_alive.add_metric([status.name], self._models.keep_alive_s.get(status.name, 0.0))
+            in_memory.add_metric([status.name, status.state.value], 1 if status.state is ModelState.READY else 0)
+        yield keep_alive
+        yield in_memory
         depth = GaugeMetricFamily(
             "edgefleet_queue_depth", "Requests admitted and not finished (running + queued)",
             labels=["model"],
         )
+        for served in self._models.serving():
+            depth.add_metric([served.name], served.scheduler.depth)
+        yield depth
         counters = {
             key: CounterMetricFamily(f"edgefleet_scheduler_{key}", help_, labels=["model"])
             for key, help_ in (
@@ -70,15 +90,6 @@ class _RegistryCollector(Collector):
             "edgefleet_model_busy_seconds", "Time each model spent running requests",
             labels=["model"],
         )
-        for served in self._models.serving():
-            stats = served.scheduler.stats
-            depth.add_metric([served.name], served.scheduler.depth)
-            for key, family in counters.items():
-                family.add_metric([served.name], getattr(stats, key))
-            busy.add_metric([served.name], stats.busy_seconds)
-        yield depth
-        yield from counters.values()
-        yield busy
         prompt = CounterMetricFamily("edgefleet_prompt_tokens", "Prompt tokens processed", labels=["model"])
         cached = CounterMetricFamily(
             "edgefleet_prompt_tokens_cached", "Prompt tokens reused from the prefix cache", labels=["model"]
@@ -87,13 +98,156 @@ class _RegistryCollector(Collector):
         inferences = CounterMetricFamily(
             "edgefleet_inferences", "Embedding inputs and tensor inferences run", labels=["model", "kind"]
         )
+        unloads = CounterMetricFamily("edgefleet_model_idle_unloads", "Unloads after the keep-alive",
+                                      labels=["model"])
+        reloads = CounterMetricFamily("edgefleet_model_reloads", "Reloads for a request after an idle unload",
+                                      labels=["model"])
+        ttft = HistogramMetricFamily("edgefleet_time_to_first_token_seconds",
+                                     "From admission to the first generated text", labels=["model"])
+        live_busy = self._models.busy_seconds()
         for name, usage in sorted(self._models.usage().items()):
+            for key, family in counters.items():
+                family.add_metric([name], getattr(usage.queue, key))
+            busy.add_metric([name], live_busy.get(name, usage.queue.busy_seconds))
             prompt.add_metric([name], usage.prompt_tokens)
             cached.add_metric([name], usage.cached_prompt_tokens)
             generated.add_metric([name], usage.generated_tokens)
             inferences.add_metric([name, "embedding"], usage.embedded_inputs)
             inferences.add_metric([name, "tensor"], usage.requests.get("infer", 0))
+            unloads.add_metric([name], usage.idle_unloads)
+            reloads.add_metric([name], usage.reloads)
+            hist = usage.time_to_first_token
+            ttft.add_metric([name], hist.cumulative(), hist.sum_s)
+        yield from counters.values()
+        yield busy
         yield prompt
         yield cached
         yield generated
         yield inferences
+        yield unloads
+        yield reloads
+        yield ttft
+
+
+class _TelemetryCollector(Collector):
+    def __init__(self, sampler: Sampler, outbox: Callable[[], OutboxStats | None],
+                 link: Callable[[], LinkStatus | None]) -> None:
+        self._sampler = sampler
+        self._outbox = outbox
+        self._link = link
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._system()
+        yield from self._energy()
+        stats = self._outbox()
+        if stats is not None:
+            yield GaugeMetricFamily("edgefleet_telemetry_outbox_records", "Telemetry records waiting for the broker",
+                                    value=stats.queued)
+            yield CounterMetricFamily("edgefleet_telemetry_outbox_dropped", "Records that fell off the outbox's bound",
+                                      value=stats.dropped)
+            yield CounterMetricFamily("edgefleet_telemetry_refused", "Records the broker refused",
+                                      value=stats.refused)
+        link = self._link()
+        if link is not None:
+            yield GaugeMetricFamily("edgefleet_mqtt_connected", "1 while connected to the broker",
+                                    value=1 if link.connected else 0)
+            yield CounterMetricFamily("edgefleet_mqtt_connects", "Successful connections to the broker",
+                                      value=link.connects)
+
+    def _system(self) -> Iterator[Metric]:
+        s = self._sampler.system
+        if s is None:
+            return
+        util = GaugeMetricFamily("edgefleet_system_cpu_utilization_ratio",
+                                 "Busy share of the CPUs over the last sample", labels=["cpu"])
+        util.add_metric(["all"], s.cpu_utilization)
+        for i, value in enumerate(s.cpu_utilization_per_cpu):
+            util.add_metric([str(i)], value)
+        yield util
+        load = GaugeMetricFamily("edgefleet_system_load_average", "Load average", labels=["period"])
+        for period, value in (("1m", s.load_1m), ("5m", s.load_5m), ("15m", s.load_15m)):
+            load.add_metric([period], value)
+        yield load
+        memory = GaugeMetricFamily("edgefleet_system_memory_bytes", "Memory", labels=["state"])
+        for state, value in (("total", s.memory_total_bytes), ("used", s.memory_used_bytes),
+                             ("available", s.memory_available_bytes)):
+            memory.add_metric([state], value)
+        yield memory
+        swap = GaugeMetricFamily("edgefleet_system_swap_bytes", "Swap", labels=["state"])
+        swap.add_metric(["total"], s.swap_total_bytes)
+        swap.add_metric(["used"], s.swap_used_bytes)
+        yield swap
+        disk = GaugeMetricFamily("edgefleet_state_dir_disk_bytes", "The state directory's filesystem",
+                                 labels=["state"])
+        for state, value in (("total", s.disk_total_bytes), ("used", s.disk_used_bytes),
+                             ("free", s.disk_free_bytes)):
+            disk.add_metric([state], value)
+        yield disk
+        if s.temperatures_c:
+            temp = GaugeMetricFamily("edgefleet_temperature_celsius", "Temperature sensors", labels=["sensor"])
+            for label, value in s.temperatures_c.items():
+                temp.add_metric([label], value)
+            yield temp
+        net = CounterMetricFamily("edgefleet_network_bytes", "Network bytes, all interfaces but loopback",
+                                  labels=["direction"])
+        net.add_metric(["receive"], s.network_rx_bytes)
+        net.add_metric(["transmit"], s.network_tx_bytes)
+        yield net
+        yield GaugeMetricFamily("edgefleet_system_uptime_seconds", "Since the machine booted", value=s.system_uptime_s)
+        yield GaugeMetricFamily("edgefleet_process_cpu_utilization_ratio",
+                                "The agent's CPU use over the last sample, in CPUs", value=s.process_cpu_utilization)
+
+    def _energy(self) -> Iterator[Metric]:
+        e = self._sampler.energy
+        if e is None:
+            return
+        labels = ["domain", "source", "method"]
+        energy = CounterMetricFamily("edgefleet_energy_joules", "Energy since the agent started, per domain",
+                                     labels=labels)
+        power = GaugeMetricFamily("edgefleet_power_watts", "Average power over the last energy sample; absent "
+                                  "when unknown (never 0 for a failed read)", labels=labels)
+        resets = CounterMetricFamily("edgefleet_energy_counter_resets", "Energy counters that went down "
+                                     "without a known range (driver reload)", labels=labels)
+        dropped = CounterMetricFamily("edgefleet_energy_samples_dropped", "Energy samples dropped "
+                                      "(reset, implausible)", labels=labels)
+        for d in e.domains:
+            key = [d.domain, d.source, d.method]
+            energy.add_metric(key, d.energy_j)
+            if d.power_w is not None:
+                power.add_metric(key, d.power_w)
+            resets.add_metric(key, d.resets)
+            dropped.add_metric(key, d.dropped_samples)
+        yield energy
+        yield power
+        yield resets
+        yield dropped
+        source = GaugeMetricFamily("edgefleet_energy_source_up", "1 when the source is read now; 0 with the "
+                                   "reason in the reason label", labels=["source", "method", "used", "reason"])
+        for st in e.sources:
+            source.add_metric([st.name, st.method, str(st.used).lower(), st.reason or ""], 1 if st.available else 0)
+        yield source
+        a = self._sampler.attributed()
+        host = CounterMetricFamily("edgefleet_host_energy_joules", "Energy of the domains counted in the "
+                                   "total, split into idle baseline and active", labels=["part", "method"])
+        host.add_metric(["active", e.method], a.active_j)
+        host.add_metric(["idle", e.method], a.idle_j)
+        yield host
+        if e.power_w is not None:
+            yield _gauge("edgefleet_host_power_watts", "Power of the domains counted in the total",
+                         e.method, e.power_w)
+        if a.idle_power_w is not None:
+            yield GaugeMetricFamily("edgefleet_idle_power_watts", "The idle baseline used for attribution",
+                                    value=a.idle_power_w)
+        model = CounterMetricFamily("edgefleet_model_energy_joules", "Energy attributed to each model; "
+                                    "idle=excluded: its share of active energy, idle=included: plus the idle "
+                                    "baseline while it was busy", labels=["model", "idle", "method"])
+        for name, m in sorted(a.models.items()):
+            model.add_metric([name, "excluded", e.method], m.energy_j)
+            model.add_metric([name, "included", e.method], m.energy_incl_idle_j)
+        yield model
+
+
+def _gauge(name: str, help_: str, method: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, help_, labels=["method"])
+    family.add_metric([method], value)
+    return family

@@ -26,10 +26,10 @@ from aiohttp_sse import sse_response
 
 from runtime.backend import Capability, GenerationResult, TextDelta
 from runtime.errors import ShuttingDownError
-from runtime.registry import ServedModel
+from runtime.registry import ModelState, ModelStatus, ServedModel
 from runtime.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
 
-from .context import CONFIG, METRICS, MODELS, read_json
+from .context import CONFIG, MODELS, read_json
 from .errors import ApiError, bad_request
 from .jsonio import dumps, json_response
 from .openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
@@ -45,30 +45,45 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/v1/embeddings", embeddings)
 
 
-def _model_card(served: ServedModel) -> dict[str, Any]:
-    info = served.info
+def _model_card(status: ModelStatus, keep_alive_s: float) -> dict[str, Any]:
+    info = status.info
+    assert info is not None
     return {
-        "id": served.name,
+        "id": status.name,
         "object": "model",
-        "created": int(served.loaded_at),
+        "created": int(status.loaded_at or 0),
         "owned_by": "edgefleet",
-        "version": served.version,
+        "version": status.version,
         "capabilities": sorted(c.value for c in info.capabilities),
         "context_length": info.context_length,
+        # "ready"; "unloaded": idle past keep_alive_s, reloaded by the next request;
+        # "unloading" / "loading" while that happens
+        "state": status.state.value,
+        "keep_alive_s": keep_alive_s,
     }
 
 
+def _listed(request: web.Request) -> dict[str, dict[str, Any]]:
+    models = request.app[MODELS]
+    return {s.name: _model_card(s, models.keep_alive_s.get(s.name, 0.0)) for s in models.statuses()
+            if s.state is not ModelState.FAILED and s.info is not None}
+
+
 async def list_models(request: web.Request) -> web.Response:
-    models = request.app[MODELS].serving()
-    return json_response({"object": "list", "data": [_model_card(m) for m in models]})
+    return json_response({"object": "list", "data": list(_listed(request).values())})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    return json_response(_model_card(request.app[MODELS].get(request.match_info["model"])))
+    name = request.match_info["model"]
+    card = _listed(request).get(name)
+    if card is None:
+        request.app[MODELS].get(name)  # raises: unknown (404) or not ready (503)
+        raise ApiError(404, f"The model '{name}' does not exist")
+    return json_response(card)
 
 
-def _served_for(request: web.Request, name: str, capability: Capability) -> ServedModel:
-    served = request.app[MODELS].get(name)
+async def _served_for(request: web.Request, name: str, capability: Capability) -> ServedModel:
+    served = await request.app[MODELS].acquire(name)  # reloads a model unloaded for being idle
     if capability not in served.info.capabilities:
         can = ", ".join(sorted(c.value for c in served.info.capabilities))
         raise ApiError(
@@ -79,13 +94,7 @@ def _served_for(request: web.Request, name: str, capability: Capability) -> Serv
 
 
 async def _texts(request: web.Request, served: ServedModel, job: Job[GenerationResult]) -> AsyncIterator[str]:
-    first = True
-    async for item in job.stream():
-        if first:
-            request.app[METRICS].time_to_first_token.labels(served.name).observe(
-                time.monotonic() - job.enqueued_at
-            )
-            first = False
+    async for item in job.stream():  # time to first token is counted by the runtime
         if isinstance(item, TextDelta):
             yield item.text
 
@@ -116,7 +125,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) -> web.StreamResponse:
-    served = _served_for(request, parsed.model, Capability.CHAT if chat else Capability.COMPLETION)
+    served = await _served_for(request, parsed.model, Capability.CHAT if chat else Capability.COMPLETION)
     job = served.generate(parsed.request)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -209,7 +218,7 @@ async def _stream(
 
 async def embeddings(request: web.Request) -> web.Response:
     parsed = parse_embedding(await read_json(request), request.app[CONFIG].limits.max_embedding_inputs)
-    served = _served_for(request, parsed.model, Capability.EMBEDDING)
+    served = await _served_for(request, parsed.model, Capability.EMBEDDING)
     dim = served.info.embedding_dim
     if parsed.dimensions is not None and parsed.dimensions != dim:
         raise bad_request(

@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .backend import (
     Backend,
     EmbeddingResult,
     GenerationRequest,
     GenerationResult,
+    JobContext,
     ModelInfo,
     ModelLimits,
     load_backend,
@@ -45,12 +46,14 @@ from .errors import (
     PromptTooLargeError,
     RuntimeLayerError,
 )
-from .scheduler import Job, ModelScheduler
+from .latency import LatencyHistogram
+from .scheduler import Job, ModelScheduler, SchedulerStats
 
 if TYPE_CHECKING:
     import numpy as np
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ModelState(StrEnum):
@@ -58,6 +61,8 @@ class ModelState(StrEnum):
     READY = "ready"
     FAILED = "failed"
     UNLOADING = "unloading"
+    #: unloaded after its keep-alive to save memory and energy; the next request reloads it
+    UNLOADED = "unloaded"
 
 
 class RegistryEventKind(StrEnum):
@@ -97,9 +102,23 @@ class ModelUsage:
     requests: dict[str, int] = field(default_factory=dict)
     #: texts embedded (one request may carry many)
     embedded_inputs: int = 0
+    #: admitted / rejected / completed / failed / cancelled and busy seconds, shared by every
+    #: version's scheduler so they run on across swaps and idle unloads
+    queue: SchedulerStats = field(default_factory=SchedulerStats)
+    #: from admission to the first generated text, generations only
+    time_to_first_token: LatencyHistogram = field(default_factory=LatencyHistogram)
+    #: time.monotonic() of the last admission or completion (idle unload counts from it)
+    last_active: float = field(default_factory=time.monotonic)
+    idle_unloads: int = 0
+    reloads: int = 0
 
     def count(self, kind: str) -> None:
         self.requests[kind] = self.requests.get(kind, 0) + 1
+        self.last_active = time.monotonic()
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
 
 
 @dataclass
@@ -129,6 +148,9 @@ class ServedModel:
         usage.count("generate")
 
         def counted(future: asyncio.Future[GenerationResult]) -> None:
+            usage.last_active = time.monotonic()
+            if job.first_emit_at is not None:
+                usage.time_to_first_token.observe(job.first_emit_at - job.enqueued_at)
             # A cancelled generation still returns what it produced; count that too.
             if not future.cancelled() and future.exception() is None:
                 result = future.result()
@@ -160,8 +182,7 @@ class ServedModel:
     async def embed(self, texts: list[str], normalize: bool | None = None) -> EmbeddingResult:
         """Embed `texts` (one vector each); if the caller is cancelled the work stops."""
         backend = self.backend
-        result = await self.scheduler.run(lambda ctx: backend.embed(texts, normalize, ctx))
-        self.usage.count("embed")
+        result = await self._run("embed", lambda ctx: backend.embed(texts, normalize, ctx))
         self.usage.embedded_inputs += len(texts)
         self.usage.prompt_tokens += result.prompt_tokens
         return result
@@ -171,9 +192,18 @@ class ServedModel:
     ) -> dict[str, np.ndarray]:
         """Run the model on named tensors; `outputs` picks which to return (None: all)."""
         backend = self.backend
-        results = await self.scheduler.run(lambda ctx: backend.infer(inputs, outputs, ctx))
-        self.usage.count("infer")
-        return results
+        return await self._run("infer", lambda ctx: backend.infer(inputs, outputs, ctx))
+
+    async def _run(self, kind: str, work: Callable[[JobContext], T]) -> T:
+        """Admit `work`, count it as a `kind` request once admitted, wait for it; a caller
+        that is cancelled stops the work."""
+        job = self.scheduler.submit(work)
+        self.usage.count(kind)
+        try:
+            return await job.result()
+        finally:
+            job.cancel()
+            self.usage.last_active = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -224,6 +254,10 @@ class ModelRegistry:
         self._warm: dict[str, ServedModel] = {}
         self._subscribers: list[Callable[[RegistryEvent], None]] = []
         self._watchers: list[Callable[[str], None]] = []
+        #: name -> seconds idle before an unload (absent or 0: stays loaded)
+        self.keep_alive_s: dict[str, float] = {}
+        self._idle: dict[str, ModelBundle] = {}
+        self._reloading: dict[str, asyncio.Task[ServedModel]] = {}
 
     def watch(self, callback: Callable[[str], None]) -> None:
         """Call `callback(name)` on the loop whenever a name's status changes (load, swap,
@@ -254,6 +288,57 @@ class ModelRegistry:
             raise ModelNotFoundError(name)
         raise ModelNotReadyError(name, status.state.value)
 
+    async def acquire(self, name: str) -> ServedModel:
+        """The version serving `name`, reloading it first when it was unloaded for being idle
+        (the request waits for the load instead of failing); otherwise as `get`."""
+        served = self._serving.get(name)
+        if served is not None:
+            return served
+        if name not in self._idle and name not in self._reloading:
+            return self.get(name)
+        task = self._reloading.get(name)
+        if task is None:
+            task = self._reloading[name] = asyncio.create_task(self._reload(name), name=f"reload:{name}")
+            task.add_done_callback(lambda _: self._reloading.pop(name, None))
+        return await asyncio.shield(task)
+
+    async def _reload(self, name: str) -> ServedModel:
+        bundle = self._idle[name]
+        log.info("model %s: reloading for a request after an idle unload", name)
+        served = await self.load(bundle)
+        served.usage.reloads += 1
+        return served
+
+    async def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload every model idle (nothing admitted) longer than its keep-alive; it stays
+        listed as ``unloaded`` and reloads on its next request. Returns the names unloaded."""
+        now = time.monotonic() if now is None else now
+        done = []
+        for name, served in list(self._serving.items()):
+            keep = self.keep_alive_s.get(name, 0.0)
+            if keep <= 0 or served.scheduler.depth or now - served.usage.last_active < keep:
+                continue
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                if self._serving.get(name) is not served or served.scheduler.depth:
+                    continue
+                del self._serving[name]
+                self._idle[name] = served.bundle  # from now on a request waits for a reload, never fails
+                self._set_status(served.bundle, ModelState.UNLOADING)
+                await self._shutdown(served)
+                served.usage.idle_unloads += 1
+                self._set_status(served.bundle, ModelState.UNLOADED, served=served)  # listings keep its card
+                log.info("model %s: unloaded after %.0fs idle (keep-alive %.0fs)", name,
+                         now - served.usage.last_active, keep)
+                done.append(name)
+        return done
+
+    def busy_seconds(self) -> dict[str, float]:
+        """Per name: seconds spent running requests, including the one running now."""
+        busy = {name: usage.queue.busy_seconds for name, usage in self._usage.items()}
+        for served in self._serving.values():
+            busy[served.name] = busy.get(served.name, 0.0) + served.scheduler.running_for_s()
+        return busy
+
     def serving(self) -> list[ServedModel]:
         return list(self._serving.values())
 
@@ -265,7 +350,8 @@ class ModelRegistry:
         return [self._status[name] for name in sorted(self._status)]
 
     def all_ready(self) -> bool:
-        return all(s.state is ModelState.READY for s in self._status.values())
+        """Every known model answers requests (an idle-unloaded one does: it reloads)."""
+        return all(s.state in (ModelState.READY, ModelState.UNLOADED) for s in self._status.values())
 
     async def load(self, bundle: ModelBundle) -> ServedModel:
         """Load `bundle`; if its name already serves, switch to it once it is ready."""
@@ -282,13 +368,17 @@ class ModelRegistry:
             except Exception as exc:  # a backend bug must not take the agent down
                 self._load_failed(bundle, previous, f"{type(exc).__name__}: {exc}")
                 raise ModelLoadError(f"{bundle.name}: {exc}") from exc
+            usage = self._usage.setdefault(bundle.name, ModelUsage())
             served = ServedModel(
                 bundle=bundle,
                 backend=backend,
-                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name)),
+                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name),
+                                         stats=usage.queue),
                 loaded_at=time.time(),
-                usage=self._usage.setdefault(bundle.name, ModelUsage()),
+                usage=usage,
             )
+            usage.last_active = time.monotonic()  # a fresh load gets a whole keep-alive
+            self._idle.pop(bundle.name, None)
             self._serving[bundle.name] = served  # the atomic switch
             self._set_status(bundle, ModelState.READY, served=served)
             log.info(
@@ -331,12 +421,14 @@ class ModelRegistry:
                 if isinstance(exc, RuntimeLayerError):
                     raise
                 raise ModelLoadError(f"{bundle.name}: {exc}") from exc
+            usage = self._usage.setdefault(bundle.name, ModelUsage())
             staged = ServedModel(
                 bundle=bundle,
                 backend=backend,
-                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name)),
+                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name),
+                                         stats=usage.queue),
                 loaded_at=time.time(),
-                usage=self._usage.setdefault(bundle.name, ModelUsage()),
+                usage=usage,
             )
             log.info("model %s version %s staged in %.2fs", bundle.name, bundle.version, time.monotonic() - started)
             serving = self._serving.get(bundle.name)
@@ -355,6 +447,8 @@ class ModelRegistry:
         old one, new ones go to the new). The old one stays loaded until `confirm`."""
         async with self._locks.setdefault(staged.name, asyncio.Lock()):
             previous = self._serving.get(staged.name)
+            staged.usage.last_active = time.monotonic()  # a fresh version gets a whole keep-alive
+            self._idle.pop(staged.name, None)
             self._serving[staged.name] = staged  # the atomic switch
             self._set_status(staged.bundle, ModelState.READY, served=staged)
             self._retire_warm(staged.name)
@@ -389,6 +483,8 @@ class ModelRegistry:
             target = await self.stage(bundle)
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self._serving.get(name)
+            target.usage.last_active = time.monotonic()
+            self._idle.pop(name, None)
             self._serving[name] = target
             self._set_status(target.bundle, ModelState.READY, served=target)
             if current is not None and current is not target:
@@ -415,8 +511,10 @@ class ModelRegistry:
         async with self._locks.setdefault(name, asyncio.Lock()):
             served = self._serving.pop(name, None)
             if served is None:
+                self._idle.pop(name, None)
                 if self._status.pop(name, None) is None:
                     raise ModelNotFoundError(name)
+                self._changed(name)
                 return
             self._set_status(served.bundle, ModelState.UNLOADING)
             self._retire_warm(name)
@@ -457,6 +555,7 @@ class ModelRegistry:
     def _load_failed(self, bundle: ModelBundle, previous: ServedModel | None, error: str) -> None:
         log.error("model %s version %s failed to load: %s", bundle.name, bundle.version, error)
         if previous is None:
+            self._idle.pop(bundle.name, None)
             self._set_status(bundle, ModelState.FAILED, error=error)
 
     def _set_status(
@@ -466,13 +565,16 @@ class ModelRegistry:
         served: ServedModel | None = None,
         error: str | None = None,
     ) -> None:
+        before = self._status.get(bundle.name)
+        keep = served is None and before is not None and state in (ModelState.LOADING, ModelState.UNLOADING)
         self._status[bundle.name] = ModelStatus(
             name=bundle.name,
             state=state,
             version=bundle.version,
             path=str(bundle.path),
             error=error,
-            loaded_at=served.loaded_at if served else None,
-            info=served.info if served else None,
+            # an idle unload and its reload keep what listings show of the model
+            loaded_at=served.loaded_at if served else before.loaded_at if keep and before else None,
+            info=served.info if served else before.info if keep and before else None,
         )
         self._changed(bundle.name)

@@ -46,7 +46,10 @@ STOP_SHUTDOWN = "shutdown"
 
 @dataclass
 class SchedulerStats:
-    """Counters read by /metrics (and later telemetry); written only by the loop thread."""
+    """Counters read by /metrics and telemetry; written only by the loop thread.
+
+    The registry hands one instance per model name to each version's scheduler, so the
+    counts run on across hot swaps and idle unloads (they are Prometheus counters)."""
 
     admitted: int = 0
     rejected: int = 0
@@ -75,6 +78,8 @@ class Job(Generic[T]):
         self.future: asyncio.Future[T] = loop.create_future()
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
+        #: When the work emitted its first item (time.monotonic(); the model thread sets it).
+        self.first_emit_at: float | None = None
 
     # JobContext, called from the model thread
     def cancelled(self) -> bool:
@@ -88,6 +93,8 @@ class Job(Generic[T]):
     def emit(self, item: Any) -> None:
         # deque.append is atomic; wake the loop only if no wake-up is already on its way,
         # so a loop that falls behind drains several items per wake-up.
+        if self.first_emit_at is None:
+            self.first_emit_at = time.monotonic()
         self._events.append(item)
         if not self._wakeup_pending:
             self._wakeup_pending = True
@@ -140,12 +147,13 @@ class ModelScheduler:
     """Queue and worker thread of one loaded model."""
 
     def __init__(
-        self, name: str, max_pending: int, thread_name: str | None = None, limits: ModelLimits | None = None
+        self, name: str, max_pending: int, thread_name: str | None = None, limits: ModelLimits | None = None,
+        stats: SchedulerStats | None = None,
     ) -> None:
         self.name = name
         self.max_pending = max_pending
         self.limits = limits or ModelLimits()
-        self.stats = SchedulerStats()
+        self.stats = stats if stats is not None else SchedulerStats()
         self._pending: collections.deque[Job[Any]] = collections.deque()
         self._running: Job[Any] | None = None
         self._cv = threading.Condition()
@@ -164,6 +172,14 @@ class ModelScheduler:
         """Requests admitted and not finished: queued plus running."""
         with self._cv:
             return len(self._pending) + (1 if self._running is not None else 0)
+
+    def running_for_s(self) -> float:
+        """How long the job on the model thread has been running (0 when none): busy time not
+        yet in `stats.busy_seconds`, for energy attribution over windows shorter than a job."""
+        with self._cv:
+            running = self._running
+            started = running.started_at if running is not None else None
+        return 0.0 if started is None else max(0.0, time.monotonic() - started)
 
     def drain_estimate_s(self) -> float:
         """Seconds until the jobs admitted now are done, from measured job times: what is

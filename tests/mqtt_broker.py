@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -90,6 +91,11 @@ class MosquittoBroker:
             self.proc.wait()
         self.proc = None
 
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password and ACL files, keeping clients and sessions."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
     def restart(self) -> None:
         self.stop()
         self.start()
@@ -107,13 +113,16 @@ class Received:
 class Watcher:
     """A paho client on its own thread that records what arrives (what an operator would see)."""
 
-    def __init__(self, broker: MosquittoBroker, *topics: str, client_id: str | None = None) -> None:
+    def __init__(self, broker: MosquittoBroker, *topics: str, client_id: str | None = None,
+                 username: str | None = None, password: str | None = None) -> None:
         self.broker = broker
         self.messages: list[Received] = []
         self._cv = threading.Condition()
         self._topics = topics
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"watcher-{time.monotonic_ns()}",
                                   protocol=MQTTProtocolVersion.MQTTv5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self._subscribed = threading.Event()

@@ -217,7 +217,10 @@ async def _until(condition, timeout_s: float = 15.0) -> None:  # type: ignore[no
 async def test_the_agent_says_online_with_its_models_and_offline_at_shutdown(mqtt_broker, state_dir):
     from conftest import EMBED, demo_config, start_agent
 
-    config = replace(demo_config(state_dir, models=(EMBED,)), mqtt=settings_for(mqtt_broker, device_id="agent-1"))
+    from agent.config import TelemetryConfig
+
+    config = replace(demo_config(state_dir, models=(EMBED,)), mqtt=settings_for(mqtt_broker, device_id="agent-1"),
+                     telemetry=TelemetryConfig(enabled=False))
     topic = "edgefleet/v1/devices/agent-1/state"
     with Watcher(mqtt_broker, topic) as watcher:
         async with start_agent(config):

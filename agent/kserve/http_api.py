@@ -77,8 +77,8 @@ async def ready(request: web.Request) -> web.Response:
     return web.Response(status=200 if request.app[MODELS].all_ready() else 400)
 
 
-def _tensor_served(request: web.Request) -> ServedModel:
-    served = request.app[MODELS].get(request.match_info["name"])
+async def _tensor_served(request: web.Request) -> ServedModel:
+    served = await request.app[MODELS].acquire(request.match_info["name"])  # reloads an idle-unloaded model
     version = request.match_info.get("version")
     if version is not None and version != served.version:
         raise ApiError(404, f"model '{served.name}' has no version '{version}' "
@@ -94,7 +94,7 @@ def _spec_json(spec: TensorSpec) -> dict[str, Any]:
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    served = _tensor_served(request)
+    served = await _tensor_served(request)
     return json_response({
         "name": served.name,
         "versions": [served.version],
@@ -109,7 +109,7 @@ async def model_ready(request: web.Request) -> web.Response:
     status = next((s for s in request.app[MODELS].statuses() if s.name == name), None)
     if status is None:
         raise ApiError(404, f"model '{name}' is not known")
-    return web.Response(status=200 if status.state is ModelState.READY else 400)
+    return web.Response(status=200 if status.state in (ModelState.READY, ModelState.UNLOADED) else 400)
 
 
 # --- request body framing ---------------------------------------------------
@@ -326,7 +326,7 @@ def _infer_response(head: dict[str, Any], results: Mapping[str, np.ndarray],
 async def infer(request: web.Request) -> web.Response:
     """Decode every input and every output request before the model is asked, so that a
     malformed body costs no model time and never reaches the queue."""
-    served = _tensor_served(request)
+    served = await _tensor_served(request)
     raw = await _read_body(request)
     body, binary = _split_body(raw, request.headers.get(HEADER_LENGTH))
     if not isinstance(body, dict):

@@ -1,0 +1,97 @@
+"""The telemetry outbox: records waiting for the broker, on disk, in order, bounded.
+
+SQLite (standard library) does the durable part: an append is one transaction,
+so a record is either wholly there or not after a crash or power cut, and the
+order is the sequence number, which also numbers records across agent restarts
+(the last one used is kept even when the outbox is empty). Past `max_records`,
+the *oldest* records fall off — telemetry carries cumulative counters, so the
+newest record still holds every joule — and each one that falls is counted in
+`dropped`, kept on disk and reported in the next records.
+
+Every call is blocking file I/O: the publisher runs them on the outbox's own
+single worker thread, which also serializes them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    queued: int
+    #: records that fell off the bound since the outbox was created (survives restarts)
+    dropped: int
+    #: records the broker refused (PUBACK failure), dropped and counted
+    refused: int
+    last_seq: int
+
+
+class Outbox:
+    def __init__(self, directory: Path, max_records: int = 10_000) -> None:
+        if max_records < 1:
+            raise ValueError("max_records must be at least 1")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "telemetry.sqlite3"
+        self.max_records = max_records
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+        self._db.executescript(SCHEMA)
+
+    def _meta(self, key: str) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self._db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value = ?",
+                         (key, value, value))
+
+    def next_seq(self) -> int:
+        """The sequence number the next record will get (1 for a new outbox)."""
+        return self._meta("last_seq") + 1
+
+    def append(self, seq: int, payload: bytes) -> int:
+        """Store a record under `seq` (from `next_seq`), dropping the oldest past the bound;
+        returns how many fell off now."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO records(seq, payload) VALUES(?, ?)", (seq, payload))
+            self._set_meta("last_seq", seq)
+            (count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+            excess = count - self.max_records
+            if excess > 0:
+                self._db.execute("DELETE FROM records WHERE seq IN (SELECT seq FROM records ORDER BY seq LIMIT ?)",
+                                 (excess,))
+                self._set_meta("dropped", self._meta("dropped") + excess)
+            return max(0, excess)
+
+    def peek(self, limit: int) -> list[tuple[int, bytes]]:
+        """The oldest `limit` records, in order."""
+        return [(int(seq), bytes(payload)) for seq, payload in
+                self._db.execute("SELECT seq, payload FROM records ORDER BY seq LIMIT ?", (limit,))]
+
+    def remove_through(self, seq: int) -> None:
+        """Forget every record up to and including `seq` (the broker has them)."""
+        self._db.execute("DELETE FROM records WHERE seq <= ?", (seq,))
+
+    def refuse(self, seq: int) -> None:
+        """Drop one record the broker refused, and count it."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM records WHERE seq = ?", (seq,))
+            self._set_meta("refused", self._meta("refused") + 1)
+
+    def stats(self) -> OutboxStats:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+        return OutboxStats(int(count), self._meta("dropped"), self._meta("refused"), self._meta("last_seq"))
+
+    def close(self) -> None:
+        self._db.close()
