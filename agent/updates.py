@@ -31,7 +31,7 @@ from security.errors import SecurityError
 from sync.errors import SyncError
 from sync.mqtt import Topics
 from sync.tuf_client import HubClient
-from sync.updates import UpdateService
+from sync.updates import UpdateService, recover_after_crash
 
 from .config import AgentConfig, ModelEntry
 from .context import CONFIG, MODELS, MQTT
@@ -73,8 +73,8 @@ async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
         store = ModelStore(config.state_dir)
         store.ensure_layout()
         app[STORE] = store
-        for note in store.recover():
-            log.warning("store: %s", note)
+        for note in recover_after_crash(store, Path(config.state_dir)):  # before the registry reads `current`
+            log.warning("updates: %s", note)
     yield
 
 
@@ -89,8 +89,6 @@ async def updates_ctx(app: web.Application) -> AsyncIterator[None]:
         log.error("updates: not started: %s", exc)
         yield
         return
-    for note in service.recover():
-        log.warning("updates: %s", note)
     app[UPDATES] = service
     from .app import LOADER
 
@@ -128,12 +126,13 @@ async def offline_rollback(config: AgentConfig, name: str) -> str:
     """`models rollback` while no agent runs: switch `current` back on disk and deny the
     version rolled back from (the next start serves the previous version)."""
     from sync.journal import Journal
+    from sync.updates import journal_path
 
     store = ModelStore(config.state_dir)
     current = store.current(name)
     target = store.roll_back(name, reason="rolled back by the operator (agent not running)")
     if current is not None:
-        journal = Journal(Path(config.state_dir) / "sync" / "journal.json")
+        journal = Journal(journal_path(Path(config.state_dir)))
         journal.deny(name, current, "operator", "rolled back by the operator")
         with contextlib.suppress(OSError):
             journal.save()

@@ -10,7 +10,7 @@ medians is what to read. The file is deleted at the end.
 Swap: the demo chat model serving in a `ModelRegistry`; a second version (same
 weights, a new model.toml) is staged beside it, then taken from staged to active
 the way an update does (probe with a real inference, then the switch). Reported:
-the staged -> active latency against the same 4-token generation run in-process
+the staged -> active latency against the same generation as the probe run in-process
 on the serving version (the probe's own work, the baseline); the switch alone;
 and the memory the process holds while both versions are loaded, against what
 the first version added when it loaded (RSS and PSS from /proc via psutil; the second
@@ -37,7 +37,7 @@ import psutil  # noqa: E402
 
 from agent.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
 from runtime.backend import ChatMessage, GenerationRequest  # noqa: E402
-from runtime.bundle import read_bundle  # noqa: E402
+from runtime.bundle import ProbeOptions, read_bundle  # noqa: E402
 from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
 from runtime.registry import ModelRegistry  # noqa: E402
 from runtime.store import sha256_file  # noqa: E402
@@ -84,7 +84,9 @@ async def bench_swap(rounds: int) -> None:
         rss0, uss0 = memory()
         serving = await registry.load(read_bundle(current, name=CHAT_MODEL))
         rss1, uss1 = memory()
-        request = GenerationRequest(messages=[ChatMessage("user", "Say OK.")], max_tokens=4, temperature=0.0)
+        probe = ProbeOptions()  # the demo bundles name no probe of their own: the default one
+        request = GenerationRequest(messages=[ChatMessage("user", probe.text)], max_tokens=probe.max_tokens,
+                                    temperature=0.0)
         baseline, swaps, switches, stage_s = [], [], [], []
         peak_rss, peak_uss = rss1, uss1
         for i in range(rounds):
@@ -114,8 +116,8 @@ async def bench_swap(rounds: int) -> None:
             serving = staged
         await registry.close()
         b, s = statistics.median(baseline), statistics.median(swaps)
-        print(f"swap {CHAT_MODEL}: staged -> active {s * 1000:.0f} ms (probe + switch) vs the same 4-token "
-              f"generation in-process {b * 1000:.0f} ms: ratio {s / b:.2f}; the switch alone "
+        print(f"swap {CHAT_MODEL}: staged -> active {s * 1000:.0f} ms (probe + switch) vs the same "
+              f"{probe.max_tokens}-token generation in-process {b * 1000:.0f} ms: ratio {s / b:.2f}; the switch alone "
               f"{statistics.median(switches) * 1e6:.0f} us; loading the staged version took "
               f"{statistics.median(stage_s) * 1000:.0f} ms (medians of {rounds})")
         print(f"memory: first version added {rss1 - rss0:.0f} MiB RSS / {uss1 - uss0:.0f} MiB PSS; "

@@ -81,7 +81,7 @@ class ProbeOptions:
     (runtime/probe.py). Text models get `text`; tensor models get zeros of their declared shapes."""
 
     text: str = "Say OK."
-    max_tokens: int = 4
+    max_tokens: int = 1
 
     def __post_init__(self) -> None:
         if not self.text or self.max_tokens < 1:

@@ -18,8 +18,8 @@ What "activating" means: the version is laid out in the store and loaded beside
 the serving one (staged), answers its probe (a real inference), and only then
 the store's `current` and the registry switch to it; the old version stays
 loaded until `health-check` passes, so a rollback is one switch back. A crash
-at any step leaves `current` on a complete, verified version: `recover()` runs
-before the models load at start-up and puts `current` back on the confirmed
+at any step leaves `current` on a complete, verified version: `recover_after_crash()`
+runs before the models load at start-up and puts `current` back on the confirmed
 version when an activation was interrupted; the job then resumes (downloads
 continue where they stopped) or, after `max_activation_attempts`
 interruptions, ends rolled-back. A version that failed verification or its
@@ -102,6 +102,33 @@ class Trigger:
     scope: str | None = None
 
 
+def journal_path(state_dir: Path) -> Path:
+    return Path(state_dir) / "sync" / "journal.json"
+
+
+def recover_after_crash(store: ModelStore, state_dir: Path) -> list[str]:
+    """At start-up, before any model loads: repair the store, and wherever an activation was
+    interrupted put `current` back on the confirmed version and count the interruption
+    (the job then resumes, or is given up at `max_activation_attempts`). Returns notes for
+    the log."""
+    notes = store.recover()
+    journal = Journal(journal_path(state_dir))
+    for name, job in list(journal.data.jobs.items()):
+        if job.state not in SWITCHING:
+            continue
+        record = store.record(name)
+        if record.confirmed and store.current(name) != record.confirmed:
+            try:
+                store.roll_back(name, reason=f"agent restarted while {job.state} {job.version}")
+                notes.append(f"{name}: interrupted while {job.state} {job.version}; serving {record.confirmed}")
+            except RuntimeLayerError as exc:
+                notes.append(f"{name}: interrupted while {job.state} {job.version}; cannot fall back: {exc}")
+        job.attempts += 1
+        job.state = JobState.QUEUED.value
+    journal.save()
+    return notes
+
+
 class UpdateService:
     """Owns the update loop, the reporter and the MQTT subscriptions of signed updates."""
 
@@ -122,7 +149,7 @@ class UpdateService:
         self.hub = hub
         self.topics = topics
         self.link = link
-        self.journal = Journal(Path(state_dir) / "sync" / "journal.json")
+        self.journal = Journal(journal_path(state_dir))
         self.reporter = Reporter(topics.update, self._publish_report if link else None)
         self._progress = progress
         self._triggers: asyncio.Queue[Trigger] = asyncio.Queue()
@@ -135,23 +162,6 @@ class UpdateService:
         self.reconciled = asyncio.Event()
 
     # ---- start-up and shutdown ----------------------------------------------------------
-
-    def recover(self) -> list[str]:
-        """Before the models load: make `current` a complete, confirmed version wherever an
-        activation was interrupted, and decide whether each interrupted job resumes."""
-        notes = self.store.recover()
-        for name, job in list(self.journal.data.jobs.items()):
-            if job.state not in SWITCHING:
-                continue
-            record = self.store.record(name)
-            if self.store.current(name) != record.confirmed and record.confirmed:
-                with contextlib.suppress(RuntimeLayerError):
-                    self.store.roll_back(name, reason=f"agent restarted while {job.state} {job.version}")
-                    notes.append(f"{name}: interrupted while {job.state} {job.version}; serving {record.confirmed}")
-            job.attempts += 1
-            job.state = JobState.QUEUED.value
-        self.journal.save()
-        return notes
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
