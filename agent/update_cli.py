@@ -48,7 +48,7 @@ def rollback_command(config: AgentConfig, name: str) -> int:
     answer = asyncio.run(ask_agent())
     if answer is None:
         try:
-            version = asyncio.run(offline_rollback(config, name))
+            version = offline_rollback(config, name)
         except RuntimeLayerError as exc:
             raise HubCliError(f"cannot roll {name} back: {exc}") from None
         print(f"{name}: current is now {version} (no agent was running; it serves {version} when it starts)")

@@ -122,7 +122,7 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/v2/repository/models/{name}/rollback", rollback_handler)
 
 
-async def offline_rollback(config: AgentConfig, name: str) -> str:
+def offline_rollback(config: AgentConfig, name: str) -> str:
     """`models rollback` while no agent runs: switch `current` back on disk and deny the
     version rolled back from (the next start serves the previous version)."""
     from sync.journal import Journal

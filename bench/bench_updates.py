@@ -87,6 +87,9 @@ async def bench_swap(rounds: int) -> None:
         probe = ProbeOptions()  # the demo bundles name no probe of their own: the default one
         request = GenerationRequest(messages=[ChatMessage("user", probe.text)], max_tokens=probe.max_tokens,
                                     temperature=0.0)
+        warm_up = serving.generate(request)  # the first request of a process pays for thread start-up
+        async for _ in warm_up.stream():
+            pass
         baseline, swaps, switches, stage_s = [], [], [], []
         peak_rss, peak_uss = rss1, uss1
         for i in range(rounds):
