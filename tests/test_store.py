@@ -140,3 +140,29 @@ def test_demo_build_uses_the_store_and_never_moves_current_back(tmp_path: Path) 
     build_demo_bundles(tmp_path / "models")  # `serve --demo` again, after an update
     assert store.current(EMBED) == "2"
     assert store.bundle(EMBED).version == "2"
+
+
+def test_models_rollback_with_no_agent_running_switches_current_on_disk(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import free_port
+
+    store = ModelStore(tmp_path / "state")
+    add_version(store, "m", "1", b"one")
+    store.activate("m", "1")
+    add_version(store, "m", "2", b"two")
+    store.activate("m", "2")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[server]\nport = {free_port()}\n')
+    done = subprocess.run([sys.executable, "-m", "agent", "models", "rollback", "m", "--config", str(config)],
+                          check=False, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "current is now 1" in done.stdout
+    assert store.current("m") == "1"
+    journal = json.loads((tmp_path / "state/sync/journal.json").read_text())
+    assert [(d["model"], d["version"], d["code"]) for d in journal["deny"]] == [("m", "2", "operator")]
+    again = subprocess.run([sys.executable, "-m", "agent", "models", "rollback", "nope", "--config", str(config)],
+                           check=False, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert again.returncode == 1 and again.stderr.startswith("edgefleet: cannot roll nope back")
+    assert "Traceback" not in again.stderr
