@@ -1,4 +1,4 @@
-"""The README's second command, run as written: the whole signed-update loop on one machine."""
+"""The README's update-loop command, run as written: the whole signed-update loop on one machine."""
 
 from __future__ import annotations
 
