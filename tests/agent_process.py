@@ -50,12 +50,13 @@ class AgentProcess:
 
 
 @contextmanager
-def serve(state_dir: Path, log_dir: Path, **env: object) -> Iterator[AgentProcess]:
-    """An agent serving the demo models; `env` sets config keys (`server__drain_timeout_s=4`).
-    gRPC goes on a free port rather than --demo's 8081, so agents never collide."""
+def serve(state_dir: Path, log_dir: Path, config: Path | None = None, **env: object) -> Iterator[AgentProcess]:
+    """An agent serving the demo models; `env` sets config keys (`server__drain_timeout_s=4`),
+    `config` is its TOML file (what a SIGHUP re-reads). gRPC goes on a free port rather than
+    --demo's 8081, so agents never collide."""
     port = free_port()
     log_path = log_dir / f"agent-{port}.log"
-    environ = {**os.environ, "EDGEFLEET_CONFIG": ""}
+    environ = {**os.environ, "EDGEFLEET_CONFIG": str(config or "")}
     env.setdefault("server__grpc_port", free_port())
     environ.update({f"EDGEFLEET_{k.upper()}": str(v) for k, v in env.items()})
     with log_path.open("wb") as log_file:

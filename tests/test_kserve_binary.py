@@ -3,7 +3,7 @@ tritonclient[http] (sync and aio) as the client.
 
 Results are compared with a direct onnxruntime run of the same ONNX file. FP16,
 BOOL and BYTES go through a tiny identity model whose ONNX protobuf is written
-out here by hand (the `onnx` package is not a dependency). Malformed bodies are
+out by hand (tests/onnx_models.py; the `onnx` package is not a dependency). Malformed bodies are
 sent with plain aiohttp, since tritonclient never builds them.
 """
 
@@ -22,6 +22,7 @@ import pytest
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aioclient
 from conftest import EMBED, free_port, start_agent
+from onnx_models import identity_bundle
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor, serialize_byte_tensor
 
 from agent.config import AgentConfig, ModelEntry, ServerConfig
@@ -183,45 +184,10 @@ async def test_classification_is_refused_with_a_clear_message(agent):
 # --- FP16, BOOL and BYTES through an identity model --------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value: int | str | bytes) -> bytes:
-    """One protobuf field: a varint, or length-delimited bytes / string / message."""
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def identity_onnx(tensors: dict[str, int]) -> bytes:
-    """ModelProto with one Identity node per input `<name>` -> `<name>_out`, each 1-D of any length.
-    `tensors` maps names to ONNX element types (FLOAT16 10, STRING 8, BOOL 9)."""
-
-    def value_info(name: str, elem_type: int) -> bytes:
-        shape = _field(1, _field(2, "n"))  # one dimension named "n" (free)
-        return _field(1, name) + _field(2, _field(1, _field(1, elem_type) + _field(2, shape)))
-
-    graph = b"".join(_field(1, _field(1, n) + _field(2, f"{n}_out") + _field(4, "Identity")) for n in tensors)
-    graph += _field(2, "identity")
-    graph += b"".join(_field(11, value_info(n, t)) for n, t in tensors.items())
-    graph += b"".join(_field(12, value_info(f"{n}_out", t)) for n, t in tensors.items())
-    return _field(1, 8) + _field(7, graph) + _field(8, _field(1, "") + _field(2, 17))  # IR 8, opset 17
-
-
 @pytest.fixture(scope="module")
 async def identity_agent(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     state = tmp_path_factory.mktemp("identity-state")
-    bundle = state / "models" / "identity" / "current"
-    bundle.mkdir(parents=True)
-    (bundle / "model.onnx").write_bytes(identity_onnx({"half": 10, "flag": 9, "text": 8}))
-    (bundle / "model.toml").write_text('format = "onnx"\nfile = "model.onnx"\ntask = "tensor"\nversion = "1"\n')
+    identity_bundle(state / "models" / "identity" / "current")
     config = AgentConfig(state_dir=str(state), server=ServerConfig(port=free_port()),
                          models=[ModelEntry(name="identity")])
     async with start_agent(config) as running:
