@@ -5,7 +5,8 @@ The same protocol as agent/kserve/http_api.py, for the clients that speak gRPC
 the agent's one event loop, on its own port (`server.grpc_port`), and serves
 the same registry through the same runtime call (`ServedModel.infer`). What is
 shared with HTTP is shared, not copied: tensors are decoded by
-agent/kserve/tensors.py, errors become gRPC status codes through
+agent/kserve/tensors.py, which model a name means and whether it (or the
+server) is ready is decided by agent/kserve/models.py, errors become gRPC status codes through
 `agent.errors.to_api_error` and `grpc_status`, the API key is checked by
 `security.api_keys` against the live config (a SIGHUP changes it for both),
 and every call counts as in flight for the shutdown drain.
@@ -30,13 +31,13 @@ import numpy as np
 from aiohttp import web
 
 from agent import __version__
-from runtime.backend import Capability, TensorSpec
-from runtime.registry import ModelState, ServedModel
+from runtime.registry import ServedModel
 from security.api_keys import api_key_matches
 
-from ..context import CONFIG, LIVE, METRICS, MODELS
+from ..context import CONFIG, LIVE, METRICS
 from ..errors import ApiError, bad_request, grpc_status, to_api_error
-from .tensors import NUMPY_TO_V2, TensorError, bounded_count, check_header, from_raw, from_values, to_raw, v2_datatype
+from .models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
+from .tensors import TensorError, bounded_count, check_header, from_raw, from_values, to_raw, v2_datatype
 
 log = logging.getLogger(__name__)
 
@@ -120,43 +121,35 @@ class InferenceService:
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            ready = self.app[MODELS].all_ready() and not self.app[LIVE].draining
+            ready = server_ready(self.app)
             return self.pb.ServerReadyResponse(ready=ready)
         return await self._call("ServerReady", context, work)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            status = next((s for s in self.app[MODELS].statuses() if s.name == request.name), None)
-            if status is None:
-                raise ApiError(404, f"model '{request.name}' is not known")
-            ready = status.state in (ModelState.READY, ModelState.UNLOADED) and (
-                not request.version or request.version == status.version)
-            return self.pb.ModelReadyResponse(ready=ready)
+            return self.pb.ModelReadyResponse(ready=model_ready(self.app, request.name, request.version))
         return await self._call("ModelReady", context, work)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            return self.pb.ServerMetadataResponse(name="edgefleet", version=__version__, extensions=[])
+            return self.pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
         return await self._call("ServerMetadata", context, work)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            served = await self._tensor_served(request.name, request.version)
+            served = await tensor_model(self.app, request.name, request.version)
             meta = self.pb.ModelMetadataResponse.TensorMetadata
-
-            def spec(s: TensorSpec) -> Any:
-                return meta(name=s.name, datatype=NUMPY_TO_V2.get(s.dtype, s.dtype), shape=list(s.shape))
-
             return self.pb.ModelMetadataResponse(
                 name=served.name, versions=[served.version], platform=served.info.platform,
-                inputs=[spec(s) for s in served.info.inputs], outputs=[spec(s) for s in served.info.outputs])
+                inputs=[meta(**vars(t)) for t in tensor_metadata(served.info.inputs)],
+                outputs=[meta(**vars(t)) for t in tensor_metadata(served.info.outputs)])
         return await self._call("ModelMetadata", context, work)
 
     # --- inference ---------------------------------------------------------------
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            served = await self._tensor_served(request.model_name, request.model_version)
+            served = await tensor_model(self.app, request.model_name, request.model_version)
             inputs = decode_inputs(request, limit=self.app[CONFIG].server.max_body_bytes)
             names = [o.name for o in request.outputs] or None
             if names is not None and len(set(names)) != len(names):
@@ -164,17 +157,6 @@ class InferenceService:
             results = await served.infer(inputs, names)
             return self._response(request, served, results)
         return await self._call("ModelInfer", context, work)
-
-    async def _tensor_served(self, name: str, version: str) -> ServedModel:
-        if not name:
-            raise bad_request("model_name is required")
-        served = await self.app[MODELS].acquire(name)  # reloads an idle-unloaded model
-        if version and version != served.version:
-            raise ApiError(404, f"model '{served.name}' has no version '{version}' "
-                           f"(serving version '{served.version}')")
-        if Capability.TENSOR not in served.info.capabilities:
-            raise bad_request(f"model '{served.name}' does not take tensors; use the /v1 API")
-        return served
 
     def _response(self, request: Any, served: ServedModel, results: dict[str, np.ndarray]) -> Any:
         tensor = self.pb.ModelInferResponse.InferOutputTensor

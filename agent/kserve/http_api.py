@@ -26,14 +26,12 @@ import orjson
 from aiohttp import web
 
 from agent import __version__
-from runtime.backend import Capability, TensorSpec
-from runtime.registry import ModelState, ServedModel
 
-from ..context import CONFIG, MODELS
+from ..context import CONFIG
 from ..errors import ApiError, bad_request
 from ..jsonio import OPTIONS, json_response, loads
+from .models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
 from .tensors import (
-    NUMPY_TO_V2,
     TensorError,
     bounded_count,
     check_header,
@@ -59,14 +57,14 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/v2/health/ready", ready)
     app.router.add_get("/v2/models/{name}", model_metadata)
     app.router.add_get("/v2/models/{name}/versions/{version}", model_metadata)
-    app.router.add_get("/v2/models/{name}/ready", model_ready)
-    app.router.add_get("/v2/models/{name}/versions/{version}/ready", model_ready)
+    app.router.add_get("/v2/models/{name}/ready", model_ready_status)
+    app.router.add_get("/v2/models/{name}/versions/{version}/ready", model_ready_status)
     app.router.add_post("/v2/models/{name}/infer", infer)
     app.router.add_post("/v2/models/{name}/versions/{version}/infer", infer)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
-    return json_response({"name": "edgefleet", "version": __version__, "extensions": EXTENSIONS})
+    return json_response({"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
 
 
 async def live(request: web.Request) -> web.Response:
@@ -74,42 +72,23 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    return web.Response(status=200 if request.app[MODELS].all_ready() else 400)
-
-
-async def _tensor_served(request: web.Request) -> ServedModel:
-    served = await request.app[MODELS].acquire(request.match_info["name"])  # reloads an idle-unloaded model
-    version = request.match_info.get("version")
-    if version is not None and version != served.version:
-        raise ApiError(404, f"model '{served.name}' has no version '{version}' "
-                       f"(serving version '{served.version}')")
-    if Capability.TENSOR not in served.info.capabilities:
-        raise bad_request(f"model '{served.name}' does not take tensors; use the /v1 API")
-    return served
-
-
-def _spec_json(spec: TensorSpec) -> dict[str, Any]:
-    return {"name": spec.name, "datatype": NUMPY_TO_V2.get(spec.dtype, spec.dtype),
-            "shape": list(spec.shape)}
+    return web.Response(status=200 if server_ready(request.app) else 400)
 
 
 async def model_metadata(request: web.Request) -> web.Response:
-    served = await _tensor_served(request)
+    served = await tensor_model(request.app, request.match_info["name"], request.match_info.get("version"))
     return json_response({
         "name": served.name,
         "versions": [served.version],
         "platform": served.info.platform,
-        "inputs": [_spec_json(s) for s in served.info.inputs],
-        "outputs": [_spec_json(s) for s in served.info.outputs],
+        "inputs": [vars(t) for t in tensor_metadata(served.info.inputs)],
+        "outputs": [vars(t) for t in tensor_metadata(served.info.outputs)],
     })
 
 
-async def model_ready(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
-    status = next((s for s in request.app[MODELS].statuses() if s.name == name), None)
-    if status is None:
-        raise ApiError(404, f"model '{name}' is not known")
-    return web.Response(status=200 if status.state in (ModelState.READY, ModelState.UNLOADED) else 400)
+async def model_ready_status(request: web.Request) -> web.Response:
+    ready = model_ready(request.app, request.match_info["name"], request.match_info.get("version"))
+    return web.Response(status=200 if ready else 400)
 
 
 # --- request body framing ---------------------------------------------------
@@ -326,7 +305,7 @@ def _infer_response(head: dict[str, Any], results: Mapping[str, np.ndarray],
 async def infer(request: web.Request) -> web.Response:
     """Decode every input and every output request before the model is asked, so that a
     malformed body costs no model time and never reaches the queue."""
-    served = await _tensor_served(request)
+    served = await tensor_model(request.app, request.match_info["name"], request.match_info.get("version"))
     raw = await _read_body(request)
     body, binary = _split_body(raw, request.headers.get(HEADER_LENGTH))
     if not isinstance(body, dict):
