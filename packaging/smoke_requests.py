@@ -1,0 +1,148 @@
+"""Requests for packaging/smoke-arm64.sh: what a user asks an installed agent, timed.
+
+Runs on the build host's Python (standard library only) against agents listening on
+loopback: the arm64 one under qemu-user and the host's own as the reference. Prints one
+JSON object per agent and, with two, how far the arm64 results are from the host's
+(close, not bit-identical: the int8 kernels differ between x86 and ARM).
+
+    python smoke_requests.py wait URL TIMEOUT_S [PID]
+    python smoke_requests.py embed URL MODEL REPEAT      -> JSON on stdout
+    python smoke_requests.py chat URL MODEL              -> JSON on stdout
+    python smoke_requests.py compare ARM64.json HOST.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "edge devices serve models locally"]
+# "hello world" as BERT-uncased word pieces, [CLS] ... [SEP]: KServe v2 takes tensors, not text
+TOKEN_IDS = [101, 7592, 2088, 102]
+
+
+def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 600) -> tuple[int, Any, float]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            payload, status = resp.read(), resp.status
+    except urllib.error.HTTPError as exc:
+        payload, status = exc.read(), exc.code
+    elapsed = time.perf_counter() - start
+    try:
+        return status, json.loads(payload or b"null"), elapsed
+    except ValueError:
+        return status, payload.decode(errors="replace"), elapsed
+
+
+def wait(url: str, timeout_s: float, pid: int | None = None) -> int:
+    """Until /readyz says 200 (the models answered), the timeout, or process `pid` exits."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if pid is not None and not os.path.exists(f"/proc/{pid}"):
+            print(f"the agent (pid {pid}) exited before it was ready", file=sys.stderr)
+            return 1
+        try:
+            if _request(f"{url}/readyz", timeout=10)[0] == 200:
+                print(f"ready after {time.monotonic() - start:.1f} s")
+                return 0
+        except OSError:
+            pass
+        time.sleep(1)
+    print(f"not ready after {timeout_s} s", file=sys.stderr)
+    return 1
+
+
+def embed(url: str, model: str, repeat: int) -> int:
+    """/v1/embeddings and KServe v2 infer, each `repeat` times; the first is timed apart (warm-up)."""
+    out: dict[str, Any] = {"embed_s": [], "infer_s": []}
+    for _ in range(repeat):
+        status, body, took = _request(f"{url}/v1/embeddings", {"model": model, "input": TEXTS})
+        if status != 200:
+            print(f"/v1/embeddings: {status} {body}", file=sys.stderr)
+            return 1
+        out["embed_s"].append(took)
+        out["embeddings"] = [item["embedding"] for item in body["data"]]
+    status, meta, _ = _request(f"{url}/v2/models/{model}")
+    if status != 200:
+        print(f"/v2/models/{model}: {status} {meta}", file=sys.stderr)
+        return 1
+    n = len(TOKEN_IDS)
+    values = {"input_ids": TOKEN_IDS, "attention_mask": [1] * n, "token_type_ids": [0] * n}
+    inputs = [{"name": i["name"], "datatype": i["datatype"], "shape": [1, n], "data": values[i["name"]]}
+              for i in meta["inputs"]]
+    for _ in range(repeat):
+        status, body, took = _request(f"{url}/v2/models/{model}/infer", {"id": "smoke", "inputs": inputs})
+        if status != 200:
+            print(f"/v2/models/{model}/infer: {status} {body}", file=sys.stderr)
+            return 1
+        out["infer_s"].append(took)
+        first = body["outputs"][0]
+        out["infer"] = {"name": first["name"], "shape": first["shape"], "data": first["data"]}
+    print(json.dumps(out))
+    return 0
+
+
+def chat(url: str, model: str) -> int:
+    body = {"model": model, "max_tokens": 16, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    status, reply, took = _request(f"{url}/v1/chat/completions", body)
+    if status != 200:
+        print(f"/v1/chat/completions: {status} {reply}", file=sys.stderr)
+        return 1
+    print(json.dumps({"chat_s": took, "text": reply["choices"][0]["message"]["content"],
+                      "usage": reply.get("usage")}))
+    return 0
+
+
+def _flat(x: Any) -> list[float]:
+    return [v for item in x for v in _flat(item)] if isinstance(x, list) else [float(x)]
+
+
+def compare(arm_path: str, host_path: str) -> int:
+    with open(arm_path) as a_file, open(host_path) as h_file:
+        arm, host = json.load(a_file), json.load(h_file)
+    worst_cos, worst_abs = 1.0, 0.0
+    for a, h in zip(arm["embeddings"], host["embeddings"], strict=True):
+        dot = sum(x * y for x, y in zip(a, h, strict=True))
+        cos = dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in h))
+        worst_cos = min(worst_cos, cos)
+        worst_abs = max(worst_abs, *(abs(x - y) for x, y in zip(a, h, strict=True)))
+    a, h = _flat(arm["infer"]["data"]), _flat(host["infer"]["data"])
+    infer_abs = max(abs(x - y) for x, y in zip(a, h, strict=True))
+    same_shape = arm["infer"]["shape"] == host["infer"]["shape"]
+    print(f"embeddings arm64 vs host: 1 - cosine <= {1 - worst_cos:.1e}, max |diff| {worst_abs:.1e}; "
+          f"v2 infer {arm['infer']['name']} {arm['infer']['shape']}: max |diff| {infer_abs:.1e}"
+          f"{'' if same_shape else ' (SHAPES DIFFER)'}")
+    for name, run in (("arm64 (qemu)", arm), ("host", host)):
+        e, i = run["embed_s"], run["infer_s"]
+        print(f"{name}: /v1/embeddings (2 texts) first {e[0] * 1000:.0f} ms, then median "
+              f"{sorted(e[1:])[len(e[1:]) // 2] * 1000:.0f} ms; v2 infer first {i[0] * 1000:.0f} ms, "
+              f"then median {sorted(i[1:])[len(i[1:]) // 2] * 1000:.0f} ms")
+    return 0 if worst_cos > 0.99 and same_shape else 1
+
+
+def main(argv: list[str]) -> int:
+    command, *args = argv
+    if command == "wait":
+        return wait(args[0], float(args[1]), int(args[2]) if len(args) > 2 else None)
+    if command == "embed":
+        return embed(args[0], args[1], int(args[2]))
+    if command == "chat":
+        return chat(args[0], args[1])
+    if command == "compare":
+        return compare(args[0], args[1])
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
