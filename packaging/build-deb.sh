@@ -62,6 +62,21 @@ mkdir -p "$src"
   | (cd "$repo" && xargs -0 -I{} sh -c '[ -e "{}" ] && cp --parents -P "{}" "$0"' "$src")
 version=$(cd "$src" && "$python" -c 'import re; print(re.search(r"__version__ = \"(.+)\"", open("agent/__init__.py").read())[1])')
 
+# llama-cpp-python also installs its CMake output at the top of site-packages: libs and
+# headers (the package loads its own copies from llama_cpp/lib: 37 MB of dead weight) and, in a
+# GGML_BACKEND_DL build (--portable, arm64), the CPU variants libggml-cpu-*.so in bin/, where
+# nothing looks for them: they go into llama_cpp/lib, where runtime/llama_backends.py loads them.
+llama_backends_into_package() {
+  local site=$1 lib
+  if [ -d "$site/bin" ]; then
+    for lib in "$site"/bin/libggml-*.so; do
+      [ -e "$lib" ] && mv "$lib" "$site/llama_cpp/lib/"
+    done
+    rmdir "$site/bin" 2>/dev/null || true
+  fi
+  rm -rf "$site/lib" "$site/include"
+}
+
 # 2. the agent's virtual environment, laid out where it will live
 root="$work/root"
 venv="$root$prefix/venv"
@@ -87,10 +102,8 @@ fi
 # 3. paths: the venv was built under $root; scripts and metadata must name /opt/edgefleet
 grep -rlIF "$root" "$venv" | while read -r f; do sed -i "s|$root||g" "$f"; done
 find "$venv" -name direct_url.json -delete
-# llama-cpp-python also installs its CMake output (libs, headers) beside the package; the
-# package loads its own copies from llama_cpp/lib, so these 37 MB are dead weight.
 site=$(echo "$venv"/lib/python3.*/site-packages)
-rm -rf "$site/lib" "$site/include"
+[ "$cross" = 1 ] || llama_backends_into_package "$site"
 rm -f "$venv"/bin/activate.fish "$venv"/bin/activate.csh "$venv"/bin/Activate.ps1
 if grep -rlIF "$root" "$venv" | grep -q .; then
   echo "build-deb: build paths left in the venv" >&2; exit 1

@@ -45,15 +45,27 @@ cross_arm64_llama_wheel() {
 
 cross_arm64_install() {
   local cache=${EDGEFLEET_WHEEL_CACHE:-$repo/dist/wheel-cache}
-  local site
+  local site dl target=() rest=() wheel script
   cross_arm64_llama_wheel "$cache"
   site=$(echo "$venv"/lib/python3.*/site-packages)
-  "${pip[@]}" install --quiet --no-compile --disable-pip-version-check --target "$site" \
-    $(cross_arm64_platforms) --implementation cp --python-version 3.11 \
-    --abi cp311 --abi abi3 --abi none --only-binary=:all: --find-links "$cache" \
-    "$wheels"/edgefleet-*.whl
+  target=(--quiet --no-compile --disable-pip-version-check --target "$site" $(cross_arm64_platforms)
+          --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none --only-binary=:all:)
+  # resolve once for arm64 (environment markers are evaluated for this host: only hf-xet has a
+  # platform_machine marker today, and it names both x86_64 and aarch64)
+  dl="$work/arm64-wheels"
+  "${pip[@]}" download --quiet --disable-pip-version-check --dest "$dl" $(cross_arm64_platforms) \
+    --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none --only-binary=:all: \
+    --find-links "$cache" "$wheels"/edgefleet-*.whl
+  # llama-cpp-python alone first: its wheel carries CMake's install tree (bin/, lib/, include/)
+  # at the top of site-packages, and pip --target would then skip the console scripts' bin/
+  "${pip[@]}" install "${target[@]}" --no-deps "$dl"/llama_cpp_python-*.whl
+  llama_backends_into_package "$site"
+  for wheel in "$dl"/*.whl; do
+    case "$(basename "$wheel")" in llama_cpp_python-*) ;; *) rest+=("$wheel") ;; esac
+  done
+  ls "$dl"/edgefleet-*.whl >/dev/null 2>&1 || rest+=("$wheels"/edgefleet-*.whl)
+  "${pip[@]}" install "${target[@]}" --no-deps --no-index "${rest[@]}"
   # --target puts console scripts in site-packages/bin, their #! naming the build's python
-  local script
   for script in "$site"/bin/*; do
     if head -c 2 "$script" | grep -q '#!'; then
       sed -i "1s|^#!.*python.*\$|#!$prefix/venv/bin/python|" "$script"
