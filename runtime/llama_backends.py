@@ -27,10 +27,26 @@ def load_llama_backends() -> int:
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
     if not any(lib_dir.glob("libggml-cpu-*.so")):
         return -1
-    ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))  # the copy llama_cpp already loaded
+    ggml = ctypes.CDLL(_loaded_libggml(lib_dir))
     ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
     ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
     if ggml.ggml_backend_reg_count() == 0:
         ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
         log.info("llama.cpp CPU backends loaded from %s", lib_dir)
     return int(ggml.ggml_backend_reg_count())
+
+
+def _loaded_libggml(lib_dir: Path) -> str:
+    """The libggml file libllama was linked with. A wheel holds copies, not links, of
+    libggml.so, .so.0 and .so.0.x; opening another copy would load a second libggml with its
+    own, empty backend registry, which llama.cpp never sees."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        path = Path(fields[5]) if len(fields) == 6 else None
+        if path is not None and path.parent == lib_dir and path.name.startswith("libggml.so"):
+            return str(path)
+    return str(lib_dir / "libggml.so.0")  # libllama's DT_NEEDED name
