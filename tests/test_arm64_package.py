@@ -1,8 +1,8 @@
 """The arm64 .deb, cross-built on this amd64 machine and run under qemu-user-static.
 
-Off by default: it compiles llama.cpp for arm64 (about 25 minutes on 2 cores the first time;
-the wheel is then cached in dist/wheel-cache) and runs the agent emulated, where one
-embedding request takes tens of seconds. Run it with
+Off by default: the first time it compiles llama.cpp for arm64 (22 CPU-minutes, 40 minutes
+on 2 busy cores; the wheel is then cached in dist/wheel-cache), and the emulated agent takes
+seconds per embedding request. Run it with
 
     EDGEFLEET_TEST_ARM64=1 .venv/bin/python -m pytest tests/test_arm64_package.py -s
 
