@@ -15,7 +15,7 @@
 #               (docs/operations.md, "arm64"): llama-cpp-python is compiled with Debian's
 #               gcc-aarch64-linux-gnu (always portable: every ARMv8 CPU variant but SME),
 #               every other package comes from PyPI's manylinux aarch64 wheels.
-#               About 25 minutes on 2 cores; the compiled wheel is kept in
+#               22 CPU-minutes (40 on 2 busy cores); the compiled wheel is kept in
 #               $EDGEFLEET_WHEEL_CACHE (default dist/wheel-cache) and reused.
 #               packaging/smoke-arm64.sh then runs the package under qemu-user-static.
 set -euo pipefail
