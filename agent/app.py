@@ -36,14 +36,17 @@ from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
 from . import openai_api, ops_api
+from . import updates as updates_api
 from .config import AgentConfig
 from .context import CONFIG, LIVE, METRICS, MODELS, LiveState
 from .errors import ApiError, error_response, to_api_error
 from .fleet_link import mqtt_ctx
 from .http_server import shutdown_grace_s
 from .kserve import http_api as kserve_api
+from .kserve.grpc_server import grpc_ctx
 from .metrics import Metrics
 from .telemetry import telemetry_ctx
+from .updates import recovery_ctx, updates_ctx, with_managed_models
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +93,8 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise ApiError(503, "The agent is shutting down and takes no new requests; retry shortly",
                        type="unavailable_error", code="shutting_down",
                        headers={"Retry-After": "5", "Connection": "close"})
-    live.in_flight += 1
-    live.idle.clear()
-    try:
+    with live.admitted():
         return await handler(request)
-    finally:
-        live.in_flight -= 1
-        if live.in_flight == 0:
-            live.idle.set()
 
 
 @web.middleware
@@ -198,6 +195,7 @@ async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelC
     """Make the registry serve what `config` lists: load new or changed bundles (hot swap),
     unload names no longer listed. Failures are logged and shown in /readyz, not raised."""
     changes = ModelChanges()
+    config = with_managed_models(config)  # signed updates may bring models the config does not list
     wanted = {entry.name for entry in config.models}
     for status in models.statuses():
         if status.name not in wanted:
@@ -215,7 +213,8 @@ async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelC
                 models.record_failure(entry.name, str(path), str(exc))
             continue
         current = serving.get(entry.name)
-        if current is not None and current.version == bundle.version and current.bundle.path == bundle.path:
+        same_dir = current is not None and current.bundle.path.resolve() == bundle.path.resolve()
+        if current is not None and current.version == bundle.version and same_dir:
             continue
         with contextlib.suppress(RuntimeLayerError):  # the registry logged it and shows it as failed
             await models.load(bundle)
@@ -234,13 +233,17 @@ def create_app(config: AgentConfig) -> web.Application:
     app[LIVE] = LiveState(config)
     app[LIVE].idle.set()
     app[METRICS] = Metrics()
+    app.cleanup_ctx.append(recovery_ctx)  # signed updates: `current` is a verified version before models load
     app.cleanup_ctx.append(_registry_ctx)
+    app.cleanup_ctx.append(grpc_ctx)  # after the registry: serves it
     app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
     app.cleanup_ctx.append(telemetry_ctx)  # sampler, idle unload, telemetry over the link
+    app.cleanup_ctx.append(updates_ctx)  # after the link: doorbells, commands; stopped first
     app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)
     ops_api.setup(app)
+    updates_api.setup(app)
     return app
 
 

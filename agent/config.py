@@ -22,6 +22,7 @@ from typing import Any, Literal
 from runtime.bundle import NAME_RE
 from runtime.structured import SchemaError, from_mapping
 from sync.mqtt.settings import MqttSettings
+from sync.update_settings import UpdateSettings
 
 ENV_PREFIX = "EDGEFLEET_"
 DEFAULT_CONFIG_PATH = Path("/etc/edgefleet/agent.toml")
@@ -61,10 +62,16 @@ class ServerConfig:
     max_connections: int = 256
     #: Longest request line and longest header line, in bytes (431 past it).
     max_header_bytes: int = 8190
+    #: KServe v2 over gRPC on this port (same host); unset: no gRPC. 0: any free port (logged).
+    grpc_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port must be 0..65535, got {self.grpc_port}")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"grpc_port must differ from port ({self.port})")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
         for name in ("drain_timeout_s", "keepalive_timeout_s", "header_timeout_s", "body_timeout_s"):
@@ -203,6 +210,8 @@ class AgentConfig:
     models: list[ModelEntry] = field(default_factory=list)
     #: ``[mqtt]``: the broker link (sync/mqtt/settings.py); off while ``mqtt.host`` is unset.
     mqtt: MqttSettings = field(default_factory=MqttSettings)
+    #: ``[updates]``: signed model updates from a hub (sync/update_settings.py); off while ``hub_url`` is unset.
+    updates: UpdateSettings = field(default_factory=UpdateSettings)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:

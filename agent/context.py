@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,19 @@ class LiveState:
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     #: When draining began (time.monotonic()); the drain deadline counts from it.
     drain_started: float | None = None
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count one API request (HTTP or gRPC) as in flight while the block runs: what the
+        shutdown drain waits for."""
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
 
 
 LIVE = web.AppKey("live", LiveState)

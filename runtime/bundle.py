@@ -76,6 +76,19 @@ class OnnxOptions:
 
 
 @dataclass(frozen=True)
+class ProbeOptions:
+    """The model's own smoke test: what a new version must answer before it serves
+    (runtime/probe.py). Text models get `text`; tensor models get zeros of their declared shapes."""
+
+    text: str = "Say OK."
+    max_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.text or self.max_tokens < 1:
+            raise ValueError("probe.text must not be empty and probe.max_tokens must be at least 1")
+
+
+@dataclass(frozen=True)
 class BundleManifest:
     """The contents of model.toml."""
 
@@ -86,6 +99,7 @@ class BundleManifest:
     description: str = ""
     gguf: GgufOptions = field(default_factory=GgufOptions)
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
+    probe: ProbeOptions = field(default_factory=ProbeOptions)
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,9 @@ def write_manifest(path: Path, manifest: BundleManifest) -> None:
             if value is None:
                 continue
             lines.append(f"{key} = {_toml_value(value)}")
+    if manifest.probe != ProbeOptions():
+        lines.append("\n[probe]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in dataclasses.asdict(manifest.probe).items()]
     (path / MODEL_TOML).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -16,8 +16,16 @@ class BundleError(RuntimeLayerError):
     """A model bundle on disk is missing, incomplete or has an invalid model.toml."""
 
 
+class StoreError(RuntimeLayerError):
+    """The model store cannot do what was asked (bad name, missing blob, no version to roll back to)."""
+
+
 class ModelLoadError(RuntimeLayerError):
     """The backend could not load a bundle (bad weights, unsupported format, out of memory)."""
+
+
+class ProbeFailedError(RuntimeLayerError):
+    """A loaded version did not pass its smoke test (a real inference on its probe input)."""
 
 
 class ModelNotFoundError(RuntimeLayerError):

@@ -74,7 +74,7 @@ SHRINK_ABOVE_BYTES = 32 * MB
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None on other C libraries."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
 

@@ -6,6 +6,15 @@ has loaded does the name point at it: one dict assignment on the event loop,
 so every request sees either the old or the new model, never neither. The old
 version then drains what it had admitted and is unloaded. This is the hot swap
 that signed updates build on; `load` at start-up is the same call.
+
+Signed updates take the switch apart into steps, so a version is proven before
+it serves and the old one stays ready until the new one is confirmed:
+`stage` loads a version beside the serving one (it takes no requests),
+`probe` runs the model's smoke test on it (a real inference), `commit` makes
+it serve and keeps the previous version loaded ("warm"), `confirm` retires the
+warm one, `rollback` switches back to it at once, `discard` drops a staged
+version that never served. Each step is a `RegistryEvent` to whoever
+subscribed (sync/ publishes them; an audit log can record them).
 """
 
 from __future__ import annotations
@@ -54,6 +63,26 @@ class ModelState(StrEnum):
     UNLOADING = "unloading"
     #: unloaded after its keep-alive to save memory and energy; the next request reloads it
     UNLOADED = "unloaded"
+
+
+class RegistryEventKind(StrEnum):
+    STAGED = "staged"
+    ACTIVE = "active"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled-back"
+
+
+@dataclass(frozen=True)
+class RegistryEvent:
+    """A version of a model changed role: loaded beside (staged), serving (active), refused
+    (failed) or replaced by the one before it (rolled back)."""
+
+    kind: RegistryEventKind
+    name: str
+    version: str
+    previous: str | None = None
+    reason: str | None = None
+    at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -221,6 +250,9 @@ class ModelRegistry:
         self._locks: dict[str, asyncio.Lock] = {}
         self._usage: dict[str, ModelUsage] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+        #: the version that served before an unconfirmed commit, still loaded for rollback
+        self._warm: dict[str, ServedModel] = {}
+        self._subscribers: list[Callable[[RegistryEvent], None]] = []
         self._watchers: list[Callable[[str], None]] = []
         #: name -> seconds idle before an unload (absent or 0: stays loaded)
         self.keep_alive_s: dict[str, float] = {}
@@ -358,7 +390,121 @@ class ModelRegistry:
             )
             if previous is not None:
                 self._retire(previous)
+            self._retire_warm(bundle.name)
+            self._emit(RegistryEvent(RegistryEventKind.ACTIVE, bundle.name, bundle.version,
+                                     previous.version if previous else None))
             return served
+
+    # ---- signed updates: stage, probe, commit, confirm or roll back -------------------
+
+    def subscribe(self, callback: Callable[[RegistryEvent], None]) -> Callable[[], None]:
+        """Call `callback` (on the event loop) for every registry event; returns an unsubscribe."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def _emit(self, event: RegistryEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # a subscriber's bug must not change what serves
+                log.exception("registry event subscriber failed on %s", event)
+
+    async def stage(self, bundle: ModelBundle) -> ServedModel:
+        """Load `bundle` beside whatever serves its name; it takes no requests until `commit`."""
+        async with self._locks.setdefault(bundle.name, asyncio.Lock()):
+            started = time.monotonic()
+            try:
+                backend = await asyncio.to_thread(load_backend, bundle, self._machine)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, RuntimeLayerError) else f"{type(exc).__name__}: {exc}"
+                self._emit(RegistryEvent(RegistryEventKind.FAILED, bundle.name, bundle.version, reason=reason))
+                if isinstance(exc, RuntimeLayerError):
+                    raise
+                raise ModelLoadError(f"{bundle.name}: {exc}") from exc
+            usage = self._usage.setdefault(bundle.name, ModelUsage())
+            staged = ServedModel(
+                bundle=bundle,
+                backend=backend,
+                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name),
+                                         stats=usage.queue),
+                loaded_at=time.time(),
+                usage=usage,
+            )
+            log.info("model %s version %s staged in %.2fs", bundle.name, bundle.version, time.monotonic() - started)
+            serving = self._serving.get(bundle.name)
+            self._emit(RegistryEvent(RegistryEventKind.STAGED, bundle.name, bundle.version,
+                                     serving.version if serving else None))
+            return staged
+
+    async def probe(self, served: ServedModel) -> str:
+        """The model's smoke test (runtime/probe.py) on a staged or serving version."""
+        from .probe import probe  # probe needs ServedModel from this module
+
+        return await probe(served)
+
+    async def commit(self, staged: ServedModel) -> ServedModel | None:
+        """Make a staged version serve (one dict assignment: in-flight requests finish on the
+        old one, new ones go to the new). The old one stays loaded until `confirm`."""
+        async with self._locks.setdefault(staged.name, asyncio.Lock()):
+            previous = self._serving.get(staged.name)
+            staged.usage.last_active = time.monotonic()  # a fresh version gets a whole keep-alive
+            self._idle.pop(staged.name, None)
+            self._serving[staged.name] = staged  # the atomic switch
+            self._set_status(staged.bundle, ModelState.READY, served=staged)
+            self._retire_warm(staged.name)
+            if previous is not None:
+                self._warm[staged.name] = previous
+            log.info("model %s version %s serving%s", staged.name, staged.version,
+                     f" ({previous.version} kept warm)" if previous else "")
+            self._emit(RegistryEvent(RegistryEventKind.ACTIVE, staged.name, staged.version,
+                                     previous.version if previous else None))
+            return previous
+
+    async def confirm(self, name: str) -> None:
+        """The serving version passed its health check: unload the warm previous one."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            self._retire_warm(name)
+
+    def warm_version(self, name: str) -> str | None:
+        warm = self._warm.get(name)
+        return warm.version if warm else None
+
+    async def rollback(self, name: str, reason: str, bundle: ModelBundle | None = None) -> ServedModel:
+        """Serve the version before the current one again: the warm one at once, else `bundle`
+        (loaded first, the current one serving meanwhile). The version rolled back from drains
+        and unloads."""
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            current = self._serving.get(name)
+            target = self._warm.pop(name, None)
+        if target is None:
+            if bundle is None:
+                raise ModelNotFoundError(name) if current is None else ModelLoadError(
+                    f"{name}: no earlier version is loaded or given to roll back to")
+            target = await self.stage(bundle)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            current = self._serving.get(name)
+            target.usage.last_active = time.monotonic()
+            self._idle.pop(name, None)
+            self._serving[name] = target
+            self._set_status(target.bundle, ModelState.READY, served=target)
+            if current is not None and current is not target:
+                self._retire(current)
+            log.warning("model %s rolled back to version %s: %s", name, target.version, reason)
+            self._emit(RegistryEvent(RegistryEventKind.ROLLED_BACK, name, target.version,
+                                     current.version if current else None, reason))
+            return target
+
+    async def discard(self, staged: ServedModel, reason: str) -> None:
+        """Unload a staged version that will not serve (its probe failed)."""
+        if self._serving.get(staged.name) is staged:
+            raise ModelLoadError(f"{staged.name} {staged.version} serves; roll back instead of discarding")
+        self._emit(RegistryEvent(RegistryEventKind.FAILED, staged.name, staged.version, reason=reason))
+        await self._shutdown(staged)
+
+    def _retire_warm(self, name: str) -> None:
+        warm = self._warm.pop(name, None)
+        if warm is not None:
+            self._retire(warm)
 
     async def unload(self, name: str) -> None:
         """Stop serving `name`: refuse new requests, finish admitted ones, free memory."""
@@ -371,6 +517,7 @@ class ModelRegistry:
                 self._changed(name)
                 return
             self._set_status(served.bundle, ModelState.UNLOADING)
+            self._retire_warm(name)
             await self._shutdown(served)
             self._status.pop(name, None)
             self._changed(name)

@@ -22,6 +22,8 @@ class AgentProcess:
     proc: subprocess.Popen
     url: str
     log_path: Path
+    #: host:port of its KServe v2 gRPC server
+    grpc: str
 
     @property
     def port(self) -> int:
@@ -49,17 +51,19 @@ class AgentProcess:
 
 @contextmanager
 def serve(state_dir: Path, log_dir: Path, **env: object) -> Iterator[AgentProcess]:
-    """An agent serving the demo models; `env` sets config keys (`server__drain_timeout_s=4`)."""
+    """An agent serving the demo models; `env` sets config keys (`server__drain_timeout_s=4`).
+    gRPC goes on a free port rather than --demo's 8081, so agents never collide."""
     port = free_port()
     log_path = log_dir / f"agent-{port}.log"
     environ = {**os.environ, "EDGEFLEET_CONFIG": ""}
+    env.setdefault("server__grpc_port", free_port())
     environ.update({f"EDGEFLEET_{k.upper()}": str(v) for k, v in env.items()})
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "serve", "--demo", "--state-dir", str(state_dir), "--port", str(port)],
             stdout=log_file, stderr=subprocess.STDOUT, env=environ,
         )
-    agent = AgentProcess(proc, f"http://127.0.0.1:{port}", log_path)
+    agent = AgentProcess(proc, f"http://127.0.0.1:{port}", log_path, f"127.0.0.1:{env['server__grpc_port']}")
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -45,8 +45,9 @@ def test_models_list_shows_bundles_and_flags_broken_ones(tmp_path, state_dir):
 
 
 def test_serve_demo_answers_curl_and_stops_cleanly_on_sigterm(tmp_path, state_dir):
-    port = free_port()
-    proc = subprocess.Popen([*EDGEFLEET, "serve", "--demo", "--state-dir", str(state_dir), "--port", str(port)],
+    port, grpc_port = free_port(), free_port()
+    proc = subprocess.Popen([*EDGEFLEET, "serve", "--demo", "--state-dir", str(state_dir), "--port", str(port),
+                             "--grpc-port", str(grpc_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "EDGEFLEET_CONFIG": ""})
     try:
@@ -75,7 +76,33 @@ def test_serve_demo_answers_curl_and_stops_cleanly_on_sigterm(tmp_path, state_di
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "listening on http://127.0.0.1" in output and "stopped" in output
+    assert f"KServe v2 gRPC listening on 127.0.0.1:{grpc_port}" in output
     assert "Traceback" not in output
+
+
+def test_demo_turns_grpc_on_at_8081_unless_told_otherwise(state_dir):
+    from agent.cli import _load, _parser
+
+    def grpc_port(*argv: str) -> int | None:
+        return _load(_parser().parse_args(["serve", "--state-dir", str(state_dir), *argv])).server.grpc_port
+
+    assert grpc_port("--demo") == 8081
+    assert grpc_port() is None  # off unless configured
+    assert grpc_port("--grpc-port", "9001") == 9001
+    assert grpc_port("--demo", "--grpc-port", "0") == 0
+
+
+def test_grpc_port_in_use_is_a_clear_error(state_dir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        grpc_port = busy.getsockname()[1]
+        result = run("serve", "--state-dir", str(state_dir), "--port", str(free_port()),
+                     "--grpc-port", str(grpc_port), env={"EDGEFLEET_CONFIG": ""})
+    assert result.returncode == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{grpc_port}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_port_in_use_is_a_clear_error(state_dir):

@@ -59,8 +59,8 @@ class TelemetryPublisher:
 
     async def stop(self, flush_s: float = 2.0) -> None:
         """Stop ticking, store a last record, give the sender `flush_s` to empty the outbox."""
-        ticker, *senders = self._tasks or [None]
-        if ticker is not None:
+        if self._tasks:
+            ticker, sender = self._tasks
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
@@ -68,10 +68,10 @@ class TelemetryPublisher:
                 await self.record_now(final=True)
             except Exception:  # the records already stored still count
                 log.exception("telemetry: could not store the last record")
-            if self.link.connected and senders:
+            if self.link.connected:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(flush_s):
-                        while (await self.stats()).queued and not senders[0].done():
+                        while (await self.stats()).queued and not sender.done():
                             await asyncio.sleep(0.02)
         for task in self._tasks:
             task.cancel()

@@ -1,0 +1,221 @@
+"""`edgefleet hub …`: the fleet operator's commands (the hub's code lives in sync/hub/).
+
+    init             new repository and keys (thresholds configurable)
+    publish BUNDLE…  bundles -> signed targets, desired state for a group or device, doorbell
+    serve            the repository over HTTP with Range (one machine; any static server will do)
+    refresh          re-sign what is about to expire (run it from a timer)
+    rotate-key ROLE  new keys for a role; the new root is signed by old and new root keys
+    status           devices, their versions and update states, read from MQTT alone
+
+Every command but status works on one hub directory: --hub DIR, else $EDGEFLEET_HUB, else ./hub.
+
+Errors are one line on stderr and a non-zero exit, as for the agent's own commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from security.desired import Scope
+from security.errors import SecurityError
+from security.keys import ROLES
+from sync.errors import SyncError
+from sync.hub.mqtt_tools import Broker, fleet_status, follow_updates, ring_doorbell
+from sync.hub.publish import BundleSource, publish
+from sync.hub.repository import HubRepository, HubSettings
+
+MQTT_ENV = "EDGEFLEET_HUB_MQTT"
+HUB_ENV = "EDGEFLEET_HUB"
+DEFAULT_PREFIX = "edgefleet/v1"
+
+
+class HubCliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def add_hub_commands(commands: Any) -> None:
+    hub = commands.add_parser("hub", help="the fleet operator's hub: keys, signed releases, rollout status")
+    sub = hub.add_subparsers(dest="hub_command", required=True, metavar="ACTION")
+
+    init = sub.add_parser("init", help="create a hub repository and its keys")
+    add_hub_dir(init)
+    for role in ROLES:
+        init.add_argument(f"--{role}-keys", type=int, default=1, metavar="N", help=f"keys for {role} (default 1)")
+        init.add_argument(f"--{role}-threshold", type=int, default=1, metavar="N",
+                          help=f"signatures {role} metadata needs (default 1)")
+    init.add_argument("--expiry", action="append", default=[], metavar="ROLE=DAYS",
+                      help="how long a role's metadata stays valid (defaults: root 365, targets 90, snapshot 7, "
+                           "timestamp 1)")
+
+    pub = sub.add_parser("publish", help="sign bundles and make them what a group or device runs")
+    add_hub_dir(pub)
+    target = pub.add_mutually_exclusive_group(required=True)
+    target.add_argument("--group", help="the group whose desired state changes")
+    target.add_argument("--device", help="the device whose own desired state changes")
+    pub.add_argument("bundles", nargs="*", metavar="[NAME=]BUNDLE_DIR",
+                     help="bundle directories (model.toml + files); NAME defaults to the directory's model name")
+    pub.add_argument("--pin", action="append", default=[], metavar="NAME=VERSION",
+                     help="run an already published version (a fleet-wide rollback)")
+    pub.add_argument("--remove", action="append", default=[], metavar="NAME", help="drop a model from the state")
+    add_mqtt_args(pub)
+    pub.add_argument("--no-doorbell", action="store_true", help="sign only; agents find it at their next poll")
+
+    serve = sub.add_parser("serve", help="serve the repository over HTTP (Range requests supported)")
+    add_hub_dir(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+
+    refresh = sub.add_parser("refresh", help="re-sign metadata that is about to expire")
+    add_hub_dir(refresh)
+    refresh.add_argument("--force", action="store_true", help="re-sign every role now")
+
+    rotate = sub.add_parser("rotate-key", help="replace a role's keys (root rotation signed by old and new keys)")
+    add_hub_dir(rotate)
+    rotate.add_argument("role", choices=ROLES)
+    rotate.add_argument("--revoke", action="append", metavar="KEYID",
+                        help="key ids (or prefixes) to revoke (default: every current key of the role)")
+    rotate.add_argument("--count", type=int, help="new keys to add (default: as many as are revoked)")
+
+    status = sub.add_parser("status", help="devices, versions and update states, read from MQTT")
+    add_mqtt_args(status)
+    status.add_argument("--wait", type=float, default=1.0, help="seconds to collect retained messages")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--follow", type=float, metavar="SECONDS",
+                        help="then print update transitions as they arrive, for SECONDS (0: until interrupted)")
+    status.add_argument("--until", metavar="STATE", help="with --follow: stop at the first transition into STATE "
+                        "(e.g. active); exit 1 if none came")
+
+
+def add_hub_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hub", dest="dir", type=Path, default=Path(os.environ.get(HUB_ENV, "hub")),
+                        help=f"the hub directory (default ${HUB_ENV}, else ./hub)")
+
+
+def add_mqtt_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mqtt", metavar="HOST[:PORT]",
+                        help=f"the fleet's broker (default ${MQTT_ENV}, else 127.0.0.1:1883)")
+    parser.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+
+
+def _broker(args: argparse.Namespace) -> Broker:
+    try:
+        return Broker.parse(args.mqtt or os.environ.get(MQTT_ENV) or "127.0.0.1:1883")
+    except ValueError as exc:
+        raise HubCliError(str(exc), code=2) from None
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key or not val:
+            raise HubCliError(f"{what}: expected KEY=VALUE, got {value!r}", code=2)
+        pairs[key] = val
+    return pairs
+
+
+def run_hub(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (SecurityError, SyncError) as exc:
+        raise HubCliError(str(exc)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    command = args.hub_command
+    if command == "init":
+        settings = HubSettings()
+        for role, days in _pairs(args.expiry, "--expiry").items():
+            if role not in settings.expiry_days:
+                raise HubCliError(f"--expiry: unknown role {role!r}", code=2)
+            try:
+                settings.expiry_days[role] = float(days)
+            except ValueError:
+                raise HubCliError(f"--expiry {role}: {days!r} is not a number of days", code=2) from None
+        counts = {r: getattr(args, f"{r}_keys") for r in ROLES}
+        thresholds = {r: getattr(args, f"{r}_threshold") for r in ROLES}
+        repo = HubRepository.create(args.dir, counts, thresholds, settings)
+        print(f"hub created in {args.dir}")
+        print(f"  keys: {repo.keys.directory} (0600; move the root keys offline when not rotating)")
+        print(f"  trust root for devices: {args.dir / 'trust-root.json'} -> /etc/edgefleet/root.json")
+        print(f"  serve it: edgefleet hub serve --hub {args.dir}")
+        return 0
+    if command == "publish":
+        repo = HubRepository(args.dir)
+        bundles = []
+        for spec in args.bundles:
+            name, sep, path = spec.partition("=")
+            bundles.append(BundleSource(Path(path), name) if sep else BundleSource(Path(spec)))
+        scope: Scope = "group" if args.group else "device"
+        target = args.group or args.device
+        if not bundles and not args.pin and not args.remove:
+            raise HubCliError("nothing to publish: give bundle directories, --pin or --remove", code=2)
+        result = publish(repo, scope, target, bundles, _pairs(args.pin, "--pin"), args.remove)
+        models = ", ".join(f"{n}={v}" for n, v in sorted(result.models.items()))
+        print(f"published {scope} {target} serial {result.serial} (targets v{result.targets_version}): {models}")
+        if not args.no_doorbell:
+            topic = result.doorbell_topic(args.topic_prefix)
+            broker = _broker(args)
+            try:
+                ring_doorbell(broker, topic, result.doorbell)
+                print(f"doorbell rung on {topic}")
+            except SyncError as exc:
+                print(f"doorbell not rung ({exc}); agents will find the release at their next poll")
+        return 0
+    if command == "serve":
+        from sync.hub.server import serve_hub
+
+        repo = HubRepository(args.dir)
+        repo.settings  # noqa: B018 - refuses a directory that is not a hub
+        print(f"serving {repo.dir / 'repository'} on http://{args.host}:{args.port}/")
+        serve_hub(repo.dir / "repository", args.host, args.port)
+        return 0
+    if command == "refresh":
+        done = HubRepository(args.dir).refresh(force=args.force)
+        print(f"re-signed: {', '.join(done) or 'nothing needed'}")
+        return 0
+    if command == "rotate-key":
+        repo = HubRepository(args.dir)
+        revoke = None
+        if args.revoke:
+            current = repo.root().roles[args.role].keyids
+            revoke = [k for prefix in args.revoke for k in current if k.startswith(prefix)]
+            if len(revoke) != len(args.revoke):
+                raise HubCliError(f"--revoke: not every key id given signs for {args.role}", code=2)
+        added, revoked = repo.rotate_key(args.role, revoke, args.count)
+        print(f"{args.role}: added {', '.join(k[:16] for k in added)}; revoked {', '.join(k[:16] for k in revoked)}")
+        print(f"root is now v{repo.root().version}; devices follow the rotation at their next refresh")
+        return 0
+    if command == "status" and args.follow is not None:
+        def emit(m: dict[str, Any]) -> None:
+            code = f" ({m.get('code')}: {m.get('message')})" if m.get("code") else ""
+            print(f"{m.get('device')}: {m.get('model') or '-'} {m.get('version') or ''} -> {m.get('state')}{code}",
+                  flush=True)
+
+        reached = follow_updates(_broker(args), args.topic_prefix, args.follow, args.until, emit)
+        return 0 if reached or args.until is None else 1
+    if command == "status":
+        rows = fleet_status(_broker(args), args.topic_prefix, args.wait)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        if not rows:
+            print("no device has reported")
+            return 0
+        print(f"{'DEVICE':20} {'GROUP':12} {'ONLINE':6}  {'LAST UPDATE':44} MODELS")
+        for row in rows:
+            update = row["update"] or {}
+            state = " ".join(str(x) for x in (update.get("state"), update.get("model"), update.get("version")) if x)
+            if update.get("code"):
+                state += f" ({update['code']})"
+            online = {True: "yes", False: "no"}.get(row["online"], "?")
+            models = ", ".join(f"{n}={v}" for n, v in sorted(row["models"].items()))
+            print(f"{row['device']:20} {row['group'] or '-':12} {online:6}  {state or '-':44} {models}")
+        return 0
+    raise HubCliError(f"unknown hub command {command}", code=2)

@@ -1,0 +1,253 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: `inference.GRPCInferenceService`.
+
+The same protocol as agent/kserve/http_api.py, for the clients that speak gRPC
+(NVIDIA's `tritonclient[grpc]`, KServe's own): grpcio's asyncio server runs on
+the agent's one event loop, on its own port (`server.grpc_port`), and serves
+the same registry through the same runtime call (`ServedModel.infer`). What is
+shared with HTTP is shared, not copied: tensors are decoded by
+agent/kserve/tensors.py, errors become gRPC status codes through
+`agent.errors.to_api_error` and `grpc_status`, the API key is checked by
+`security.api_keys` against the live config (a SIGHUP changes it for both),
+and every call counts as in flight for the shutdown drain.
+
+Inputs come as typed `contents` or as `raw_input_contents` (all inputs, in input
+order); outputs always go back as `raw_output_contents`, as Triton's server
+does, which every v2 client reads. Health calls (ServerLive, ServerReady) need
+no key, like /v2/health/*. The message classes are generated from the upstream
+proto by scripts/gen_grpc.sh and imported only when gRPC is switched on.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from aiohttp import web
+
+from agent import __version__
+from runtime.backend import Capability, TensorSpec
+from runtime.registry import ModelState, ServedModel
+from security.api_keys import api_key_matches
+
+from ..context import CONFIG, LIVE, METRICS, MODELS
+from ..errors import ApiError, bad_request, grpc_status, to_api_error
+from .tensors import NUMPY_TO_V2, TensorError, bounded_count, check_header, from_raw, from_values, to_raw, v2_datatype
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+#: Calls that answer without an API key, like the HTTP health endpoints.
+PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady"})
+#: v2 datatype -> the typed-contents field that carries it (FP16 and BF16 travel raw only).
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+    "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+    "FP64": "fp64_contents", "BYTES": "bytes_contents",
+}
+#: The port the gRPC server bound (server.grpc_port, or the one the system chose for 0).
+GRPC_PORT = web.AppKey("grpc_port", int)
+
+Reply = TypeVar("Reply")
+
+
+def _proto() -> tuple[Any, Any]:
+    """The generated modules, imported on first use: a process that never serves gRPC
+    (or a test process holding tritonclient's own copy of these messages) never loads them."""
+    from .proto import open_inference_grpc_pb2 as pb
+    from .proto import open_inference_grpc_pb2_grpc as pb_grpc
+
+    return pb, pb_grpc
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {key.lower(): value for key, value in (context.invocation_metadata() or ())
+            if isinstance(value, str)}
+
+
+class InferenceService:
+    """The servicer: one method per RPC, each run through `_call` (auth, drain, errors)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.pb, _ = _proto()
+
+    async def _call(self, method: str, context: grpc.aio.ServicerContext,
+                    work: Callable[[], Awaitable[Reply]]) -> Reply:
+        live = self.app[LIVE]
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            try:
+                if method not in PUBLIC_METHODS:
+                    api_key = live.config.server.api_key
+                    if api_key and not api_key_matches(api_key, _metadata(context).get("authorization")):
+                        raise ApiError(401, "Incorrect or missing API key: send metadata "
+                                       "'authorization: Bearer <key>'")
+                    if live.draining:
+                        raise ApiError(503, "The agent is shutting down and takes no new requests; "
+                                       "retry shortly", headers={"Retry-After": "5"})
+                with live.admitted():
+                    return await work()
+            except Exception as exc:  # mapped in one place (agent/errors.py), as for HTTP
+                err = to_api_error(exc)
+                if err.status >= 500 and not isinstance(exc, ApiError) and err.status != 503:
+                    log.error("gRPC %s: %s", method, err.message, exc_info=err.status == 500)
+                code, trailers = grpc_status(err)
+                context.set_trailing_metadata(trailers)
+                await context.abort(code, err.message)
+                raise AssertionError("unreachable: abort raises") from None
+        except BaseException:
+            if code is grpc.StatusCode.OK:
+                code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            route = f"/{SERVICE}/{method}"
+            self.app[METRICS].requests.labels(route, "gRPC", code.name).inc()
+            self.app[METRICS].latency.labels(route).observe(time.perf_counter() - started)
+
+    # --- health and metadata ---------------------------------------------------
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            return self.pb.ServerLiveResponse(live=True)
+        return await self._call("ServerLive", context, work)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            ready = self.app[MODELS].all_ready() and not self.app[LIVE].draining
+            return self.pb.ServerReadyResponse(ready=ready)
+        return await self._call("ServerReady", context, work)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            status = next((s for s in self.app[MODELS].statuses() if s.name == request.name), None)
+            if status is None:
+                raise ApiError(404, f"model '{request.name}' is not known")
+            ready = status.state in (ModelState.READY, ModelState.UNLOADED) and (
+                not request.version or request.version == status.version)
+            return self.pb.ModelReadyResponse(ready=ready)
+        return await self._call("ModelReady", context, work)
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            return self.pb.ServerMetadataResponse(name="edgefleet", version=__version__, extensions=[])
+        return await self._call("ServerMetadata", context, work)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            served = await self._tensor_served(request.name, request.version)
+            meta = self.pb.ModelMetadataResponse.TensorMetadata
+
+            def spec(s: TensorSpec) -> Any:
+                return meta(name=s.name, datatype=NUMPY_TO_V2.get(s.dtype, s.dtype), shape=list(s.shape))
+
+            return self.pb.ModelMetadataResponse(
+                name=served.name, versions=[served.version], platform=served.info.platform,
+                inputs=[spec(s) for s in served.info.inputs], outputs=[spec(s) for s in served.info.outputs])
+        return await self._call("ModelMetadata", context, work)
+
+    # --- inference ---------------------------------------------------------------
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            served = await self._tensor_served(request.model_name, request.model_version)
+            inputs = decode_inputs(request, limit=self.app[CONFIG].server.max_body_bytes)
+            names = [o.name for o in request.outputs] or None
+            if names is not None and len(set(names)) != len(names):
+                raise bad_request("an output is requested more than once")
+            results = await served.infer(inputs, names)
+            return self._response(request, served, results)
+        return await self._call("ModelInfer", context, work)
+
+    async def _tensor_served(self, name: str, version: str) -> ServedModel:
+        if not name:
+            raise bad_request("model_name is required")
+        served = await self.app[MODELS].acquire(name)  # reloads an idle-unloaded model
+        if version and version != served.version:
+            raise ApiError(404, f"model '{served.name}' has no version '{version}' "
+                           f"(serving version '{served.version}')")
+        if Capability.TENSOR not in served.info.capabilities:
+            raise bad_request(f"model '{served.name}' does not take tensors; use the /v1 API")
+        return served
+
+    def _response(self, request: Any, served: ServedModel, results: dict[str, np.ndarray]) -> Any:
+        tensor = self.pb.ModelInferResponse.InferOutputTensor
+        outputs, raw = [], []
+        for name, array in results.items():
+            outputs.append(tensor(name=name, datatype=v2_datatype(array), shape=list(array.shape)))
+            raw.append(to_raw(array))
+        return self.pb.ModelInferResponse(model_name=served.name, model_version=served.version,
+                                          id=request.id, outputs=outputs, raw_output_contents=raw)
+
+
+def decode_inputs(request: Any, limit: int) -> dict[str, np.ndarray]:
+    """The request's input tensors as arrays, from typed contents or raw contents; a
+    TensorError (INVALID_ARGUMENT) saying which tensor is wrong and why."""
+    if not request.inputs:
+        raise TensorError("the request has no inputs")
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise TensorError(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+                          "with raw contents every input must have one, in input order")
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name, datatype, shape = check_header(tensor.name, tensor.datatype, list(tensor.shape),
+                                             f"inputs[{index}]")
+        if name in arrays:
+            raise TensorError(f"input '{name}' is given more than once")
+        bounded_count(name, shape, limit)
+        has_contents = tensor.HasField("contents")
+        if raw:
+            if has_contents:
+                raise TensorError(f"input '{name}': contents and raw_input_contents are both given; "
+                                  "use one or the other for all inputs")
+            arrays[name] = from_raw(name, datatype, shape, raw[index])
+            continue
+        field = CONTENTS_FIELD.get(datatype)
+        if field is None:
+            raise TensorError(f"input '{name}': {datatype} has no typed contents; send it in raw_input_contents")
+        values = getattr(tensor.contents, field)
+        others = [f for f in set(CONTENTS_FIELD.values()) if f != field and len(getattr(tensor.contents, f))]
+        if others:
+            raise TensorError(f"input '{name}': {datatype} values go in contents.{field}, "
+                              f"not contents.{others[0]}")
+        arrays[name] = from_values(name, datatype, shape, values)
+    return arrays
+
+
+async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the gRPC server listens from start-up to shutdown when
+    server.grpc_port is set. At shutdown the drain (agent/app.py) has already let
+    admitted calls finish; what is left gets a short grace."""
+    config = app[CONFIG].server
+    if config.grpc_port is None:
+        yield
+        return
+    _, pb_grpc = _proto()
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", config.max_body_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.so_reuseport", 0),
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)
+    address = f"{config.host}:{config.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise OSError(errno.EADDRINUSE, "cannot bind the gRPC port (in use, or the address is not local)",
+                      address)
+    await server.start()
+    app[GRPC_PORT] = port
+    log.info("KServe v2 gRPC listening on %s:%d", config.host, port, extra={"grpc_port": port})
+    try:
+        yield
+    finally:
+        await server.stop(grace=1.0)

@@ -1,0 +1,101 @@
+"""`edgefleet models rollback NAME` and `edgefleet models fetch`: signed updates from the CLI.
+
+`rollback` asks the running agent (its local HTTP endpoint) to serve the previous
+version again, which switches at once when that version is still loaded; with
+no agent running it switches `current` on disk, so the next start serves the
+previous version. Either way the version rolled back from is not installed
+again until the hub publishes a newer desired state.
+
+`fetch` does the download half of an update in the foreground, with a progress
+bar (tqdm): refresh the hub's metadata through TUF, then fetch and verify every
+file the desired state names into the store. Nothing is activated; the agent
+finds the files there and skips their download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+from tqdm import tqdm
+
+from runtime.errors import RuntimeLayerError
+from runtime.store import ModelStore
+from security.errors import SecurityError
+from sync.downloader import Downloader, Fetch
+from sync.errors import SyncError
+from sync.tuf_client import HubClient
+
+from .config import AgentConfig
+from .hub_cli import HubCliError
+from .updates import offline_rollback
+
+
+def rollback_command(config: AgentConfig, name: str) -> int:
+    server = config.server
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    url = f"http://{host}:{server.port}/v2/repository/models/{name}/rollback"
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+
+    async def ask_agent() -> tuple[int, dict[str, object]] | None:
+        try:
+            async with aiohttp.ClientSession() as session, session.post(url, headers=headers) as resp:
+                return resp.status, await resp.json(content_type=None)
+        except aiohttp.ClientConnectionError:
+            return None
+
+    answer = asyncio.run(ask_agent())
+    if answer is None:
+        try:
+            version = offline_rollback(config, name)
+        except RuntimeLayerError as exc:
+            raise HubCliError(f"cannot roll {name} back: {exc}") from None
+        print(f"{name}: current is now {version} (no agent was running; it serves {version} when it starts)")
+        return 0
+    status, body = answer
+    if status != 200:
+        error = body.get("error") if isinstance(body, dict) else None
+        message = error.get("message") if isinstance(error, dict) else body
+        raise HubCliError(f"the agent refused: {message}")
+    print(f"{name}: rolled back, serving {body.get('version')}")
+    return 0
+
+
+def fetch_command(config: AgentConfig) -> int:
+    settings = config.updates
+    if not settings.enabled or settings.hub_url is None:
+        raise HubCliError("[updates] hub_url is not set in the config: there is no hub to fetch from", code=2)
+    try:
+        trust_root = Path(settings.trust_root).read_bytes()
+        hub = HubClient(Path(config.state_dir) / "tuf", settings.hub_url, trust_root, config.mqtt.group,
+                        config.mqtt.device_id, timeout_s=int(settings.read_timeout_s))
+        view = hub.refresh()
+    except OSError as exc:
+        raise HubCliError(f"updates.trust_root {settings.trust_root}: {exc.strerror}") from None
+    except (SecurityError, SyncError) as exc:
+        raise HubCliError(f"refused: {exc}") from None
+    store = ModelStore(config.state_dir)
+    store.ensure_layout()
+    wanted = {s.sha256: s for s in view.files.values() if not store.has_blob(s.sha256)}
+    models = ", ".join(f"{m.name}={m.version}" for m in view.models.values()) or "nothing"
+    print(f"hub (targets v{view.targets_version}) says this device runs: {models}")
+    if not wanted:
+        print("every file is already in the store")
+        return 0
+
+    async def download() -> None:
+        async with aiohttp.ClientSession() as session:
+            downloader = Downloader(session, retries=settings.download_retries, read_timeout_s=settings.read_timeout_s)
+            for signed in wanted.values():
+                with tqdm(total=signed.length, unit="B", unit_scale=True, desc=signed.target_path) as bar:
+                    path = await downloader.fetch(Fetch(signed.url, signed.length, signed.sha256,
+                                                        store.staging_path(signed.sha256)), bar.update)
+                store.add_blob(path, signed.sha256)
+
+    try:
+        asyncio.run(download())
+    except (SecurityError, SyncError) as exc:
+        raise HubCliError(f"download failed: {exc}") from None
+    print(f"{len(wanted)} file(s) verified into {store.blobs}")
+    return 0

@@ -1,0 +1,56 @@
+"""The ``[updates]`` section of the agent's config: where the hub is and what to trust.
+
+Lives in sync/ because the update service is its only reader; agent/config.py
+makes it the ``updates`` field of `AgentConfig`. Updates are off while
+`hub_url` is unset. The device's id and group are the MQTT link's
+(``[mqtt] device_id``, ``group``): one identity for every topic and every
+desired state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    #: The hub's repository URL (``metadata/`` and ``targets/`` below it); unset: updates off.
+    hub_url: str | None = None
+    #: Root metadata this device was provisioned with (``hub init`` writes trust-root.json).
+    trust_root: str = "/etc/edgefleet/root.json"
+    #: How often to look at the hub while the MQTT doorbell cannot ring (MQTT off or disconnected).
+    poll_interval_s: float = 300.0
+    #: Real inferences a new version must answer after it starts serving, and their spacing.
+    health_checks: int = 3
+    health_check_interval_s: float = 1.0
+    #: Activations a crash may interrupt before the version is given up (rolled back, denied).
+    max_activation_attempts: int = 2
+    #: An update job that takes longer than this ends failed (reason "timeout").
+    job_timeout_s: float = 3600.0
+    download_retries: int = 5
+    #: A download that receives nothing for this long is cut and resumed.
+    read_timeout_s: float = 30.0
+    #: Versions kept on disk per model besides current, previous and the last confirmed.
+    keep_versions: int = 2
+    #: Free space that must remain after an update's downloads, in MB.
+    min_free_mb: int = 256
+
+    def __post_init__(self) -> None:
+        if self.hub_url is not None:
+            url = urlparse(self.hub_url)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ValueError(f"hub_url must be an http(s) URL, got {self.hub_url!r}")
+        for name in ("poll_interval_s", "health_check_interval_s", "job_timeout_s", "read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be more than 0")
+        for name in ("health_checks", "max_activation_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("download_retries", "keep_versions", "min_free_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more")
+
+    @property
+    def enabled(self) -> bool:
+        return self.hub_url is not None
