@@ -22,7 +22,9 @@ cross_arm64_llama_wheel() {
   fi
   spec=$(grep -o '"llama-cpp-python[^"]*"' "$repo/pyproject.toml" | tr -d '"')
   echo "build-deb: cross-compiling $spec for arm64 (22 CPU-minutes: 40 minutes on 2 busy cores)" >&2
-  "${pip[@]}" download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+  # --no-binary names the one package: with :all: pip would also build the build backend's own
+  # requirements from sdists, recursively (found by the first run of this script from scratch)
+  "${pip[@]}" download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
     --dest "$work/sdist" "$spec"
   sdist=$(echo "$work"/sdist/llama_cpp_python-*.tar.gz)
   mkdir -p "$work/llama-src"

@@ -5,10 +5,10 @@
 # first stage: no arm64 code runs to build it), then in that root, under
 # qemu-aarch64-static: `edgefleet --version`, `edgefleet doctor`, and `edgefleet serve` with
 # the demo ONNX embedding model, asked over loopback for /v1/embeddings and a KServe v2
-# infer, compared with the same requests to this checkout's own (x86_64) agent.
+# infer (HTTP and gRPC), compared with the same requests to this checkout's own (x86_64) agent.
 # --gguf also loads the demo GGUF chat model and asks one short chat.
-# Needs root (chroot, mount), qemu-user-static, debootstrap, and scripts/setup.sh's .venv
-# (the demo weights and the reference agent). The arm64 base root is kept in
+# Needs root (chroot, mount), qemu-user-static, debootstrap, and `scripts/setup.sh --test`'s
+# .venv (the demo weights, the reference agent, tritonclient for gRPC). The arm64 base root is kept in
 # $EDGEFLEET_ARM64_ROOT (default dist/arm64-root) and reused; binfmt_misc is not needed:
 # the agent is started through qemu-aarch64-static itself, and it execs nothing.
 set -euo pipefail
@@ -22,7 +22,7 @@ mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 host_python="$repo/.venv/bin/python"
 qemu=$(command -v qemu-aarch64-static) || { echo "smoke: apt install qemu-user-static" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "smoke: needs root (chroot, mount)" >&2; exit 2; }
-[ -x "$host_python" ] || { echo "smoke: run scripts/setup.sh first" >&2; exit 2; }
+"$host_python" -c 'import tritonclient.grpc' 2>/dev/null || { echo "smoke: run scripts/setup.sh --test first" >&2; exit 2; }
 step() { echo "== $*"; }
 
 # 1. an arm64 Debian root with the package's dependencies, unpacked only (dpkg -x)
@@ -73,14 +73,15 @@ models=(all-minilm-l6-v2)
 "$repo/.venv/bin/edgefleet" demo build --state-dir "$work/host-state" >/dev/null
 mkdir -p "$root/var/lib/edgefleet/models"
 for m in "${models[@]}"; do cp -a "$work/host-state/models/$m" "$root/var/lib/edgefleet/models/"; done
-port=$("$host_python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-host_port=$("$host_python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-config() {  # state_dir port
-  printf 'state_dir = "%s"\n[server]\nhost = "127.0.0.1"\nport = %s\n[runtime]\nthreads = 2\n' "$1" "$2"
+free_port() { "$host_python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=$(free_port) grpc_port=$(free_port) host_port=$(free_port) host_grpc_port=$(free_port)
+config() {  # state_dir port grpc_port
+  printf 'state_dir = "%s"\n[server]\nhost = "127.0.0.1"\nport = %s\ngrpc_port = %s\n[runtime]\nthreads = 2\n' \
+    "$1" "$2" "$3"
   for m in "${models[@]}"; do printf '[[models]]\nname = "%s"\n' "$m"; done
 }
-config /var/lib/edgefleet "$port" > "$root/etc/edgefleet/smoke.toml"
-config "$work/host-state" "$host_port" > "$work/host.toml"
+config /var/lib/edgefleet "$port" "$grpc_port" > "$root/etc/edgefleet/smoke.toml"
+config "$work/host-state" "$host_port" "$host_grpc_port" > "$work/host.toml"
 
 step "edgefleet doctor (arm64, emulated)"
 doctor=0
@@ -97,12 +98,18 @@ agents+=($!)
 if ! "$host_python" "$here/smoke_requests.py" wait "http://127.0.0.1:$port" 900 "${agents[0]}"; then
   tail -30 "$work/arm64.log"; exit 1
 fi
-echo "arm64 agent: start to ready $(( ($(date +%s%N) - start) / 1000000 )) ms"
+echo "arm64 agent: start to /readyz 200 (models loaded) $(( ($(date +%s%N) - start) / 1000000 )) ms"
+# then until each model has answered its start-up probe (what READY=1 waits for), so the
+# probes' work does not land in the timed requests
+for _ in $(seq 900); do grep -q ' msg=ready ' "$work/arm64.log" && break; sleep 1; done
+grep -q ' msg=ready ' "$work/arm64.log" || { echo "smoke: no 'ready' log line" >&2; tail -30 "$work/arm64.log"; exit 1; }
+echo "arm64 agent: start to ready (probes answered) $(( ($(date +%s%N) - start) / 1000000 )) ms"
 "$host_python" "$here/smoke_requests.py" wait "http://127.0.0.1:$host_port" 300 "${agents[1]}" >/dev/null || { tail -30 "$work/host.log"; exit 1; }
-step "/v1/embeddings and /v2/models/all-minilm-l6-v2/infer, 5 times each"
-"$host_python" "$here/smoke_requests.py" embed "http://127.0.0.1:$port" all-minilm-l6-v2 5 > "$work/arm64.json" \
-  || { tail -30 "$work/arm64.log"; exit 1; }
-"$host_python" "$here/smoke_requests.py" embed "http://127.0.0.1:$host_port" all-minilm-l6-v2 5 > "$work/host.json"
+step "/v1/embeddings and KServe v2 infer of all-minilm-l6-v2 (HTTP and gRPC), 5 times each"
+"$host_python" "$here/smoke_requests.py" embed "http://127.0.0.1:$port" all-minilm-l6-v2 5 "127.0.0.1:$grpc_port" \
+  > "$work/arm64.json" || { tail -30 "$work/arm64.log"; exit 1; }
+"$host_python" "$here/smoke_requests.py" embed "http://127.0.0.1:$host_port" all-minilm-l6-v2 5 \
+  "127.0.0.1:$host_grpc_port" > "$work/host.json"
 compare=0
 "$host_python" "$here/smoke_requests.py" compare "$work/arm64.json" "$work/host.json" || compare=$?
 chat=0

@@ -1,12 +1,13 @@
 """Requests for packaging/smoke-arm64.sh: what a user asks an installed agent, timed.
 
-Runs on the build host's Python (standard library only) against agents listening on
-loopback: the arm64 one under qemu-user and the host's own as the reference. Prints one
-JSON object per agent and, with two, how far the arm64 results are from the host's
-(close, not bit-identical: the int8 kernels differ between x86 and ARM).
+Runs on the build host's Python against agents listening on loopback: the arm64 one under
+qemu-user and the host's own as the reference. HTTP with the standard library; KServe v2
+over gRPC (GRPC_ADDR given) with NVIDIA's tritonclient, as the tests use it (scripts/setup.sh
+--test). Prints one JSON object per agent and, with two, how far the arm64 results are from
+the host's (close, not bit-identical: the int8 kernels differ between x86 and ARM).
 
     python smoke_requests.py wait URL TIMEOUT_S [PID]
-    python smoke_requests.py embed URL MODEL REPEAT      -> JSON on stdout
+    python smoke_requests.py embed URL MODEL REPEAT [GRPC_ADDR]   -> JSON on stdout
     python smoke_requests.py chat URL MODEL              -> JSON on stdout
     python smoke_requests.py compare ARM64.json HOST.json
 """
@@ -61,8 +62,9 @@ def wait(url: str, timeout_s: float, pid: int | None = None) -> int:
     return 1
 
 
-def embed(url: str, model: str, repeat: int) -> int:
-    """/v1/embeddings and KServe v2 infer, each `repeat` times; the first is timed apart (warm-up)."""
+def embed(url: str, model: str, repeat: int, grpc_addr: str | None = None) -> int:
+    """/v1/embeddings and KServe v2 infer (HTTP, and gRPC at `grpc_addr`), each `repeat` times;
+    the first is timed apart (warm-up)."""
     out: dict[str, Any] = {"embed_s": [], "infer_s": []}
     for _ in range(repeat):
         status, body, took = _request(f"{url}/v1/embeddings", {"model": model, "input": TEXTS})
@@ -87,8 +89,34 @@ def embed(url: str, model: str, repeat: int) -> int:
         out["infer_s"].append(took)
         first = body["outputs"][0]
         out["infer"] = {"name": first["name"], "shape": first["shape"], "data": first["data"]}
+    if grpc_addr is not None:
+        out["grpc_s"], out["grpc"] = _grpc_infer(grpc_addr, model, meta, repeat)
     print(json.dumps(out))
     return 0
+
+
+def _grpc_infer(addr: str, model: str, meta: dict[str, Any], repeat: int) -> tuple[list[float], dict[str, Any]]:
+    """The same tensors as the HTTP infer, over gRPC (raw contents), `repeat` times."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    n = len(TOKEN_IDS)
+    values = {"input_ids": TOKEN_IDS, "attention_mask": [1] * n, "token_type_ids": [0] * n}
+    inputs = []
+    for spec in meta["inputs"]:
+        tensor = grpcclient.InferInput(spec["name"], [1, n], spec["datatype"])
+        tensor.set_data_from_numpy(np.array([values[spec["name"]]], dtype=np.int64))
+        inputs.append(tensor)
+    name = meta["outputs"][0]["name"]
+    times = []
+    with grpcclient.InferenceServerClient(addr) as client:
+        for _ in range(repeat):
+            start = time.perf_counter()
+            result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(name)],
+                                  client_timeout=600)
+            times.append(time.perf_counter() - start)
+    array = result.as_numpy(name)
+    return times, {"name": name, "shape": list(array.shape), "data": array.tolist()}
 
 
 def chat(url: str, model: str) -> int:
@@ -122,12 +150,25 @@ def compare(arm_path: str, host_path: str) -> int:
     print(f"embeddings arm64 vs host: 1 - cosine <= {1 - worst_cos:.1e}, max |diff| {worst_abs:.1e}; "
           f"v2 infer {arm['infer']['name']} {arm['infer']['shape']}: max |diff| {infer_abs:.1e}"
           f"{'' if same_shape else ' (SHAPES DIFFER)'}")
+    grpc_ok = True
+    if "grpc" in arm and "grpc" in host:
+        g = _flat(arm["grpc"]["data"])
+        grpc_vs_host = max(abs(x - y) for x, y in zip(g, _flat(host["grpc"]["data"]), strict=True))
+        grpc_vs_http = max(abs(x - y) for x, y in zip(g, a, strict=True))
+        grpc_ok = arm["grpc"]["shape"] == arm["infer"]["shape"] and grpc_vs_http <= 1e-6
+        print(f"v2 infer over gRPC {arm['grpc']['shape']}: arm64 vs host max |diff| {grpc_vs_host:.1e}; "
+              f"arm64 gRPC vs arm64 HTTP max |diff| {grpc_vs_http:.1e}")
     for name, run in (("arm64 (qemu)", arm), ("host", host)):
-        e, i = run["embed_s"], run["infer_s"]
-        print(f"{name}: /v1/embeddings (2 texts) first {e[0] * 1000:.0f} ms, then median "
-              f"{sorted(e[1:])[len(e[1:]) // 2] * 1000:.0f} ms; v2 infer first {i[0] * 1000:.0f} ms, "
-              f"then median {sorted(i[1:])[len(i[1:]) // 2] * 1000:.0f} ms")
-    return 0 if worst_cos > 0.99 and same_shape else 1
+        print(f"{name}: " + "; ".join(f"{label} first {run[key][0] * 1000:.0f} ms, then median "
+                                      f"{_median(run[key][1:]) * 1000:.0f} ms"
+                                      for label, key in (("/v1/embeddings (2 texts)", "embed_s"),
+                                                         ("v2 infer HTTP", "infer_s"), ("v2 infer gRPC", "grpc_s"))
+                                      if key in run))
+    return 0 if worst_cos > 0.99 and same_shape and grpc_ok else 1
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def main(argv: list[str]) -> int:
@@ -135,7 +176,7 @@ def main(argv: list[str]) -> int:
     if command == "wait":
         return wait(args[0], float(args[1]), int(args[2]) if len(args) > 2 else None)
     if command == "embed":
-        return embed(args[0], args[1], int(args[2]))
+        return embed(args[0], args[1], int(args[2]), args[3] if len(args) > 3 else None)
     if command == "chat":
         return chat(args[0], args[1])
     if command == "compare":
