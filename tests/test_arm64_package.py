@@ -7,7 +7,8 @@ seconds per embedding request. Run it with
     EDGEFLEET_TEST_ARM64=1 .venv/bin/python -m pytest tests/test_arm64_package.py -s
 
 It needs root (chroot, mount), gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu, cmake,
-qemu-user-static and debootstrap (apt), and the network for PyPI and deb.debian.org.
+qemu-user-static and debootstrap (apt), `scripts/setup.sh --test`'s .venv, and the network
+for PyPI and deb.debian.org.
 """
 
 from __future__ import annotations
@@ -63,3 +64,6 @@ def test_arm64_deb_cross_builds_and_serves_onnx_under_qemu(tmp_path: Path) -> No
     assert "[ok  ] model all-minilm-l6-v2: onnx" in smoke.stdout
     match = re.search(r"1 - cosine <= ([0-9.e+-]+)", smoke.stdout)
     assert match and float(match[1]) < 1e-3, smoke.stdout[-2000:]
+    # KServe v2 over gRPC (grpcio's arm64 extension) answers what HTTP answered
+    match = re.search(r"arm64 gRPC vs arm64 HTTP max \|diff\| ([0-9.e+-]+)", smoke.stdout)
+    assert match and float(match[1]) <= 1e-6, smoke.stdout[-2000:]
