@@ -54,7 +54,7 @@ def check_cpu() -> list[Finding]:
     )
 
     cpu = describe_cpu()
-    interesting = ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimd", "sve", "dotprod")
+    interesting = ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimd", "asimddp", "i8mm", "sve", "sme")
     have = [flag for flag in interesting if flag in cpu.flags]
     findings = [Finding(Level.OK, "cpu", f"{cpu.arch}, {cpu.physical_cores} physical / {cpu.logical_cores} "
                         f"logical cores, features: {', '.join(have) or 'none of ' + ', '.join(interesting)}")]

@@ -11,8 +11,13 @@
 #               which llama.cpp compiles for the build machine's CPU.
 #   --compression xz|gzip|zstd  xz by default (smallest; about 2.5 minutes on 2 cores);
 #               gzip is ten times faster, for CI and tests.
-#   --arch      arm64 needs an arm64 build host, or this script run under
-#               qemu-user-static in an arm64 chroot (docs/operations.md, "arm64").
+#   --arch      the host's architecture by default. arm64 on an amd64 host cross-builds
+#               (docs/operations.md, "arm64"): llama-cpp-python is compiled with Debian's
+#               gcc-aarch64-linux-gnu (always portable: every ARMv8 CPU variant but SME),
+#               every other package comes from PyPI's manylinux aarch64 wheels.
+#               22 CPU-minutes (40 on 2 busy cores); the compiled wheel is kept in
+#               $EDGEFLEET_WHEEL_CACHE (default dist/wheel-cache) and reused.
+#               packaging/smoke-arm64.sh then runs the package under qemu-user-static.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -29,10 +34,21 @@ while [ $# -gt 0 ]; do
     *) echo "usage: packaging/build-deb.sh [--out DIR] [--portable] [--compression C] [--arch ARCH]" >&2; exit 2 ;;
   esac
 done
+cross=0
 if [ "$arch" != "$(dpkg --print-architecture)" ]; then
-  echo "build-deb: building for $arch on $(dpkg --print-architecture) needs an $arch host or chroot" \
-       "(native wheels); see docs/operations.md" >&2
-  exit 2
+  if [ "$arch/$(dpkg --print-architecture)" != arm64/amd64 ]; then
+    echo "build-deb: building for $arch on $(dpkg --print-architecture) needs an $arch host or chroot" \
+         "(native wheels); only arm64 is cross-built on amd64; see docs/operations.md" >&2
+    exit 2
+  fi
+  for tool in aarch64-linux-gnu-gcc aarch64-linux-gnu-g++ cmake file; do
+    command -v "$tool" >/dev/null || {
+      echo "build-deb: cross-building for arm64 needs $tool" \
+           "(apt install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake file)" >&2
+      exit 2
+    }
+  done
+  cross=1
 fi
 python=${PYTHON:-/usr/bin/python3.11}
 prefix=/opt/edgefleet
@@ -46,6 +62,21 @@ mkdir -p "$src"
   | (cd "$repo" && xargs -0 -I{} sh -c '[ -e "{}" ] && cp --parents -P "{}" "$0"' "$src")
 version=$(cd "$src" && "$python" -c 'import re; print(re.search(r"__version__ = \"(.+)\"", open("agent/__init__.py").read())[1])')
 
+# llama-cpp-python also installs its CMake output at the top of site-packages: libs and
+# headers (the package loads its own copies from llama_cpp/lib: 37 MB of dead weight) and, in a
+# GGML_BACKEND_DL build (--portable, arm64), the CPU variants libggml-cpu-*.so in bin/, where
+# nothing looks for them: they go into llama_cpp/lib, where runtime/llama_backends.py loads them.
+llama_backends_into_package() {
+  local site=$1 lib
+  if [ -d "$site/bin" ]; then
+    for lib in "$site"/bin/libggml-*.so; do
+      [ -e "$lib" ] && mv "$lib" "$site/llama_cpp/lib/"
+    done
+    rmdir "$site/bin" 2>/dev/null || true
+  fi
+  rm -rf "$site/lib" "$site/include"
+}
+
 # 2. the agent's virtual environment, laid out where it will live
 root="$work/root"
 venv="$root$prefix/venv"
@@ -54,26 +85,34 @@ pip=("$python" -m pip)
 "$python" -m pip --version >/dev/null 2>&1 || pip=("${PIP_PYTHON:-$repo/.venv/bin/python}" -m pip)
 wheels="$work/wheels"
 "${pip[@]}" wheel --quiet --no-deps --wheel-dir "$wheels" "$src"
-extra=()
-if [ "$portable" = 1 ]; then
-  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
-  extra=(--no-binary llama-cpp-python --no-cache-dir)
+if [ "$cross" = 1 ]; then
+  # shellcheck source=packaging/cross-arm64.sh
+  . "$here/cross-arm64.sh"
+  cross_arm64_install
+else
+  extra=()
+  if [ "$portable" = 1 ]; then
+    export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON"
+    extra=(--no-binary llama-cpp-python --no-cache-dir)
+  fi
+  "${pip[@]}" --python "$venv/bin/python" install --quiet --no-compile --disable-pip-version-check \
+    ${extra[@]+"${extra[@]}"} "$wheels"/edgefleet-*.whl
 fi
-"${pip[@]}" --python "$venv/bin/python" install --quiet --no-compile --disable-pip-version-check \
-  ${extra[@]+"${extra[@]}"} "$wheels"/edgefleet-*.whl
 
 # 3. paths: the venv was built under $root; scripts and metadata must name /opt/edgefleet
 grep -rlIF "$root" "$venv" | while read -r f; do sed -i "s|$root||g" "$f"; done
 find "$venv" -name direct_url.json -delete
-# llama-cpp-python also installs its CMake output (libs, headers) beside the package; the
-# package loads its own copies from llama_cpp/lib, so these 37 MB are dead weight.
 site=$(echo "$venv"/lib/python3.*/site-packages)
-rm -rf "$site/lib" "$site/include"
+[ "$cross" = 1 ] || llama_backends_into_package "$site"
 rm -f "$venv"/bin/activate.fish "$venv"/bin/activate.csh "$venv"/bin/Activate.ps1
 if grep -rlIF "$root" "$venv" | grep -q .; then
   echo "build-deb: build paths left in the venv" >&2; exit 1
 fi
+if [ "$cross" = 1 ]; then
+  cross_arm64_check_elf "$root"
+fi
 # byte-compile now, naming the installed paths, so the read-only /opt needs no writes
+# (the venv's python is the build host's python3.11 here: .pyc files do not depend on the CPU)
 "$venv/bin/python" -m compileall -q -j 0 -s "$root" -p / "$venv/lib" >/dev/null
 
 # 4. the rest of the system's files

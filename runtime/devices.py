@@ -192,6 +192,10 @@ def llama_gpu_offload_supported() -> bool:
     """Whether the installed llama.cpp was built with a GPU backend that found a device."""
     import llama_cpp
 
+    from .llama_backends import load_llama_backends
+
+    load_llama_backends()
+
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
@@ -239,4 +243,7 @@ def llama_system_info() -> str:
     """llama.cpp's report of its compiled-in CPU features ("AVX2 = 1 | ...")."""
     import llama_cpp
 
+    from .llama_backends import load_llama_backends
+
+    load_llama_backends()
     return llama_cpp.llama_print_system_info().decode(errors="replace")

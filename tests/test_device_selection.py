@@ -25,7 +25,7 @@ flags\t\t: fpu sse sse2 avx avx2 fma
 """
 GRAVITON = """processor\t: 0
 BogoMIPS\t: 243.75
-Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm dotprod i8mm bf16
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp i8mm bf16
 CPU implementer\t: 0x41
 """
 
@@ -48,7 +48,7 @@ def test_avx2_cpu_keeps_weight_repacking():
 
 def test_arm_cpu_keeps_repacking_and_reads_features():
     arm = cpu(GRAVITON, "aarch64", physical=4, logical=4)
-    assert {"asimd", "i8mm", "dotprod"} <= arm.flags
+    assert {"asimd", "i8mm", "asimddp"} <= arm.flags  # the kernel names dot product "asimddp"
     placement = choose_llama_placement(arm, gpu_offload_supported=False)
     assert placement.use_extra_bufts is True
     assert (placement.n_threads, placement.n_threads_batch) == (4, 4)
