@@ -128,7 +128,8 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     cpu_repack = None if config.runtime.cpu_repack == "auto" else bool(config.runtime.cpu_repack)
-    machine = MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack)
+    machine = MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack,
+                              batching=config.batching)
     models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s,
                            limits_for=lambda name: model_limits(app[LIVE].config, name))
     app[MODELS] = models

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from runtime.batching import BatchingSettings
 from runtime.bundle import NAME_RE
 from runtime.structured import SchemaError, from_mapping
 from sync.mqtt.settings import MqttSettings
@@ -213,6 +214,8 @@ class AgentConfig:
     #: ``[updates]``: signed model updates from a hub (sync/update_settings.py); off while ``hub_url`` is unset.
     updates: UpdateSettings = field(default_factory=UpdateSettings)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    #: ``[batching]``: continuous batching for GGUF, dynamic batching for ONNX (runtime/batching.py).
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]

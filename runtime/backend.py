@@ -100,6 +100,17 @@ class GenerationResult:
 class EmbeddingResult:
     vectors: np.ndarray
     prompt_tokens: int
+    #: tokens of each input (when the backend counts them), so a batch run for several
+    #: requests can give each its own exact count
+    input_tokens: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """Texts to embed: what the ONNX dynamic batcher gathers from several clients."""
+
+    texts: list[str]
+    normalize: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .batching import BatchingSettings
+
 log = logging.getLogger(__name__)
 
 #: onnxruntime providers in the order we prefer them when the library reports them.
@@ -57,6 +59,8 @@ class MachineSettings:
     threads: int = 0
     #: None: decide llama.cpp CPU weight repacking from the CPU (off on AMX).
     cpu_repack: bool | None = None
+    #: How many requests a model serves at once (runtime/batching.py).
+    batching: BatchingSettings = field(default_factory=BatchingSettings)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import random
 import re
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .backend import (
@@ -47,6 +48,7 @@ from .backend import (
     ModelInfo,
     TextDelta,
 )
+from .batching import choose_ctx_per_slot, choose_slots
 from .bundle import GgufOptions, ModelBundle
 from .devices import LlamaPlacement, MachineSettings, choose_llama_placement, llama_gpu_offload_supported
 from .errors import (
@@ -57,6 +59,7 @@ from .errors import (
     UnsupportedOperationError,
     WorkStopped,
 )
+from .gguf_batch import BatchEngine
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,16 @@ def _logit_bias_processor(bias: dict[int, float]) -> Any:
     return llama_cpp.LogitsProcessorList([apply])
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A checked request's prompt tokens, stop strings (the request's and the template's) and
+    how many tokens it may generate."""
+
+    tokens: list[int]
+    stops: list[str]
+    max_tokens: int
+
+
 CPU_PROMPT_CHUNK = 64
 #: Prompts up to this many bytes are tokenized in one call (a few milliseconds at most).
 TOKENIZE_WHOLE_BYTES = 16_384
@@ -177,11 +190,21 @@ class GgufBackend(BackendBase):
         capabilities = {Capability.COMPLETION}
         if self._formatter is not None:
             capabilities.add(Capability.CHAT)
+        #: Continuous batching (runtime/gguf_batch.py); None: one request at a time.
+        self.engine: BatchEngine | None = None
+        context_length = self._llm.n_ctx()
+        reasons = placement.reasons
+        slots = choose_slots(machine.batching, gpu=placement.n_gpu_layers != 0)
+        if slots > 1:
+            ctx_per_slot = choose_ctx_per_slot(machine.batching, options.n_ctx)
+            self.engine = BatchEngine(self, slots, ctx_per_slot, options.flash_attn)
+            context_length = min(context_length, ctx_per_slot)
+            reasons = (*reasons, f"continuous batching: {slots} slots of {ctx_per_slot} tokens")
         self.info = ModelInfo(
             capabilities=frozenset(capabilities),
             platform="llama.cpp",
-            context_length=self._llm.n_ctx(),
-            placement=placement.reasons,
+            context_length=context_length,
+            placement=reasons,
         )
 
     def _special_token_pattern(self, llama_cpp: Any) -> re.Pattern[str] | None:
@@ -266,21 +289,29 @@ class GgufBackend(BackendBase):
                 f"token id {outside} is outside the model's vocabulary (0 to {n_vocab - 1})", param=param
             )
 
-    def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
-        import llama_cpp
-
+    def prepare(self, request: GenerationRequest, ctx: JobContext, n_ctx: int) -> PreparedPrompt:
+        """Check `request` and tokenize its prompt for a context of `n_ctx` tokens: what the
+        one-at-a-time path and the batching engine (runtime/gguf_batch.py) both start from."""
         if request.messages is not None and self._formatter is None:
             raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
         self._check_token_ids(request.logit_bias, "logit_bias")
         tokens, template_stops = self._prompt_tokens(request, ctx)
         if not tokens:
             raise InvalidInputError("the prompt is empty: there is nothing to continue", param="prompt")
-        n_ctx = self._llm.n_ctx()
         if len(tokens) >= n_ctx or (
             request.max_tokens is not None and len(tokens) + request.max_tokens > n_ctx
         ):
             raise ContextLengthExceededError(n_ctx, len(tokens), request.max_tokens)
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
+        return PreparedPrompt(tokens, list(request.stop) + template_stops, max_tokens)
+
+    def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
+        """One request alone in the model's own context (continuous batching off, or a
+        caller in-process); the batching engine serves requests through the scheduler."""
+        import llama_cpp
+
+        prepared = self.prepare(request, ctx, self._llm.n_ctx())
+        tokens, max_tokens = prepared.tokens, prepared.max_tokens
 
         if request.seed is not None:
             self._llm.set_seed(request.seed)
@@ -293,7 +324,7 @@ class GgufBackend(BackendBase):
         if cached is None:  # stopped (client left, time limit, shutdown) while reading the prompt
             raise WorkStopped("stopped while evaluating the prompt")
 
-        text = TextStream(list(request.stop) + template_stops)
+        text = TextStream(prepared.stops)
         is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._vocab
         generated = 0
         finish_reason = "length"
@@ -386,4 +417,6 @@ class GgufBackend(BackendBase):
         return self._piece_buf.raw[:size]
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
         self._llm.close()

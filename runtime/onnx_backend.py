@@ -293,7 +293,7 @@ class OnnxBackend(BackendBase):
         assert vectors is not None  # texts is never empty
         if sum(lengths) * self._working_set.bytes_per_token > SHRINK_ABOVE_BYTES:
             _give_back_heap()
-        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(lengths))
+        return EmbeddingResult(vectors=vectors, prompt_tokens=sum(lengths), input_tokens=tuple(lengths))
 
     def _embed_batch(self, encodings: list[Any], normalize: bool | None) -> np.ndarray:
         """Pooled vectors of one micro-batch, padded to its own longest input."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from .backend import (
     Backend,
     EmbeddingResult,
+    EmbedRequest,
     GenerationRequest,
     GenerationResult,
     JobContext,
@@ -37,6 +38,7 @@ from .backend import (
     ModelLimits,
     load_backend,
 )
+from .batch_scheduler import scheduler_for
 from .bundle import ModelBundle
 from .devices import MachineSettings
 from .errors import (
@@ -143,7 +145,7 @@ class ServedModel:
         leaves."""
         self._check_prompt_size(request)
         backend = self.backend
-        job = self.scheduler.submit(lambda ctx: backend.generate(request, ctx))
+        job = self.scheduler.submit(lambda ctx: backend.generate(request, ctx), request)
         usage = self.usage
         usage.count("generate")
 
@@ -182,7 +184,8 @@ class ServedModel:
     async def embed(self, texts: list[str], normalize: bool | None = None) -> EmbeddingResult:
         """Embed `texts` (one vector each); if the caller is cancelled the work stops."""
         backend = self.backend
-        result = await self._run("embed", lambda ctx: backend.embed(texts, normalize, ctx))
+        result = await self._run("embed", lambda ctx: backend.embed(texts, normalize, ctx),
+                                 EmbedRequest(texts, normalize))
         self.usage.embedded_inputs += len(texts)
         self.usage.prompt_tokens += result.prompt_tokens
         return result
@@ -194,10 +197,11 @@ class ServedModel:
         backend = self.backend
         return await self._run("infer", lambda ctx: backend.infer(inputs, outputs, ctx))
 
-    async def _run(self, kind: str, work: Callable[[JobContext], T]) -> T:
-        """Admit `work`, count it as a `kind` request once admitted, wait for it; a caller
-        that is cancelled stops the work."""
-        job = self.scheduler.submit(work)
+    async def _run(self, kind: str, work: Callable[[JobContext], T], request: object = None) -> T:
+        """Admit `work` (serving the typed `request`, which a batching scheduler may run with
+        others), count it as a `kind` request once admitted, wait for it; a caller that is
+        cancelled stops the work."""
+        job = self.scheduler.submit(work, request)
         self.usage.count(kind)
         try:
             return await job.result()
@@ -372,8 +376,8 @@ class ModelRegistry:
             served = ServedModel(
                 bundle=bundle,
                 backend=backend,
-                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name),
-                                         stats=usage.queue),
+                scheduler=scheduler_for(bundle.name, backend, self._machine.batching, self._max_pending,
+                                        self._limits_for(bundle.name), usage.queue),
                 loaded_at=time.time(),
                 usage=usage,
             )

@@ -5,9 +5,11 @@ call concurrently, and their calls block for seconds; one long-lived thread per
 model keeps the event loop free and keeps thread-local state (llama.cpp's
 thread pool, onnxruntime's arena) warm. Admission is bounded: past
 `max_pending` a request is refused at once with a Retry-After estimate rather
-than queued into a latency nobody wants. The worker takes one job at a time
-today; continuous batching replaces `_take` and `_execute` without changing
-how requests are submitted or cancelled.
+than queued into a latency nobody wants. This worker takes one job at a time;
+runtime/batch_scheduler.py's subclasses run several at once (continuous
+batching for GGUF, dynamic batching for ONNX) without changing how requests
+are submitted or cancelled: a job carries its typed request (`Job.request`) so
+a batching worker can look inside it.
 
 Every job has a reason to stop early besides its client leaving: the model-time
 limit (`ModelLimits.max_model_time_s`, counted from when the model starts on it)
@@ -63,10 +65,14 @@ class Job(Generic[T]):
     """One request in a model's queue: its work, its stream of events, its result."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, work: Callable[[JobContext], T], limits: ModelLimits | None = None
+        self, loop: asyncio.AbstractEventLoop, work: Callable[[JobContext], T], limits: ModelLimits | None = None,
+        request: Any = None,
     ) -> None:
         self._loop = loop
         self._work = work
+        #: The typed request (GenerationRequest, EmbedRequest, ...) the work serves, when a
+        #: batching worker may run it together with others; None for opaque work.
+        self.request = request
         self.limits = limits or ModelLimits()
         #: None while the job may run on; else STOP_CLIENT, STOP_TIME_LIMIT or STOP_SHUTDOWN.
         self.stop_reason: str | None = None
@@ -155,7 +161,12 @@ class ModelScheduler:
         self.limits = limits or ModelLimits()
         self.stats = stats if stats is not None else SchedulerStats()
         self._pending: collections.deque[Job[Any]] = collections.deque()
-        self._running: Job[Any] | None = None
+        #: Jobs the model thread is working on (one here; several in a batching subclass).
+        self._running: list[Job[Any]] = []
+        #: time.monotonic() since when at least one job has been running (None: idle).
+        self._busy_since: float | None = None
+        #: Jobs that run at once at most (Retry-After divides the queue by it).
+        self.parallel = 1
         self._cv = threading.Condition()
         self._closing = False
         self._shutdown_at: float | None = None
@@ -171,14 +182,13 @@ class ModelScheduler:
     def depth(self) -> int:
         """Requests admitted and not finished: queued plus running."""
         with self._cv:
-            return len(self._pending) + (1 if self._running is not None else 0)
+            return len(self._pending) + len(self._running)
 
     def running_for_s(self) -> float:
-        """How long the job on the model thread has been running (0 when none): busy time not
-        yet in `stats.busy_seconds`, for energy attribution over windows shorter than a job."""
-        with self._cv:
-            running = self._running
-            started = running.started_at if running is not None else None
+        """How long the model thread has been busy without a break (0 when idle): busy time not
+        yet in `stats.busy_seconds`, for energy attribution over windows shorter than a job.
+        Wall time, not a sum over jobs: a batch of eight running for a second is one busy second."""
+        started = self._busy_since
         return 0.0 if started is None else max(0.0, time.monotonic() - started)
 
     def drain_estimate_s(self) -> float:
@@ -187,12 +197,12 @@ class ModelScheduler:
         avg = self._avg_job_s if self._avg_job_s is not None else 1.0
         with self._cv:
             queued = len(self._pending)
-            running = self._running
+            started = [job.started_at or time.monotonic() for job in self._running]
         left = 0.0
-        if running is not None:
-            elapsed = time.monotonic() - (running.started_at or time.monotonic())
+        if started:
+            elapsed = time.monotonic() - min(started)
             left = max(avg - elapsed, 0.1 * avg)
-        return left + queued * avg
+        return left + queued * avg / self.parallel
 
     def retry_after_s(self) -> int:
         """A Retry-After for a refused request: the measured drain time, 1 to 600 s."""
@@ -206,13 +216,14 @@ class ModelScheduler:
         left = (self._shutdown_at or time.monotonic()) - time.monotonic()
         return int(max(1, math.ceil(left)) + 5)
 
-    def submit(self, work: Callable[[JobContext], T]) -> Job[T]:
-        """Admit `work` or refuse it now; called on the event loop."""
+    def submit(self, work: Callable[[JobContext], T], request: Any = None) -> Job[T]:
+        """Admit `work` or refuse it now; called on the event loop. `request` is the typed
+        request `work` serves, for workers that batch (they may run it without `work`)."""
         if self._closing:
             raise ShuttingDownError(self.name, self.shutdown_retry_after_s())
-        job: Job[T] = Job(asyncio.get_running_loop(), work, self.limits)
+        job: Job[T] = Job(asyncio.get_running_loop(), work, self.limits, request)
         with self._cv:
-            depth = len(self._pending) + (1 if self._running is not None else 0)
+            depth = len(self._pending) + len(self._running)
             if depth >= self.max_pending:
                 self.stats.rejected += 1
                 raise OverloadedError(self.name, depth, self.retry_after_s())
@@ -235,18 +246,40 @@ class ModelScheduler:
                 self._cv.wait()
             if not self._pending:
                 return None
-            self._running = self._pending.popleft()
-            return self._running
+            job = self._pending.popleft()
+            self._start_running(job)
+            return job
+
+    def _start_running(self, job: Job[Any]) -> None:
+        """Move `job` to the running set (under the lock)."""
+        if not self._running:
+            self._busy_since = time.monotonic()
+        self._running.append(job)
+
+    def _stop_running(self, job: Job[Any]) -> float:
+        """Take `job` out of the running set (under the lock); returns the busy seconds that
+        ended with it (the busy period's length when nothing else runs, else 0)."""
+        self._running.remove(job)
+        self._cv.notify_all()
+        if self._running or self._busy_since is None:
+            return 0.0
+        busy, self._busy_since = time.monotonic() - self._busy_since, None
+        return busy
 
     def _worker(self) -> None:
         while (job := self._take()) is not None:
             result, error, busy = self._execute(job)
-            # Leave the running slot before the loop learns the outcome, so whoever sees
+            # Leave the running set before the loop learns the outcome, so whoever sees
             # the job settled (a counter, a waiting client) also sees the queue without it.
             with self._cv:
-                self._running = None
-                self._cv.notify_all()
-            job._loop.call_soon_threadsafe(self._settle, job, result, error, busy)
+                period = self._stop_running(job)
+            self._report(job, result, error, busy, period)
+
+    def _report(self, job: Job[Any], result: Any, error: BaseException | None, busy: float,
+                period: float) -> None:
+        """Hand a finished job to the loop: `busy` is the job's own model time (Retry-After's
+        average), `period` the busy wall time that ended with it (energy attribution)."""
+        job._loop.call_soon_threadsafe(self._settle, job, result, error, busy, period)
 
     def _execute(self, job: Job[Any]) -> tuple[Any, BaseException | None, float]:
         """Run one job on this thread: (result, error, seconds busy)."""
@@ -272,9 +305,10 @@ class ModelScheduler:
             return ShuttingDownError(self.name, self.shutdown_retry_after_s())
         return asyncio.CancelledError()
 
-    def _settle(self, job: Job[Any], result: Any, error: BaseException | None, busy: float) -> None:
+    def _settle(self, job: Job[Any], result: Any, error: BaseException | None, busy: float,
+                period: float) -> None:
         stats = self.stats
-        stats.busy_seconds += busy
+        stats.busy_seconds += period
         if busy and job.stop_reason is None:  # only whole jobs say how long a job takes
             avg = self._avg_job_s
             self._avg_job_s = busy if avg is None else 0.7 * avg + 0.3 * busy
@@ -295,8 +329,8 @@ class ModelScheduler:
         with self._cv:
             for job in self._pending:
                 job.cancel()
-            if self._running is not None:
-                self._running.cancel()
+            for job in self._running:
+                job.cancel()
             self._cv.notify_all()
         await asyncio.to_thread(self._thread.join)
 
@@ -317,18 +351,22 @@ class ModelScheduler:
         while self.depth and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         with self._cv:
-            running = self._running
-        if running is not None:
-            log.warning("model %s: stopping a request still running at the drain deadline", self.name)
-            running.stop(STOP_SHUTDOWN)
+            running = list(self._running)
+        if running:
+            log.warning("model %s: stopping %d request(s) still running at the drain deadline",
+                        self.name, len(running))
+        for job in running:
+            job.stop(STOP_SHUTDOWN)
         stop_by = time.monotonic() + grace_s  # backends check between tokens, chunks, batches
         while self.depth and time.monotonic() < stop_by:
             await asyncio.sleep(0.01)
         with self._cv:
-            running = self._running
-        if running is not None and not running.future.done():
+            running = list(self._running)
+        for job in running:
+            if job.future.done():
+                continue
             # A native call longer than the grace (one token can take seconds on a CPU that
             # other processes keep busy): answer its client now; the thread ends with the call.
             log.warning("model %s: a request did not stop within %.1fs; answering its client without it",
                         self.name, grace_s)
-            running._finish(error=ShuttingDownError(self.name, self.shutdown_retry_after_s()))
+            job._finish(error=ShuttingDownError(self.name, self.shutdown_retry_after_s()))

@@ -1,0 +1,318 @@
+"""Continuous batching for a GGUF model: several requests in one llama.cpp context.
+
+One context with `slots` sequences (llama.cpp's `n_seq_max`, one KV stream of
+`ctx_per_slot` cells each). The model thread calls `step()` again and again; each
+step evaluates at most one prompt chunk of one newcomer, then one decode call that
+carries the last sampled token of every generating sequence (one `llama_batch`, one
+sequence id per slot), and samples each row with that request's own settings. New
+requests join between steps (`add`), finished and cancelled ones leave at the next
+step and free their slot at once. The scheduler (runtime/batch_scheduler.py) does
+the admitting; this module knows llama.cpp, not jobs' queues.
+
+Why prompts go in chunks of their own: the rule of docs/architecture.md
+("Repeatable greedy output") is kept per slot. A prompt is evaluated in `chunk`
+pieces aligned to position 0, each piece alone in its llama_decode call, so its KV
+is computed as a fresh single-sequence context computes it, whatever else runs; a
+slot's KV stream keeps cell i at position i; the prefix cache of each slot reuses
+only whole canonical pieces for requests that must repeat. A newcomer is put in the
+free slot whose cached tokens share the longest reusable prefix with its prompt, so a
+shared system prompt is evaluated once per slot, not once per request. Prompt pieces
+between decode steps also bound how long a long newcomer stalls the others: one piece.
+
+What batching changes: a generated token's logits come from a decode call whose
+rows belong to other requests too. Where llama.cpp's CPU kernels compute each row
+alone (measured on the AVX2 path: bit-identical logits for 1, 2, 4 and 8 rows) the
+text is the same as alone; where a kernel's result depends on the row count, greedy
+text under load may leave the alone text after a long common prefix.
+tests/test_continuous_batching.py measures which of the two holds before asserting.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .backend import GenerationRequest, GenerationResult, JobContext, TextDelta
+from .errors import InferenceError, WorkStopped
+from .text_stream import TextStream
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .gguf_backend import GgufBackend
+
+log = logging.getLogger(__name__)
+
+#: llama-cpp-python's Llama.last_n_tokens_size: how far back repeat penalties look.
+PENALTY_LAST_N = 64
+
+
+def build_sampler(request: GenerationRequest, seed: int, n_vocab: int) -> Any:
+    """A llama.cpp sampler chain with llama-cpp-python's create_completion settings for
+    `request` (logit bias, penalties, top-k 40, typical, top-p, min-p 0.05, temperature,
+    seeded draw), or None for plain greedy, which is an argmax of the row."""
+    from llama_cpp import _internals
+
+    from .gguf_backend import LLAMA_SAMPLING_DEFAULTS
+
+    penalties = request.presence_penalty or request.frequency_penalty
+    if request.temperature == 0 and not request.logit_bias and not penalties:
+        return None
+    chain = _internals.LlamaSampler()
+    if request.logit_bias:
+        chain.add_logit_bias(n_vocab, request.logit_bias)
+    chain.add_penalties(n_vocab, PENALTY_LAST_N, LLAMA_SAMPLING_DEFAULTS["repeat_penalty"],
+                        request.frequency_penalty, request.presence_penalty)
+    if request.temperature == 0:
+        chain.add_greedy()
+        return chain
+    chain.add_top_k(LLAMA_SAMPLING_DEFAULTS["top_k"])
+    chain.add_typical(LLAMA_SAMPLING_DEFAULTS["typical_p"], 1)
+    chain.add_top_p(request.top_p, 1)
+    chain.add_min_p(LLAMA_SAMPLING_DEFAULTS["min_p"], 1)
+    chain.add_temp(request.temperature)
+    chain.add_dist(seed)
+    return chain
+
+
+@dataclass
+class _Slot:
+    """One sequence id of the context and what its KV stream holds."""
+
+    index: int
+    #: tokens whose KV sits at positions 0..len-1 of this slot
+    history: list[int] = field(default_factory=list)
+    #: leading positions computed from whole aligned chunks (reusable by repeatable requests)
+    canonical: int = 0
+    last_used: float = 0.0
+    busy: bool = False
+
+
+@dataclass
+class _Sequence:
+    """One request in the batch."""
+
+    ctx: JobContext
+    slot: _Slot
+    tokens: list[int]
+    repeatable: bool
+    #: next prompt position to evaluate; == len(tokens) once generating
+    pos: int
+    cached: int
+    sampler: Any
+    text: TextStream
+    max_tokens: int
+    generated: int = 0
+    #: the sampled token whose KV is not computed yet (fed to the next decode step)
+    pending: int | None = None
+
+
+class BatchEngine:
+    """The batch of one GGUF model; every method runs on the model's thread."""
+
+    def __init__(self, backend: GgufBackend, slots: int, ctx_per_slot: int, flash_attn: bool) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._backend = backend
+        llm = backend._llm
+        self.slots = slots
+        self.ctx_per_slot = ctx_per_slot
+        self.chunk = backend._chunk
+        self._n_vocab = llm.n_vocab()
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = slots * ctx_per_slot
+        params.n_batch = params.n_ubatch = max(self.chunk, slots)
+        params.n_seq_max = slots
+        params.kv_unified = False  # one KV stream per slot: a sequence's cells are its own
+        params.n_threads = backend.placement.n_threads
+        params.n_threads_batch = backend.placement.n_threads_batch
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not self._ctx:
+            raise InferenceError(f"llama.cpp could not make a context of {slots} x {ctx_per_slot} tokens")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._seqs: list[_Sequence] = []
+        self._eog = llama_cpp.llama_vocab_is_eog
+        self._get_logits = llama_cpp.llama_get_logits_ith
+        self._sample = llama_cpp.llama_sampler_sample
+        self._row_type = ctypes.c_float * self._n_vocab
+        self._closed = False
+
+    # --- admission ---------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        return len(self._seqs)
+
+    def free_slots(self) -> int:
+        return sum(1 for slot in self._slots if not slot.busy)
+
+    def add(self, request: GenerationRequest, ctx: JobContext) -> None:
+        """Take a request into a free slot (raises the request's own errors: bad input,
+        context too long). Its prompt is evaluated by the following steps."""
+        prepared = self._backend.prepare(request, ctx, self.ctx_per_slot)
+        tokens = prepared.tokens
+        repeatable = request.temperature == 0 or request.seed is not None
+        slot, keep = self._pick_slot(tokens, repeatable)
+        seed = request.seed if request.seed is not None else random.getrandbits(32)
+        slot.busy = True
+        slot.last_used = time.monotonic()
+        self._lib.llama_memory_seq_rm(self._mem, slot.index, keep, -1)
+        del slot.history[keep:]
+        slot.canonical = min(slot.canonical, keep) // self.chunk * self.chunk
+        self._seqs.append(_Sequence(
+            ctx=ctx, slot=slot, tokens=tokens, repeatable=repeatable, pos=keep, cached=keep,
+            sampler=build_sampler(request, seed, self._n_vocab), text=TextStream(prepared.stops),
+            max_tokens=prepared.max_tokens,
+        ))
+
+    def _reusable(self, slot: _Slot, tokens: list[int], repeatable: bool) -> int:
+        """Prompt tokens whose KV `slot` already holds and this request may reuse: the
+        rule of `GgufBackend._prefill`, per slot."""
+        n = len(tokens)
+        limit = min(len(slot.history), n - 1, slot.canonical if repeatable else n)
+        same = 0
+        history = slot.history
+        while same < limit and history[same] == tokens[same]:
+            same += 1
+        return same // self.chunk * self.chunk if repeatable else same
+
+    def _pick_slot(self, tokens: list[int], repeatable: bool) -> tuple[_Slot, int]:
+        """The free slot that can reuse the most of the prompt; among equals the one used
+        longest ago (so other slots' cached prompts survive longer)."""
+        free = [slot for slot in self._slots if not slot.busy]
+        scored = [(self._reusable(slot, tokens, repeatable), -slot.last_used, slot.index) for slot in free]
+        keep, _, index = max(scored)
+        return self._slots[index], keep
+
+    # --- one step ----------------------------------------------------------
+
+    def step(self) -> list[tuple[JobContext, GenerationResult | None, BaseException | None]]:
+        """Evaluate one prompt chunk (if a newcomer waits) and one decode step for every
+        generating sequence. Returns the requests that finished, with result or error."""
+        done: list[tuple[JobContext, GenerationResult | None, BaseException | None]] = []
+        for seq in list(self._seqs):
+            if seq.ctx.cancelled():  # client left, time limit, shutdown: the slot frees now
+                done.append(self._finish(seq, "cancelled"))
+        prefilling = next((s for s in self._seqs if s.pos < len(s.tokens)), None)
+        if prefilling is not None:
+            done += self._prefill_chunk(prefilling)
+        generating = [s for s in self._seqs if s.pending is not None]
+        if generating:
+            done += self._decode(generating)
+        return done
+
+    def _prefill_chunk(self, seq: _Sequence) -> list[tuple[JobContext, Any, BaseException | None]]:
+        n, chunk = len(seq.tokens), self.chunk
+        start = seq.pos
+        end = min(n, (start // chunk + 1) * chunk if seq.repeatable else start + chunk)
+        batch = self._batch
+        index = seq.slot.index
+        for i, pos in enumerate(range(start, end)):
+            batch.token[i] = seq.tokens[pos]
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = index
+            batch.logits[i] = pos == n - 1
+        batch.n_tokens = end - start
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            return [self._fail(seq, f"llama.cpp failed on the prompt (llama_decode returned {rc})")]
+        seq.slot.history.extend(seq.tokens[start:end])
+        if seq.repeatable:
+            seq.slot.canonical = end // chunk * chunk
+        seq.pos = end
+        if end < n:
+            return []
+        finished = self._take_token(seq, end - start - 1)
+        return [finished] if finished else []
+
+    def _decode(self, seqs: list[_Sequence]) -> list[tuple[JobContext, Any, BaseException | None]]:
+        batch = self._batch
+        for i, seq in enumerate(seqs):
+            batch.token[i] = seq.pending
+            batch.pos[i] = len(seq.slot.history)
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq.slot.index
+            batch.logits[i] = True
+        batch.n_tokens = len(seqs)
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc != 0:
+            return [self._fail(seq, f"llama.cpp failed (llama_decode returned {rc})") for seq in seqs]
+        done = []
+        for i, seq in enumerate(seqs):
+            seq.slot.history.append(seq.pending)  # type: ignore[arg-type]
+            finished = self._take_token(seq, i)
+            if finished:
+                done.append(finished)
+        return done
+
+    def _row(self, index: int) -> np.ndarray:
+        import numpy as np
+
+        return np.frombuffer(self._row_type.from_address(
+            ctypes.addressof(self._get_logits(self._ctx, index).contents)), dtype=np.float32)
+
+    def _take_token(self, seq: _Sequence, index: int) -> tuple[JobContext, Any, BaseException | None] | None:
+        """Sample the next token of `seq` from batch row `index`; returns the request's end
+        when this token ends it (end of generation, stop sequence, max_tokens)."""
+        if seq.sampler is None:
+            token = int(self._row(index).argmax())
+        else:
+            token = self._sample(seq.sampler.sampler, self._ctx, index)
+        seq.pending = None
+        if self._eog(self._backend._vocab, token):
+            return self._finish(seq, "stop")
+        seq.generated += 1
+        piece = seq.text.push(self._backend._piece(token))
+        if piece:
+            seq.ctx.emit(TextDelta(piece))
+        if seq.text.stopped:
+            return self._finish(seq, "stop")
+        if seq.generated >= seq.max_tokens:
+            return self._finish(seq, "length")
+        seq.pending = token
+        return None
+
+    def _finish(self, seq: _Sequence, reason: str) -> tuple[JobContext, Any, BaseException | None]:
+        self._release(seq)
+        if reason == "cancelled" and seq.pos < len(seq.tokens):
+            return seq.ctx, None, WorkStopped("stopped while evaluating the prompt")
+        if reason != "cancelled":
+            rest = seq.text.flush()
+            if rest:
+                seq.ctx.emit(TextDelta(rest))
+        return seq.ctx, GenerationResult(
+            finish_reason=reason, prompt_tokens=len(seq.tokens), completion_tokens=seq.generated,
+            cached_tokens=seq.cached,
+        ), None
+
+    def _fail(self, seq: _Sequence, message: str) -> tuple[JobContext, Any, BaseException | None]:
+        """A failed decode leaves the slot's KV unknown: forget it."""
+        self._release(seq)
+        self._lib.llama_memory_seq_rm(self._mem, seq.slot.index, -1, -1)
+        seq.slot.history.clear()
+        seq.slot.canonical = 0
+        return seq.ctx, None, InferenceError(message)
+
+    def _release(self, seq: _Sequence) -> None:
+        self._seqs.remove(seq)
+        seq.slot.busy = False
+        seq.slot.last_used = time.monotonic()
+        seq.sampler = None  # LlamaSampler frees its chain when collected
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._lib.llama_batch_free(self._batch)
+        self._lib.llama_free(self._ctx)
