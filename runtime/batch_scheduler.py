@@ -87,7 +87,7 @@ class ContinuousBatchScheduler(_BatchingScheduler):
                     self._cv.wait()
                 if not self._pending and not engine.active:
                     return  # closing, nothing left
-                newcomers = []
+                newcomers: list[Job[Any]] = []
                 while self._pending and len(newcomers) < engine.free_slots():
                     job = self._pending.popleft()
                     self._start_running(job)
@@ -102,8 +102,9 @@ class ContinuousBatchScheduler(_BatchingScheduler):
                     engine.add(job.request, job)
                 except BaseException as exc:  # noqa: BLE001 - the request's own error (400, 413, ...)
                     self._end(job, None, exc)
-            for job, result, error in engine.step():  # the engine's contexts are our jobs
-                self._end(job, result, error)  # type: ignore[arg-type]
+            for ctx, result, error in engine.step():
+                assert isinstance(ctx, Job)  # the engine's contexts are the jobs added above
+                self._end(ctx, result, error)
 
 
 class EmbeddingBatchScheduler(_BatchingScheduler):

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 #: each slot's KV cache stays small.
 CPU_SLOTS = 8
 GPU_SLOTS = 16
+#: Share of the memory available at load time that the slots' KV cache may take on a CPU.
+KV_MEMORY_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,10 @@ def choose_slots(settings: BatchingSettings, gpu: bool) -> int:
 def choose_ctx_per_slot(settings: BatchingSettings, bundle_n_ctx: int) -> int:
     """Context per slot: the operator's figure, else the bundle's whole n_ctx."""
     return settings.gguf_ctx_per_slot or bundle_n_ctx
+
+
+def fit_slots(slots: int, kv_bytes_per_slot: int, budget_bytes: int) -> int:
+    """The most of `slots` whose KV cache fits in `budget_bytes` (at least 1: no batching)."""
+    if kv_bytes_per_slot <= 0:
+        return slots
+    return max(1, min(slots, budget_bytes // kv_bytes_per_slot))

@@ -48,7 +48,7 @@ from .backend import (
     ModelInfo,
     TextDelta,
 )
-from .batching import choose_ctx_per_slot, choose_slots
+from .batching import KV_MEMORY_SHARE, choose_ctx_per_slot, choose_slots, fit_slots
 from .bundle import GgufOptions, ModelBundle
 from .devices import LlamaPlacement, MachineSettings, choose_llama_placement, llama_gpu_offload_supported
 from .errors import (
@@ -134,6 +134,18 @@ class PreparedPrompt:
 
 
 CPU_PROMPT_CHUNK = 64
+#: Context of the llama_cpp.Llama wrapper when the batching engine has the real one.
+WRAPPER_CTX = 64
+
+
+def kv_bytes_per_token(llm: Any) -> int:
+    """Bytes of KV cache one token takes (keys and values, f16, every layer)."""
+    import llama_cpp
+
+    model = llm._model.model
+    n_head = max(1, llama_cpp.llama_model_n_head(model))
+    head_dim = llama_cpp.llama_model_n_embd(model) // n_head
+    return 2 * 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim
 #: Prompts up to this many bytes are tokenized in one call (a few milliseconds at most).
 TOKENIZE_WHOLE_BYTES = 16_384
 #: Special tokens per tokenizer call when a prompt is tokenized in pieces.
@@ -164,22 +176,16 @@ class GgufBackend(BackendBase):
         )
         log.info("loading %s (%s): %s", bundle.name, bundle.weights.name, "; ".join(placement.reasons))
         self.placement = placement
-        try:
-            with extra_buffer_types(placement.use_extra_bufts):
-                self._llm = llama_cpp.Llama(
-                    model_path=str(bundle.weights),
-                    n_ctx=options.n_ctx,
-                    n_batch=options.n_batch,
-                    n_gpu_layers=placement.n_gpu_layers,
-                    n_threads=placement.n_threads,
-                    n_threads_batch=placement.n_threads_batch,
-                    flash_attn=options.flash_attn,
-                    verbose=False,
-                )
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"{bundle.weights}: llama.cpp could not load it: {exc}") from exc
+        gpu = placement.n_gpu_layers != 0
+        slots = choose_slots(machine.batching, gpu)
+        #: Context one request may use: the whole context, or a slot's share when batching.
+        self.n_ctx = choose_ctx_per_slot(machine.batching, options.n_ctx) if slots > 1 else options.n_ctx
+        self._weights, self._options = bundle.weights, options
+        # With continuous batching the engine has a context of its own; this one only
+        # tokenizes, so it gets the smallest KV cache llama.cpp accepts.
+        self._llm = self._open(self.n_ctx if slots == 1 else WRAPPER_CTX)
         #: Prompts are evaluated in chunks of this many tokens aligned to position 0.
-        self._chunk = min(self._llm.n_batch, prompt_chunk(options, placement))
+        self._chunk = min(options.n_batch, prompt_chunk(options, placement))
         #: Leading KV positions whose values came from whole aligned chunks (reusable).
         self._canonical = 0
         self._formatter = self._chat_formatter(options.chat_template)
@@ -192,20 +198,70 @@ class GgufBackend(BackendBase):
             capabilities.add(Capability.CHAT)
         #: Continuous batching (runtime/gguf_batch.py); None: one request at a time.
         self.engine: BatchEngine | None = None
-        context_length = self._llm.n_ctx()
         reasons = placement.reasons
-        slots = choose_slots(machine.batching, gpu=placement.n_gpu_layers != 0)
         if slots > 1:
-            ctx_per_slot = choose_ctx_per_slot(machine.batching, options.n_ctx)
-            self.engine = BatchEngine(self, slots, ctx_per_slot, options.flash_attn)
-            context_length = min(context_length, ctx_per_slot)
-            reasons = (*reasons, f"continuous batching: {slots} slots of {ctx_per_slot} tokens")
+            self.engine, why = self._batch_engine(slots, options.flash_attn, gpu)
+            reasons = (*reasons, why)
+            if self.engine is None:  # could not batch: serve one at a time in a whole context
+                self._llm.close()
+                self.n_ctx = options.n_ctx
+                self._llm = self._open(self.n_ctx)
+                self._vocab = self._llm._model.vocab
+        else:
+            reasons = (*reasons, "continuous batching off (batching.gguf_slots = 1): one request at a time")
+        log.info("%s: %s", bundle.name, reasons[-1])
         self.info = ModelInfo(
             capabilities=frozenset(capabilities),
             platform="llama.cpp",
-            context_length=context_length,
+            context_length=self.n_ctx,
             placement=reasons,
         )
+
+    def _open(self, n_ctx: int) -> Any:
+        """The model in a llama_cpp.Llama of `n_ctx` tokens, placed as chosen."""
+        import llama_cpp
+
+        placement, options = self.placement, self._options
+        try:
+            with extra_buffer_types(placement.use_extra_bufts):
+                return llama_cpp.Llama(
+                    model_path=str(self._weights),
+                    n_ctx=n_ctx,
+                    n_batch=options.n_batch,
+                    n_gpu_layers=placement.n_gpu_layers,
+                    n_threads=placement.n_threads,
+                    n_threads_batch=placement.n_threads_batch,
+                    flash_attn=options.flash_attn,
+                    verbose=False,
+                )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"{self._weights}: llama.cpp could not load it: {exc}") from exc
+
+    def _batch_engine(self, slots: int, flash_attn: bool, gpu: bool) -> tuple[BatchEngine | None, str]:
+        """The continuous-batching engine with as many of `slots` as fit: on a CPU the KV cache
+        of all slots must fit in `KV_MEMORY_SHARE` of the memory available now; on a GPU,
+        llama.cpp says whether it fits (fewer slots are tried when it cannot)."""
+        kv_bytes = slots * self.n_ctx * kv_bytes_per_token(self._llm)
+        if not gpu:
+            import psutil
+
+            fitting = fit_slots(slots, self.n_ctx * kv_bytes_per_token(self._llm),
+                                int(psutil.virtual_memory().available * KV_MEMORY_SHARE))
+            if fitting < slots:
+                log.warning("KV cache for %d slots of %d tokens (%d MiB) does not fit in %d%% of the "
+                            "memory available; using %d slots", slots, self.n_ctx, kv_bytes >> 20,
+                            int(KV_MEMORY_SHARE * 100), fitting)
+                slots = fitting
+        while slots > 1:
+            try:
+                engine = BatchEngine(self, slots, self.n_ctx, flash_attn)
+            except InferenceError as exc:
+                log.warning("%s; trying %d slots", exc, slots // 2)
+                slots //= 2
+                continue
+            kv_mib = slots * self.n_ctx * kv_bytes_per_token(self._llm) >> 20
+            return engine, f"continuous batching: {slots} slots of {self.n_ctx} tokens (KV cache {kv_mib} MiB)"
+        return None, "continuous batching off: one request at a time"
 
     def _special_token_pattern(self, llama_cpp: Any) -> re.Pattern[str] | None:
         """A regex matching the text of every control / user-defined token, longest first."""
@@ -237,7 +293,7 @@ class GgufBackend(BackendBase):
         data = text.encode("utf-8")
         if len(data) <= TOKENIZE_WHOLE_BYTES:
             return self._llm.tokenize(data, add_bos=add_bos, special=True)
-        n_ctx = self._llm.n_ctx()
+        n_ctx = self.n_ctx
         tokens: list[int] = []
         for i, piece in enumerate(self._pieces(text)):
             if ctx.cancelled():
@@ -289,9 +345,10 @@ class GgufBackend(BackendBase):
                 f"token id {outside} is outside the model's vocabulary (0 to {n_vocab - 1})", param=param
             )
 
-    def prepare(self, request: GenerationRequest, ctx: JobContext, n_ctx: int) -> PreparedPrompt:
-        """Check `request` and tokenize its prompt for a context of `n_ctx` tokens: what the
+    def prepare(self, request: GenerationRequest, ctx: JobContext) -> PreparedPrompt:
+        """Check `request` and tokenize its prompt for a request's context (`n_ctx`): what the
         one-at-a-time path and the batching engine (runtime/gguf_batch.py) both start from."""
+        n_ctx = self.n_ctx
         if request.messages is not None and self._formatter is None:
             raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
         self._check_token_ids(request.logit_bias, "logit_bias")
@@ -310,7 +367,7 @@ class GgufBackend(BackendBase):
         caller in-process); the batching engine serves requests through the scheduler."""
         import llama_cpp
 
-        prepared = self.prepare(request, ctx, self._llm.n_ctx())
+        prepared = self.prepare(request, ctx)
         tokens, max_tokens = prepared.tokens, prepared.max_tokens
 
         if request.seed is not None:

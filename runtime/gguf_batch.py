@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds of prompt evaluation between two decode steps while others generate: the most a
+#: newcomer's prompt delays the running streams' next token (one chunk at least).
+PREFILL_SLICE_S = 0.15
 #: llama-cpp-python's Llama.last_n_tokens_size: how far back repeat penalties look.
 PENALTY_LAST_N = 64
 
@@ -159,7 +162,7 @@ class BatchEngine:
     def add(self, request: GenerationRequest, ctx: JobContext) -> None:
         """Take a request into a free slot (raises the request's own errors: bad input,
         context too long). Its prompt is evaluated by the following steps."""
-        prepared = self._backend.prepare(request, ctx, self.ctx_per_slot)
+        prepared = self._backend.prepare(request, ctx)
         tokens = prepared.tokens
         repeatable = request.temperature == 0 or request.seed is not None
         slot, keep = self._pick_slot(tokens, repeatable)
@@ -197,19 +200,34 @@ class BatchEngine:
     # --- one step ----------------------------------------------------------
 
     def step(self) -> list[tuple[JobContext, GenerationResult | None, BaseException | None]]:
-        """Evaluate one prompt chunk (if a newcomer waits) and one decode step for every
-        generating sequence. Returns the requests that finished, with result or error."""
+        """Evaluate newcomers' prompt chunks, then one decode step for every generating
+        sequence. Returns the requests that finished, with result or error.
+
+        Prompt chunks go oldest newcomer first. Once any sequence is generating, a step
+        evaluates chunks for about `PREFILL_SLICE_S` (at least one chunk), so a long prompt
+        delays the others' next token by about that much, not by its whole length; several
+        short prompts that arrive together are all read in one step."""
         done: list[tuple[JobContext, GenerationResult | None, BaseException | None]] = []
         for seq in list(self._seqs):
             if seq.ctx.cancelled():  # client left, time limit, shutdown: the slot frees now
                 done.append(self._finish(seq, "cancelled"))
-        prefilling = next((s for s in self._seqs if s.pos < len(s.tokens)), None)
-        if prefilling is not None:
-            done += self._prefill_chunk(prefilling)
-        generating = [s for s in self._seqs if s.pending is not None]
-        if generating:
+        started = time.monotonic()
+        for seq in [s for s in self._seqs if s.pos < len(s.tokens)]:
+            while seq.pos < len(seq.tokens) and seq in self._seqs:  # a failed chunk removes it
+                if seq.ctx.cancelled():
+                    done.append(self._finish(seq, "cancelled"))
+                    break
+                done += self._prefill_chunk(seq)
+                if time.monotonic() - started > PREFILL_SLICE_S and self._generating():
+                    break
+            if time.monotonic() - started > PREFILL_SLICE_S and self._generating():
+                break
+        if generating := self._generating():
             done += self._decode(generating)
         return done
+
+    def _generating(self) -> list[_Sequence]:
+        return [s for s in self._seqs if s.pending is not None]
 
     def _prefill_chunk(self, seq: _Sequence) -> list[tuple[JobContext, Any, BaseException | None]]:
         n, chunk = len(seq.tokens), self.chunk
