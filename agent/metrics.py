@@ -84,6 +84,8 @@ class _RegistryCollector(Collector):
                 ("completed", "Requests that ran to completion"),
                 ("failed", "Requests whose backend call raised"),
                 ("cancelled", "Requests stopped because the client went away"),
+                ("executions", "Backend runs (a GGUF decode step is one)"),
+                ("executed", "Requests served by those runs; divided by executions: the mean batch size"),
             )
         }
         busy = CounterMetricFamily(

@@ -72,8 +72,10 @@ def needs_restart(old: AgentConfig, new: AgentConfig) -> list[str]:
     for key in ("host", "port", "max_body_bytes"):
         if getattr(old.server, key) != getattr(new.server, key):
             keys.append(f"server.{key}")
-    keys += [f"runtime.{f.name}" for f in dataclasses.fields(old.runtime)
-             if getattr(old.runtime, f.name) != getattr(new.runtime, f.name)]
+    for section in ("runtime", "batching"):
+        old_part, new_part = getattr(old, section), getattr(new, section)
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(old_part)
+                 if getattr(old_part, f.name) != getattr(new_part, f.name)]
     return keys
 
 
@@ -81,7 +83,8 @@ def live_part(old: AgentConfig, new: AgentConfig) -> AgentConfig:
     """`new`, with the keys that need a restart kept as they run now."""
     server = dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
                                  max_body_bytes=old.server.max_body_bytes)
-    return dataclasses.replace(new, state_dir=old.state_dir, runtime=old.runtime, server=server)
+    return dataclasses.replace(new, state_dir=old.state_dir, runtime=old.runtime, batching=old.batching,
+                               server=server)
 
 
 class Service:

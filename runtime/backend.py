@@ -114,6 +114,26 @@ class EmbedRequest:
 
 
 @dataclass(frozen=True)
+class InferRequest:
+    """Named tensors to run (and which outputs to return; None: all): the ONNX dynamic
+    batcher stacks requests of the same signature along their first dimension."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] | None = None
+
+    def rows(self) -> int | None:
+        """Rows along the first dimension, when every input has that many (else None)."""
+        counts = {array.shape[0] if array.ndim else None for array in self.inputs.values()}
+        return counts.pop() if len(counts) == 1 else None
+
+    def signature(self) -> tuple[object, ...]:
+        """What two requests must share to run as one: names, dtypes, shapes past the first
+        dimension, and the outputs asked for."""
+        return (self.outputs, tuple(sorted((name, array.dtype.str, array.shape[1:])
+                                           for name, array in self.inputs.items())))
+
+
+@dataclass(frozen=True)
 class TensorSpec:
     """One model input or output: name, numpy dtype name, shape (-1 for a free dimension)."""
 

@@ -2,11 +2,13 @@
 
 `ContinuousBatchScheduler` drives a GGUF model's `BatchEngine`: between two steps
 it moves queued generations into free slots, and every finished or cancelled one
-leaves at the next step. `EmbeddingBatchScheduler` is Triton's dynamic batcher for
-an ONNX embedding model: it takes the queued embedding requests (up to
-`onnx_max_batch`, waiting at most `onnx_max_delay_ms` for more), embeds all their
-texts in one backend call (texts sorted by length and padded per micro-batch within
-the memory budget) and gives each request its own rows back by position.
+leaves at the next step. `OnnxBatchScheduler` is Triton's dynamic batcher for an
+ONNX model: it takes the queued requests of one kind (up to `onnx_max_batch`, waiting
+at most `onnx_max_delay_ms` for more) and runs them in one backend call: embedding
+requests' texts together (sorted by length and padded per micro-batch within the
+memory budget), tensor requests of one signature stacked along the first dimension;
+each request gets its own rows back by position. If the combined run fails, each
+request runs alone, so a bad input gets its own error and nobody else's.
 
 Both keep the base scheduler's contract: bounded admission, Retry-After, stop
 reasons, shutdown, per-job settle on the loop. Work that is not batchable (another
@@ -16,13 +18,25 @@ kind of request on the same model) runs alone between steps.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
 
-from .backend import Backend, Capability, EmbeddingResult, EmbedRequest, GenerationRequest, ModelLimits
+from .backend import (
+    Backend,
+    Capability,
+    EmbeddingResult,
+    EmbedRequest,
+    GenerationRequest,
+    InferRequest,
+    ModelLimits,
+)
 from .batching import BatchingSettings
 from .errors import WorkStopped
 from .gguf_batch import BatchEngine
 from .scheduler import Job, ModelScheduler, SchedulerStats
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def scheduler_for(name: str, backend: Backend, settings: BatchingSettings, max_pending: int,
@@ -31,8 +45,9 @@ def scheduler_for(name: str, backend: Backend, settings: BatchingSettings, max_p
     engine = getattr(backend, "engine", None)
     if isinstance(engine, BatchEngine):
         return ContinuousBatchScheduler(name, max_pending, engine, limits=limits, stats=stats)
-    if Capability.EMBEDDING in backend.info.capabilities and settings.onnx_max_batch > 1:
-        return EmbeddingBatchScheduler(name, max_pending, backend, settings.onnx_max_batch,
+    onnx = Capability.EMBEDDING in backend.info.capabilities or Capability.TENSOR in backend.info.capabilities
+    if onnx and settings.onnx_max_batch > 1:
+        return OnnxBatchScheduler(name, max_pending, backend, settings.onnx_max_batch,
                                        settings.onnx_max_delay_ms / 1000, limits=limits, stats=stats)
     return ModelScheduler(name, max_pending, limits=limits, stats=stats)
 
@@ -51,6 +66,7 @@ class _BatchingScheduler(ModelScheduler):
         return True
 
     def _run_alone(self, job: Job[Any]) -> None:
+        self.stats.ran(1)
         try:
             result = job._work(job)
         except WorkStopped:
@@ -102,13 +118,16 @@ class ContinuousBatchScheduler(_BatchingScheduler):
                     engine.add(job.request, job)
                 except BaseException as exc:  # noqa: BLE001 - the request's own error (400, 413, ...)
                     self._end(job, None, exc)
-            for ctx, result, error in engine.step():
+            for ctx, result, error in engine.step(self.stats.ran):
                 assert isinstance(ctx, Job)  # the engine's contexts are the jobs added above
                 self._end(ctx, result, error)
 
 
-class EmbeddingBatchScheduler(_BatchingScheduler):
-    """An embedding model's thread, running queued embedding requests as one batch."""
+class OnnxBatchScheduler(_BatchingScheduler):
+    """An ONNX model's thread, running queued requests of one kind as one batch: embedding
+    requests (same `normalize`) and tensor requests of the same signature (input names,
+    dtypes and shapes past the first dimension, outputs asked for), the way Triton's
+    dynamic batcher stacks requests along the batch dimension."""
 
     def __init__(self, name: str, max_pending: int, backend: Backend, max_batch: int, max_delay_s: float,
                  limits: ModelLimits | None = None, stats: SchedulerStats | None = None) -> None:
@@ -117,9 +136,23 @@ class EmbeddingBatchScheduler(_BatchingScheduler):
         self.max_delay_s = max_delay_s
         super().__init__(name, max_pending, limits=limits, stats=stats)
 
+    def _key(self, request: object) -> Hashable | None:
+        """Requests with the same key run together; None: this one runs alone."""
+        if isinstance(request, EmbedRequest):
+            return ("embed", request.normalize)
+        if isinstance(request, InferRequest):
+            outputs = list(request.outputs) if request.outputs else None
+            splits = getattr(self._backend, "splits_along_batch", None)
+            if request.rows() and splits is not None and splits(outputs or list(self._output_names())):
+                return ("infer", request.signature())
+        return None
+
+    def _output_names(self) -> list[str]:
+        return [spec.name for spec in self._backend.info.outputs]
+
     def _gather(self) -> list[Job[Any]]:
-        """The next batch: the first queued job, plus queued embedding requests behind it
-        (same `normalize`), waiting up to max_delay_s for the batch to fill."""
+        """The next batch: the first queued job, plus queued jobs with its key behind it,
+        waiting up to max_delay_s for the batch to fill."""
         with self._cv:
             while not self._pending and not self._closing:
                 self._cv.wait()
@@ -128,12 +161,12 @@ class EmbeddingBatchScheduler(_BatchingScheduler):
             first = self._pending.popleft()
             self._start_running(first)
             batch = [first]
-            if not isinstance(first.request, EmbedRequest):
+            key = self._key(first.request)
+            if key is None:
                 return batch
             deadline = time.monotonic() + self.max_delay_s
             while len(batch) < self.max_batch:
-                same = next((j for j in self._pending if isinstance(j.request, EmbedRequest)
-                             and j.request.normalize == first.request.normalize), None)
+                same = next((j for j in self._pending if self._key(j.request) == key), None)
                 if same is not None:
                     self._pending.remove(same)
                     self._start_running(same)
@@ -148,16 +181,17 @@ class EmbeddingBatchScheduler(_BatchingScheduler):
     def _worker(self) -> None:
         while batch := self._gather():
             batch = [job for job in batch if self._begin(job)]
-            if len(batch) == 1 or (batch and not isinstance(batch[0].request, EmbedRequest)):
-                for job in batch:
-                    self._run_alone(job)
+            if len(batch) == 1:
+                self._run_alone(batch[0])
+            elif batch and isinstance(batch[0].request, EmbedRequest):
+                self._run_batch(batch, self._embed_together)
             elif batch:
-                self._run_batch(batch)
+                self._run_batch(batch, self._infer_together)
 
-    def _run_batch(self, jobs: list[Job[Any]]) -> None:
-        texts = [text for job in jobs for text in job.request.texts]
+    def _run_batch(self, jobs: list[Job[Any]], together: Callable[[list[Job[Any]]], list[Any]]) -> None:
+        self.stats.ran(len(jobs))
         try:
-            combined = self._backend.embed(texts, jobs[0].request.normalize, _AllOf(jobs))
+            results = together(jobs)
         except WorkStopped:
             for job in jobs:  # every client left; answer each with its own reason
                 self._end(job, None, self._stopped_error(job))
@@ -166,13 +200,40 @@ class EmbeddingBatchScheduler(_BatchingScheduler):
             for job in jobs:
                 self._run_alone(job)
             return
-        start = 0
+        for job, result in zip(jobs, results, strict=True):
+            self._end(job, result, None)
+
+    def _embed_together(self, jobs: list[Job[Any]]) -> list[EmbeddingResult]:
+        """One embedding run for every text of `jobs`; each gets its own rows back."""
+        texts = [text for job in jobs for text in job.request.texts]
+        combined = self._backend.embed(texts, jobs[0].request.normalize, _AllOf(jobs))
+        results, start = [], 0
         for job in jobs:
             n = len(job.request.texts)
             tokens = combined.input_tokens[start:start + n]
-            self._end(job, EmbeddingResult(vectors=combined.vectors[start:start + n].copy(),
-                                           prompt_tokens=sum(tokens), input_tokens=tokens), None)
+            results.append(EmbeddingResult(vectors=combined.vectors[start:start + n].copy(),
+                                           prompt_tokens=sum(tokens), input_tokens=tokens))
             start += n
+        return results
+
+    def _infer_together(self, jobs: list[Job[Any]]) -> list[dict[str, np.ndarray]]:
+        """One run of `jobs`' tensors stacked along the first dimension; each gets its own
+        rows of every output back."""
+        import numpy as np
+
+        requests: list[InferRequest] = [job.request for job in jobs]
+        stacked = {name: np.concatenate([r.inputs[name] for r in requests]) for name in requests[0].inputs}
+        outputs = list(requests[0].outputs) if requests[0].outputs else None
+        combined = self._backend.infer(stacked, outputs, _AllOf(jobs))
+        total = sum(r.rows() or 0 for r in requests)
+        if any(not array.ndim or array.shape[0] != total for array in combined.values()):
+            raise ValueError("an output does not follow the batch dimension")  # then each alone
+        results, start = [], 0
+        for request in requests:
+            n = request.rows() or 0
+            results.append({name: array[start:start + n].copy() for name, array in combined.items()})
+            start += n
+        return results
 
 
 class _AllOf:

@@ -363,10 +363,13 @@ class GgufBackend(BackendBase):
         return PreparedPrompt(tokens, list(request.stop) + template_stops, max_tokens)
 
     def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
-        """One request alone in the model's own context (continuous batching off, or a
-        caller in-process); the batching engine serves requests through the scheduler."""
+        """One request, run to its end on the calling thread: in the batching engine when
+        there is one (nothing else may step it meanwhile; the scheduler steps it for
+        requests that come through the agent), else alone in the model's own context."""
         import llama_cpp
 
+        if self.engine is not None:
+            return self.engine.run(request, ctx)
         prepared = self.prepare(request, ctx)
         tokens, max_tokens = prepared.tokens, prepared.max_tokens
 

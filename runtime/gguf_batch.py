@@ -2,9 +2,10 @@
 
 One context with `slots` sequences (llama.cpp's `n_seq_max`, one KV stream of
 `ctx_per_slot` cells each). The model thread calls `step()` again and again; each
-step evaluates at most one prompt chunk of one newcomer, then one decode call that
-carries the last sampled token of every generating sequence (one `llama_batch`, one
-sequence id per slot), and samples each row with that request's own settings. New
+step evaluates newcomers' prompt chunks (oldest first, for a bounded time), then one
+decode call that carries the last sampled token of every generating sequence (one
+`llama_batch`, one sequence id per slot), and samples each row with that request's own
+settings. New
 requests join between steps (`add`), finished and cancelled ones leave at the next
 step and free their slot at once. The scheduler (runtime/batch_scheduler.py) does
 the admitting; this module knows llama.cpp, not jobs' queues.
@@ -16,15 +17,18 @@ is computed as a fresh single-sequence context computes it, whatever else runs; 
 slot's KV stream keeps cell i at position i; the prefix cache of each slot reuses
 only whole canonical pieces for requests that must repeat. A newcomer is put in the
 free slot whose cached tokens share the longest reusable prefix with its prompt, so a
-shared system prompt is evaluated once per slot, not once per request. Prompt pieces
-between decode steps also bound how long a long newcomer stalls the others: one piece.
+shared system prompt is evaluated once per slot, not once per request. Pieces also bound
+how long a long newcomer stalls the others: prompt evaluation between two decode steps
+stops after about `PREFILL_SLICE_S`.
 
 What batching changes: a generated token's logits come from a decode call whose
-rows belong to other requests too. Where llama.cpp's CPU kernels compute each row
-alone (measured on the AVX2 path: bit-identical logits for 1, 2, 4 and 8 rows) the
-text is the same as alone; where a kernel's result depends on the row count, greedy
-text under load may leave the alone text after a long common prefix.
-tests/test_continuous_batching.py measures which of the two holds before asserting.
+rows belong to other requests too. The engine measures at start whether this machine's
+kernels compute a row to the same bits whatever else rides in the call
+(`rows_independent`; true on the AVX2 CPU path measured). Where they do, every sequence
+shares one decode call per step and greedy text under load is the text alone. Where they
+do not (GPU kernels picked by batch size, CPU GEMM paths that tile rows), repeatable
+sequences (temperature 0 or a seed) are decoded one per call, which keeps the rule at
+the cost of their batching, and the others share a call.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import ctypes
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -149,6 +154,10 @@ class BatchEngine:
         self._sample = llama_cpp.llama_sampler_sample
         self._row_type = ctypes.c_float * self._n_vocab
         self._closed = False
+        #: Whether llama.cpp computes a decode row to the same bits whatever else is in the
+        #: batch (measured now, on this machine's kernels); if not, repeatable sequences are
+        #: decoded one per call (see `_decode_groups`).
+        self.rows_independent = self._measure_row_independence()
 
     # --- admission ---------------------------------------------------------
 
@@ -178,6 +187,18 @@ class BatchEngine:
             max_tokens=prepared.max_tokens,
         ))
 
+    def run(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
+        """Serve `request` to its end, stepping the engine on this thread (for callers
+        in-process; raises the request's error)."""
+        self.add(request, ctx)
+        while True:
+            for done_ctx, result, error in self.step():
+                if done_ctx is ctx:
+                    if error is not None:
+                        raise error
+                    assert result is not None
+                    return result
+
     def _reusable(self, slot: _Slot, tokens: list[int], repeatable: bool) -> int:
         """Prompt tokens whose KV `slot` already holds and this request may reuse: the
         rule of `GgufBackend._prefill`, per slot."""
@@ -199,9 +220,11 @@ class BatchEngine:
 
     # --- one step ----------------------------------------------------------
 
-    def step(self) -> list[tuple[JobContext, GenerationResult | None, BaseException | None]]:
+    def step(self, ran: Callable[[int], None] = lambda rows: None,
+             ) -> list[tuple[JobContext, GenerationResult | None, BaseException | None]]:
         """Evaluate newcomers' prompt chunks, then one decode step for every generating
-        sequence. Returns the requests that finished, with result or error.
+        sequence. Returns the requests that finished, with result or error. `ran(n)` is told
+        of every decode call and how many sequences it carried.
 
         Prompt chunks go oldest newcomer first. Once any sequence is generating, a step
         evaluates chunks for about `PREFILL_SLICE_S` (at least one chunk), so a long prompt
@@ -223,7 +246,9 @@ class BatchEngine:
             if time.monotonic() - started > PREFILL_SLICE_S and self._generating():
                 break
         if generating := self._generating():
-            done += self._decode(generating)
+            for group in self._decode_groups(generating):
+                ran(len(group))
+                done += self._decode_group(group)
         return done
 
     def _generating(self) -> list[_Sequence]:
@@ -236,11 +261,7 @@ class BatchEngine:
         batch = self._batch
         index = seq.slot.index
         for i, pos in enumerate(range(start, end)):
-            batch.token[i] = seq.tokens[pos]
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = index
-            batch.logits[i] = pos == n - 1
+            self._put(i, seq.tokens[pos], pos, index, pos == n - 1)
         batch.n_tokens = end - start
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
@@ -254,14 +275,21 @@ class BatchEngine:
         finished = self._take_token(seq, end - start - 1)
         return [finished] if finished else []
 
-    def _decode(self, seqs: list[_Sequence]) -> list[tuple[JobContext, Any, BaseException | None]]:
+    def _decode_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
+        """The decode calls of one step. Where rows are independent (the usual CPU case),
+        one call for all. Where a row's bits depend on the batch, a repeatable sequence
+        (greedy or seeded) gets a call of its own, so its tokens are the ones it gets alone;
+        the others share one call."""
+        if self.rows_independent:
+            return [seqs]
+        shared = [seq for seq in seqs if not seq.repeatable]
+        alone = [[seq] for seq in seqs if seq.repeatable]
+        return alone + ([shared] if shared else [])
+
+    def _decode_group(self, seqs: list[_Sequence]) -> list[tuple[JobContext, Any, BaseException | None]]:
         batch = self._batch
         for i, seq in enumerate(seqs):
-            batch.token[i] = seq.pending
-            batch.pos[i] = len(seq.slot.history)
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq.slot.index
-            batch.logits[i] = True
+            self._put(i, seq.pending, len(seq.slot.history), seq.slot.index, True)  # type: ignore[arg-type]
         batch.n_tokens = len(seqs)
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
@@ -273,6 +301,46 @@ class BatchEngine:
             if finished:
                 done.append(finished)
         return done
+
+    def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+
+    def _measure_row_independence(self) -> bool:
+        """Decode distinct tokens alone and then together in batches of 2 to `slots` rows,
+        and compare the logits bit for bit. llama.cpp's CPU matrix kernels compute each row
+        by itself (true on the AVX2 path measured), but GEMM paths that tile rows (GPU
+        kernels chosen by batch size, repacked CPU weights) need not."""
+        import numpy as np
+
+        lib, mem = self._lib, self._mem
+        tokens = [(17 + 7919 * i) % self._n_vocab for i in range(self.slots)]
+        alone = []
+        for i, token in enumerate(tokens):
+            self._put(0, token, 0, i, True)
+            self._batch.n_tokens = 1
+            if lib.llama_decode(self._ctx, self._batch) != 0:
+                return False
+            alone.append(self._row(0).copy())
+            lib.llama_memory_seq_rm(mem, i, -1, -1)
+        independent = True
+        for size in sorted({2, 4, 8, self.slots} & set(range(2, self.slots + 1))):
+            for i in range(size):
+                self._put(i, tokens[i], 0, i, True)
+            self._batch.n_tokens = size
+            ok = lib.llama_decode(self._ctx, self._batch) == 0
+            independent = independent and ok and all(
+                np.array_equal(self._row(i), alone[i]) for i in range(size))
+            for i in range(size):
+                lib.llama_memory_seq_rm(mem, i, -1, -1)
+        log.info("decode rows are %s of the batch they ride in on this machine%s",
+                 "independent" if independent else "NOT independent",
+                 "" if independent else ": greedy and seeded requests are decoded one per call")
+        return independent
 
     def _row(self, index: int) -> np.ndarray:
         import numpy as np

@@ -219,7 +219,7 @@ class OnnxBackend(BackendBase):
         inputs = {name: _as_onnx(name, array) for name, array in inputs.items()}
         budget = ctx.limits.memory_budget_bytes
         rows, tokens, elements = self._row_shape(inputs)
-        batchable = (rows > 0 and self._splits_along_batch(names)
+        batchable = (rows > 0 and self.splits_along_batch(names)
                      and all(a.ndim and a.shape[0] == rows for a in inputs.values()))
         per_batch = rows_that_fit(self._working_set, budget, tokens, elements,
                                   what=f"one row of {elements} values") if batchable else rows
@@ -268,7 +268,7 @@ class OnnxBackend(BackendBase):
                 tokens, elements = max(1, free), max(1, per_row)
         return rows, tokens, elements
 
-    def _splits_along_batch(self, outputs: list[str]) -> bool:
+    def splits_along_batch(self, outputs: list[str]) -> bool:
         """Whether the model can be run on slices of rows: every input and every wanted
         output has a free first dimension."""
         return all(s.shape[:1] == (-1,) for s in self._inputs.values()) and all(

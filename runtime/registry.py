@@ -33,6 +33,7 @@ from .backend import (
     EmbedRequest,
     GenerationRequest,
     GenerationResult,
+    InferRequest,
     JobContext,
     ModelInfo,
     ModelLimits,
@@ -195,7 +196,8 @@ class ServedModel:
     ) -> dict[str, np.ndarray]:
         """Run the model on named tensors; `outputs` picks which to return (None: all)."""
         backend = self.backend
-        return await self._run("infer", lambda ctx: backend.infer(inputs, outputs, ctx))
+        return await self._run("infer", lambda ctx: backend.infer(inputs, outputs, ctx),
+                               InferRequest(inputs, tuple(outputs) if outputs else None))
 
     async def _run(self, kind: str, work: Callable[[JobContext], T], request: object = None) -> T:
         """Admit `work` (serving the typed `request`, which a batching scheduler may run with

@@ -48,7 +48,8 @@ STOP_SHUTDOWN = "shutdown"
 
 @dataclass
 class SchedulerStats:
-    """Counters read by /metrics and telemetry; written only by the loop thread.
+    """Counters read by /metrics and telemetry; written only by the loop thread, except
+    `executions` and `executed`, which only the model thread writes.
 
     The registry hands one instance per model name to each version's scheduler, so the
     counts run on across hot swaps and idle unloads (they are Prometheus counters)."""
@@ -59,6 +60,15 @@ class SchedulerStats:
     failed: int = 0
     cancelled: int = 0
     busy_seconds: float = 0.0
+    #: Backend runs (a GGUF decode step counts one), and the requests they served together:
+    #: executed / executions is the mean batch size (Triton's exec count and inference count).
+    executions: int = 0
+    executed: int = 0
+
+    def ran(self, requests: int) -> None:
+        """One backend run served `requests` requests (model thread)."""
+        self.executions += 1
+        self.executed += requests
 
 
 class Job(Generic[T]):
@@ -269,6 +279,7 @@ class ModelScheduler:
     def _worker(self) -> None:
         while (job := self._take()) is not None:
             result, error, busy = self._execute(job)
+            self.stats.ran(1)
             # Leave the running set before the loop learns the outcome, so whoever sees
             # the job settled (a counter, a waiting client) also sees the queue without it.
             with self._cv:

@@ -16,6 +16,7 @@ import llama_cpp
 import pytest
 from conftest import CHAT, EMBED
 
+from runtime.batching import BatchingSettings
 from runtime.bundle import read_bundle
 from runtime.devices import choose_llama_placement, describe_cpu
 from runtime.gguf_backend import extra_buffer_types
@@ -180,7 +181,10 @@ def test_the_last_prompt_logits_are_bit_identical_cached_or_not(state_dir):
     from runtime.devices import MachineSettings
     from runtime.gguf_backend import GgufBackend
 
-    backend = GgufBackend(read_bundle(state_dir / "models" / CHAT / "current"), MachineSettings(cpu=describe_cpu()))
+    # The one-at-a-time path (batching.gguf_slots = 1), whose prefill this reads directly; the
+    # batching engine keeps the same rule per slot (tests/test_continuous_batching.py).
+    backend = GgufBackend(read_bundle(state_dir / "models" / CHAT / "current"),
+                          MachineSettings(cpu=describe_cpu(), batching=BatchingSettings(gguf_slots=1)))
     llm = backend._llm
 
     def prompt_logits(tokens: list[int]) -> np.ndarray:

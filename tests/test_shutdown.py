@@ -18,12 +18,16 @@ ENDLESS = {"model": CHAT, "prompt": "Write a long story about the sea.", "max_to
 
 
 async def test_sigterm_ends_streams_with_a_reason_refuses_queued_and_exits_0_in_time(state_dir, tmp_path):
-    with serve(state_dir, tmp_path, server__drain_timeout_s=DRAIN_S) as agent:
+    # Two batching slots, both taken by endless streams: the three chats after them queue.
+    with serve(state_dir, tmp_path, server__drain_timeout_s=DRAIN_S, batching__gguf_slots=2) as agent:
         async with aiohttp.ClientSession() as http:
-            stream = await http.post(agent.url + "/v1/completions", json={**ENDLESS, "stream": True})
-            assert stream.status == 200
-            first = await stream.content.readline()
-            assert first.startswith(b"data: {")
+            streams = []
+            for _ in range(2):
+                stream = await http.post(agent.url + "/v1/completions", json={**ENDLESS, "stream": True})
+                assert stream.status == 200
+                first = await stream.content.readline()
+                assert first.startswith(b"data: {")
+                streams.append((stream, first))
 
             async def queued() -> tuple[int, dict, str | None]:
                 async with http.post(agent.url + "/v1/chat/completions", json={
@@ -32,15 +36,16 @@ async def test_sigterm_ends_streams_with_a_reason_refuses_queued_and_exits_0_in_
                     return resp.status, await resp.json(), resp.headers.get("Retry-After")
 
             waiting = [asyncio.ensure_future(queued()) for _ in range(3)]
-            await asyncio.sleep(0.5)  # they are admitted and wait behind the stream
+            await asyncio.sleep(0.5)  # they are admitted and wait behind the streams
             exit_task = asyncio.ensure_future(asyncio.to_thread(agent.terminate))
 
-            rest = await asyncio.wait_for(stream.content.read(), DRAIN_S + 10)  # to the chunked end
-            events = [line for line in (first + rest).decode().splitlines() if line.startswith("data: ")]
-            assert events[-1] == "data: [DONE]"
-            last = json.loads(events[-2][len("data: "):])
-            assert last["choices"][0]["finish_reason"] == "shutdown"
-            assert len(events) > 3  # it was really streaming before it was stopped
+            for stream, first in streams:
+                rest = await asyncio.wait_for(stream.content.read(), DRAIN_S + 10)  # to the chunked end
+                events = [line for line in (first + rest).decode().splitlines() if line.startswith("data: ")]
+                assert events[-1] == "data: [DONE]"
+                last = json.loads(events[-2][len("data: "):])
+                assert last["choices"][0]["finish_reason"] == "shutdown"
+                assert len(events) > 3  # it was really streaming before it was stopped
 
             for status, body, retry_after in await asyncio.gather(*waiting):
                 assert status == 503, body
