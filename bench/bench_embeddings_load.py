@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 
 import aiohttp  # noqa: E402
-from bench_load import Processes, ms, pct, ratio, require_loopback, start_agent  # noqa: E402
+from bench_load import Processes, pct, ratio, require_loopback, start_agent  # noqa: E402
 
 from agent.demo import EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
 
@@ -59,6 +59,10 @@ SENTENCES = [
     "Water boils faster at high altitude.",
 ]
 AGENTS = {"batched": {}, "unbatched": {"EDGEFLEET_BATCHING__ONNX_MAX_BATCH": "1"}}
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
 
 
 def cpu_seconds(pid: int) -> float:

@@ -227,7 +227,7 @@ class Prompts:
         return f"{self.rng.getrandbits(40):010x} (ticket {self.count} of run {self.nonce})."
 
     def chat(self) -> list[dict[str, str]]:
-        """A short unique prompt (about 45 tokens with the chat template)."""
+        """A short unique prompt (about 60 tokens with the chat template)."""
         return [{"role": "system", "content": f"{self.tag()} {SYSTEM}"}, {"role": "user", "content": USER}]
 
     def _tokens(self, messages: list[dict[str, str]]) -> int:
@@ -281,22 +281,23 @@ class Target:
                  deadline: float, request_timeout_s: float) -> None:
         self.name, self.url, self.session = name, require_loopback(url), session
         self.eog, self.deadline, self.request_timeout_s = eog, deadline, request_timeout_s
+        self.temperature = 0.0
 
     def expired(self) -> bool:
         return time.monotonic() >= self.deadline
 
     async def chat(self, messages: list[dict[str, str]], max_tokens: int) -> Stream:
-        payload = {"model": CHAT_MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+        payload = {"model": CHAT_MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": self.temperature,
                    "stream": True, "stream_options": {"include_usage": True},
                    "logit_bias": {str(t): -100 for t in self.eog}}
-        for attempt in range(2):
+        for attempt in range(3):
             result = Stream(sent=time.perf_counter(), retried=attempt > 0)
             try:
                 await self._stream(payload, result)
                 break
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                # A pooled keep-alive connection the server had closed while idle: clients
-                # reconnect and send again; the retried request is timed from its new start.
+                # The connection broke before an answer (run() opens one per request, so this
+                # should not happen): send again, timed from the new start, and count it.
                 result.error = f"{type(exc).__name__}: {exc}"
                 if result.stamps:
                     break
@@ -367,8 +368,12 @@ def summarize(streams: list[Stream], wall: float, max_tokens: int) -> dict[str, 
 
 # --- phases ------------------------------------------------------------------------------
 
+SETTLE_S = 1.0  # pause before each measurement: the server measured last goes idle (threads stop polling)
+
+
 async def load_level(target: Target, prompts: Prompts, clients: int, per_client: int,
                      max_tokens: int) -> dict[str, Any]:
+    await asyncio.sleep(SETTLE_S)
     warm = await target.chat(prompts.chat(), max_tokens)  # not counted
     if warm.error:
         raise SystemExit(f"{target.name}: warm-up request failed: {warm.error}")
@@ -393,6 +398,7 @@ async def long_ttft(targets: list[Target], prompts: Prompts, tokens: int, rounds
     seen: dict[str, list[Stream]] = {t.name: [] for t in targets}
     for i in range(rounds):
         for target in targets if i % 2 == 0 else reversed(targets):
+            await asyncio.sleep(SETTLE_S)
             if not target.expired():
                 seen[target.name].append(await target.chat(prompts.long(tokens), 8))
     out = {}
@@ -406,6 +412,7 @@ async def long_ttft(targets: list[Target], prompts: Prompts, tokens: int, rounds
 
 async def starvation(target: Target, prompts: Prompts, steady: int, newcomer_tokens: int, max_tokens: int,
                      stagger_s: float, phase_limit_s: float) -> dict[str, Any]:
+    await asyncio.sleep(SETTLE_S)
     per_client: list[list[Stream]] = [[] for _ in range(steady)]
     stop = asyncio.Event()
     phase_end = time.monotonic() + phase_limit_s
@@ -480,6 +487,8 @@ def main() -> None:
     parser.add_argument("--llama-server",
                         default=str(LLAMA_SERVER_DEFAULT) if LLAMA_SERVER_DEFAULT.exists() else "none",
                         help="llama-server binary, or `none` to measure the agent alone")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (greedy, the default) or sampled; the agent treats greedy requests as repeatable")
     parser.add_argument("--ttft-tokens", type=int, default=376, help="long-prompt TTFT: prompt length in tokens")
     parser.add_argument("--ttft-rounds", type=int, default=5)
     parser.add_argument("--steady-clients", type=int, default=8)
@@ -517,6 +526,7 @@ def main() -> None:
 
     results: dict[str, Any] = {"config": {
         "clients": clients, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
         "cpu": list(placement.reasons), "gguf": str(gguf), "llama_server": str(binary) if binary else args.llama_url,
         "agent_env": {k: v for k, v in os.environ.items() if k.startswith("EDGEFLEET_BATCHING")},
         "eog_banned": prompts.eog, "loadavg_before": os.getloadavg()}}
@@ -533,11 +543,16 @@ def main() -> None:
 async def run(args: argparse.Namespace, clients: list[int], prompts: Prompts, agent_url: str,
               llama_url: str | None) -> dict[str, Any]:
     deadline = time.monotonic() + args.max_seconds
-    connector = aiohttp.TCPConnector(limit=0)
+    # A fresh connection per request (a loopback connect is far below a millisecond): llama-server
+    # closes keep-alive connections after a few requests or seconds idle, and a pooled connection
+    # it has closed fails the next request ("Can not write request body"); both servers alike.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         targets = [Target("agent", agent_url, session, prompts.eog, deadline, args.request_timeout)]
         if llama_url:
             targets.append(Target("llama-server", llama_url, session, prompts.eog, deadline, args.request_timeout))
+        for target in targets:
+            target.temperature = args.temperature
         levels: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for c in clients:
             for target in targets:
