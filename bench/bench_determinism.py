@@ -135,7 +135,8 @@ def main() -> None:
     with extra_buffer_types(placement.use_extra_bufts):
         llm = llama_cpp.Llama(model_path=str(bundle.weights), n_ctx=bundle.manifest.gguf.n_ctx,
                               n_batch=bundle.manifest.gguf.n_batch, n_threads=placement.n_threads,
-                              n_threads_batch=placement.n_threads_batch, verbose=False)
+                              n_threads_batch=placement.n_threads_batch,
+                              flash_attn=bundle.manifest.gguf.flash_attn, verbose=False)
     tok = backend._llm.tokenize
 
     def chat(system: str, question: str) -> list[int]:

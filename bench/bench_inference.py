@@ -157,7 +157,7 @@ def main() -> None:
     with extra_buffer_types(placement.use_extra_bufts):  # the agent's own choice (AMX-safe)
         llm = llama_cpp.Llama(str(chat.weights), n_ctx=chat.manifest.gguf.n_ctx, n_threads=placement.n_threads,
                               n_threads_batch=placement.n_threads_batch, n_gpu_layers=placement.n_gpu_layers,
-                              verbose=False)
+                              flash_attn=chat.manifest.gguf.flash_attn, verbose=False)
     embed = bundles[EMBEDDING_MODEL]
     options = ort.SessionOptions()
     options.intra_op_num_threads = placement.n_threads

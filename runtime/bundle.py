@@ -34,7 +34,9 @@ class GgufOptions:
     n_gpu_layers: int | Literal["auto"] = "auto"
     #: Jinja chat template overriding the one stored in the GGUF metadata.
     chat_template: str | None = None
-    flash_attn: bool = False
+    #: llama.cpp's flash attention; on by default, as llama-server's "auto" turns it on
+    #: wherever the backend has it (the CPU does): decode with several sequences is ~20% faster.
+    flash_attn: bool = True
     #: Prompts are evaluated in pieces of this many tokens aligned to position 0, and the
     #: prefix cache reuses whole pieces (docs/architecture.md, "Repeatable greedy output").
     #: "auto": 64 on the CPU (where prompt speed hardly depends on it), n_batch on a GPU.

@@ -59,22 +59,36 @@ PREFILL_SLICE_S = 0.15
 PENALTY_LAST_N = 64
 
 
+def greedy_bias(request: GenerationRequest) -> tuple[np.ndarray, np.ndarray] | None:
+    """(token ids, values) of the logit bias a greedy request adds to its row before the argmax."""
+    if not request.logit_bias:
+        return None
+    import numpy as np
+
+    return (np.fromiter(request.logit_bias.keys(), dtype=np.intc, count=len(request.logit_bias)),
+            np.fromiter(request.logit_bias.values(), dtype=np.float32, count=len(request.logit_bias)))
+
+
 def build_sampler(request: GenerationRequest, seed: int, n_vocab: int) -> Any:
     """A llama.cpp sampler chain with llama-cpp-python's create_completion settings for
     `request` (logit bias, penalties, top-k 40, typical, top-p, min-p 0.05, temperature,
-    seeded draw), or None for plain greedy, which is an argmax of the row."""
+    seeded draw), or None for greedy without penalties, which is an argmax of the row (plus
+    the logit bias, `greedy_bias`): llama_sampler_sample builds a candidate array of the
+    whole vocabulary per token (600 KB here, a fresh mapping each time with the agent's
+    mmap threshold), which costs more than the argmax."""
     from llama_cpp import _internals
 
     from .gguf_backend import LLAMA_SAMPLING_DEFAULTS
 
     penalties = request.presence_penalty or request.frequency_penalty
-    if request.temperature == 0 and not request.logit_bias and not penalties:
+    if request.temperature == 0 and not penalties:
         return None
     chain = _internals.LlamaSampler()
     if request.logit_bias:
         chain.add_logit_bias(n_vocab, request.logit_bias)
-    chain.add_penalties(n_vocab, PENALTY_LAST_N, LLAMA_SAMPLING_DEFAULTS["repeat_penalty"],
-                        request.frequency_penalty, request.presence_penalty)
+    if penalties:
+        chain.add_penalties(n_vocab, PENALTY_LAST_N, LLAMA_SAMPLING_DEFAULTS["repeat_penalty"],
+                            request.frequency_penalty, request.presence_penalty)
     if request.temperature == 0:
         chain.add_greedy()
         return chain
@@ -112,6 +126,8 @@ class _Sequence:
     pos: int
     cached: int
     sampler: Any
+    #: logit bias added before a greedy argmax (when `sampler` is None)
+    bias: tuple[np.ndarray, np.ndarray] | None
     text: TextStream
     max_tokens: int
     generated: int = 0
@@ -183,7 +199,8 @@ class BatchEngine:
         slot.canonical = min(slot.canonical, keep) // self.chunk * self.chunk
         self._seqs.append(_Sequence(
             ctx=ctx, slot=slot, tokens=tokens, repeatable=repeatable, pos=keep, cached=keep,
-            sampler=build_sampler(request, seed, self._n_vocab), text=TextStream(prepared.stops),
+            sampler=build_sampler(request, seed, self._n_vocab), bias=greedy_bias(request),
+            text=TextStream(prepared.stops),
             max_tokens=prepared.max_tokens,
         ))
 
@@ -280,6 +297,7 @@ class BatchEngine:
         one call for all. Where a row's bits depend on the batch, a repeatable sequence
         (greedy or seeded) gets a call of its own, so its tokens are the ones it gets alone;
         the others share one call."""
+        seqs = sorted(seqs, key=lambda seq: seq.slot.index)  # see `_put`'s note on order
         if self.rows_independent:
             return [seqs]
         shared = [seq for seq in seqs if not seq.repeatable]
@@ -352,7 +370,11 @@ class BatchEngine:
         """Sample the next token of `seq` from batch row `index`; returns the request's end
         when this token ends it (end of generation, stop sequence, max_tokens)."""
         if seq.sampler is None:
-            token = int(self._row(index).argmax())
+            row = self._row(index)
+            if seq.bias is not None:
+                row = row.copy()
+                row[seq.bias[0]] += seq.bias[1]  # as llama.cpp's logit-bias sampler adds it
+            token = int(row.argmax())
         else:
             token = self._sample(seq.sampler.sampler, self._ctx, index)
         seq.pending = None

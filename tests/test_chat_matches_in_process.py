@@ -22,6 +22,7 @@ def in_process_llm(state_dir):
         llm = llama_cpp.Llama(
             model_path=str(state_dir / "models" / CHAT / "current" / "model.gguf"),
             n_ctx=2048, n_threads=placement.n_threads, n_threads_batch=placement.n_threads_batch,
+            flash_attn=True,  # the bundle's default, as the agent loads it
             verbose=False,
         )
     yield llm

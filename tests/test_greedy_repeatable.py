@@ -142,7 +142,8 @@ def fresh_context_llm(state_dir):
     with extra_buffer_types(placement.use_extra_bufts):
         llm = llama_cpp.Llama(model_path=str(bundle.weights), n_ctx=bundle.manifest.gguf.n_ctx,
                               n_batch=bundle.manifest.gguf.n_batch, n_threads=placement.n_threads,
-                              n_threads_batch=placement.n_threads_batch, verbose=False)
+                              n_threads_batch=placement.n_threads_batch,
+                              flash_attn=bundle.manifest.gguf.flash_attn, verbose=False)
     yield llm
     llm.close()
 
