@@ -17,6 +17,7 @@ kind of request on the same model) runs alone between steps.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ from .scheduler import Job, ModelScheduler, SchedulerStats
 
 if TYPE_CHECKING:
     import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 def scheduler_for(name: str, backend: Backend, settings: BatchingSettings, max_pending: int,
@@ -118,7 +121,12 @@ class ContinuousBatchScheduler(_BatchingScheduler):
                     engine.add(job.request, job)
                 except BaseException as exc:  # noqa: BLE001 - the request's own error (400, 413, ...)
                     self._end(job, None, exc)
-            for ctx, result, error in engine.step(self.stats.ran):
+            try:
+                finished = engine.step(self.stats.ran)
+            except Exception as exc:  # a bug must fail the batch, not end the thread
+                log.exception("model %s: a batch step failed; failing its requests", self.name)
+                finished = engine.abort_all(f"the batch failed: {type(exc).__name__}: {exc}")
+            for ctx, result, error in finished:
                 assert isinstance(ctx, Job)  # the engine's contexts are the jobs added above
                 self._end(ctx, result, error)
 
@@ -137,7 +145,15 @@ class OnnxBatchScheduler(_BatchingScheduler):
         super().__init__(name, max_pending, limits=limits, stats=stats)
 
     def _key(self, request: object) -> Hashable | None:
-        """Requests with the same key run together; None: this one runs alone."""
+        """Requests with the same key run together; None: this one runs alone (and a bad one
+        then gets its own error from the backend). Never raises: it runs on the model thread
+        outside any job, where an exception would end the thread."""
+        try:
+            return self._batch_key(request)
+        except Exception:  # noqa: BLE001 - malformed input is the backend's to report
+            return None
+
+    def _batch_key(self, request: object) -> Hashable | None:
         if isinstance(request, EmbedRequest):
             return ("embed", request.normalize)
         if isinstance(request, InferRequest):

@@ -412,6 +412,11 @@ class BatchEngine:
         seq.slot.canonical = 0
         return seq.ctx, None, InferenceError(message)
 
+    def abort_all(self, message: str) -> list[tuple[JobContext, Any, BaseException | None]]:
+        """Fail every request in the batch and forget their slots' KV (after an unexpected
+        error, when nothing about the context can be trusted)."""
+        return [self._fail(seq, message) for seq in list(self._seqs)]
+
     def _release(self, seq: _Sequence) -> None:
         self._seqs.remove(seq)
         seq.slot.busy = False

@@ -272,7 +272,7 @@ class OnnxBackend(BackendBase):
         """Whether the model can be run on slices of rows: every input and every wanted
         output has a free first dimension."""
         return all(s.shape[:1] == (-1,) for s in self._inputs.values()) and all(
-            self._outputs[n].shape[:1] == (-1,) for n in outputs)
+            n in self._outputs and self._outputs[n].shape[:1] == (-1,) for n in outputs)
 
     # --- embeddings ----------------------------------------------------------
 
