@@ -29,6 +29,7 @@ def in_process_llm(state_dir):
     llm.close()
 
 
+@pytest.mark.cpu_path
 @pytest.mark.parametrize("messages", PROMPTS)
 async def test_temperature_zero_chat_equals_in_process_create_chat_completion(agent, in_process_llm, messages):
     in_process_llm.reset()

@@ -25,6 +25,7 @@ class Collect:
 AMX = describe_cpu().has_amx
 
 
+@pytest.mark.cpu_path
 @pytest.mark.parametrize("repack", [
     pytest.param(True, id="repack-on", marks=pytest.mark.skipif(
         AMX, reason="this CPU has AMX: llama.cpp's AMX repacking crashes at decode (#20824)")),
@@ -43,6 +44,7 @@ def test_model_generates_with_and_without_weight_repacking(state_dir, repack):
         backend.close()
 
 
+@pytest.mark.cpu_path
 def test_the_agent_picks_and_logs_the_safe_path_for_this_cpu(state_dir, caplog):
     bundle = read_bundle(state_dir / "models" / CHAT / "current")
     with caplog.at_level("INFO", logger="runtime.gguf_backend"):

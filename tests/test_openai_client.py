@@ -33,6 +33,7 @@ async def test_chat_completion_answers_with_text_and_usage(client):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+@pytest.mark.cpu_path
 async def test_streamed_chat_gives_the_same_text_as_unstreamed(client):
     args = dict(model=CHAT, messages=[{"role": "user", "content": "Name a colour."}],
                 max_tokens=16, temperature=0)
