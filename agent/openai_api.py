@@ -29,7 +29,7 @@ from runtime.errors import ShuttingDownError
 from runtime.registry import ModelState, ModelStatus, ServedModel
 from runtime.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
 
-from .context import CONFIG, MODELS, read_json
+from .context import LIVE, MODELS, read_json
 from .errors import ApiError, bad_request
 from .jsonio import dumps, json_response
 from .openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
@@ -217,7 +217,7 @@ async def _stream(
 
 
 async def embeddings(request: web.Request) -> web.Response:
-    parsed = parse_embedding(await read_json(request), request.app[CONFIG].limits.max_embedding_inputs)
+    parsed = parse_embedding(await read_json(request), request.app[LIVE].config.limits.max_embedding_inputs)
     served = await _served_for(request, parsed.model, Capability.EMBEDDING)
     dim = served.info.embedding_dim
     if parsed.dimensions is not None and parsed.dimensions != dim:

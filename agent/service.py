@@ -64,15 +64,20 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+#: Read once when the agent starts (the listening sockets and the server around the app).
+SERVER_AT_START = ("host", "port", "max_body_bytes", "keepalive_timeout_s", "header_timeout_s",
+                   "body_timeout_s", "max_connections", "max_header_bytes", "grpc_port")
+#: Sections read once at start: the model runtime, the MQTT link and what runs over it.
+SECTIONS_AT_START = ("runtime", "batching", "mqtt", "telemetry", "updates")
+
+
 def needs_restart(old: AgentConfig, new: AgentConfig) -> list[str]:
     """Keys whose change a reload cannot apply to a running agent."""
     keys = []
     if old.state_dir != new.state_dir:
         keys.append("state_dir")
-    for key in ("host", "port", "max_body_bytes"):
-        if getattr(old.server, key) != getattr(new.server, key):
-            keys.append(f"server.{key}")
-    for section in ("runtime", "batching"):
+    keys += [f"server.{key}" for key in SERVER_AT_START if getattr(old.server, key) != getattr(new.server, key)]
+    for section in SECTIONS_AT_START:
         old_part, new_part = getattr(old, section), getattr(new, section)
         keys += [f"{section}.{f.name}" for f in dataclasses.fields(old_part)
                  if getattr(old_part, f.name) != getattr(new_part, f.name)]
@@ -81,10 +86,9 @@ def needs_restart(old: AgentConfig, new: AgentConfig) -> list[str]:
 
 def live_part(old: AgentConfig, new: AgentConfig) -> AgentConfig:
     """`new`, with the keys that need a restart kept as they run now."""
-    server = dataclasses.replace(new.server, host=old.server.host, port=old.server.port,
-                                 max_body_bytes=old.server.max_body_bytes)
-    return dataclasses.replace(new, state_dir=old.state_dir, runtime=old.runtime, batching=old.batching,
-                               server=server)
+    server = dataclasses.replace(new.server, **{key: getattr(old.server, key) for key in SERVER_AT_START})
+    sections = {section: getattr(old, section) for section in SECTIONS_AT_START}
+    return dataclasses.replace(new, state_dir=old.state_dir, server=server, **sections)
 
 
 class Service:

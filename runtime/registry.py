@@ -278,11 +278,13 @@ class ModelRegistry:
                 log.exception("registry watcher failed")
 
     def set_limits(self, max_pending: int, drain_timeout_s: float) -> None:
-        """Change admission and drain limits live (config reload): serving models and later loads."""
+        """Change admission, drain and per-request limits live (config reload): serving models
+        (their next request) and later loads. Per-request limits come from `limits_for`."""
         self._max_pending = max_pending
         self._drain_timeout_s = drain_timeout_s
         for served in self._serving.values():
             served.scheduler.max_pending = max_pending
+            served.scheduler.limits = self._limits_for(served.name)
 
     def get(self, name: str) -> ServedModel:
         """The version serving `name` now; raises if unknown or not ready."""

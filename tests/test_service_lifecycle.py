@@ -165,13 +165,20 @@ async def test_sighup_applies_new_key_and_models_and_refuses_a_broken_config(tmp
         assert await models(old_key) == (200, {CHAT})
         assert (await models(new_key))[0] == 401
 
-        write_config(path, state_dir, port, [CHAT, EMBED], api_key=new_key, extra='log_level = "debug"')
+        write_config(path, state_dir, port, [CHAT, EMBED], api_key=new_key,
+                     extra='log_level = "debug"\n[limits]\nmax_prompt_chars = 40\nmax_embedding_inputs = 2')
         await reload(expected_ready=2)
         assert await models(new_key) == (200, {CHAT, EMBED})
         assert (await models(old_key))[0] == 401
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {new_key}"}) as http, \
-                http.post(url + "/v1/embeddings", json={"model": EMBED, "input": "hello"}) as resp:
-            assert resp.status == 200 and len((await resp.json())["data"][0]["embedding"]) == 384
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {new_key}"}) as http:
+            async with http.post(url + "/v1/embeddings", json={"model": EMBED, "input": "hello"}) as resp:
+                assert resp.status == 200 and len((await resp.json())["data"][0]["embedding"]) == 384
+            # the new limits hold for the model that was serving before the reload, and the new one
+            async with http.post(url + "/v1/chat/completions", json={
+                    "model": CHAT, "max_tokens": 2, "messages": [{"role": "user", "content": "x" * 41}]}) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == "prompt_too_large"
+            async with http.post(url + "/v1/embeddings", json={"model": EMBED, "input": ["a", "b", "c"]}) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "input"
 
         path.write_text(path.read_text().replace(f"port = {port}", 'port = "eighty"'))
         await reload(expected_ready=3)
