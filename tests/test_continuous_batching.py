@@ -262,8 +262,11 @@ async def test_greedy_answers_under_4_and_8_way_concurrency_equal_the_answers_al
     for i, answer in enumerate(eight):
         assert_same_as_alone(answer, greedy_alone[i], f"prompt {i} of 8")
     assert all(text for text, _, _ in greedy_alone)
-    # And they were decoded together: several sequences per llama_decode on average.
-    assert decodes.rows / decodes.calls > 3, f"{decodes.rows:.0f} tokens in {decodes.calls:.0f} decode calls"
+    if batched.app[MODELS].get(CHAT).backend.engine.rows_independent:
+        # And they were decoded together: several sequences per llama_decode on average.
+        assert decodes.rows / decodes.calls > 3, f"{decodes.rows:.0f} tokens in {decodes.calls:.0f} decode calls"
+    else:  # this CPU's kernels make a row depend on its batch: greedy rows go one per call
+        assert decodes.rows == decodes.calls, f"{decodes.rows:.0f} tokens in {decodes.calls:.0f} decode calls"
 
 
 @pytest.mark.cpu_path
