@@ -2,7 +2,7 @@
 # Set up .venv in this checkout: edgefleet, its dependencies, and the demo weights.
 #   scripts/setup.sh          what the agent needs
 #   scripts/setup.sh --test   plus pytest, pytest-asyncio, the openai client and the
-#                             Debian tools the tests drive (curl, mosquitto)
+#                             Debian tools the tests drive (curl, mosquitto, systemd-analyze)
 # llama-cpp-python compiles from source on the first install (about 8 minutes on
 # 2 cores); pip keeps the wheel in its cache, so later installs take seconds.
 set -euo pipefail
@@ -29,7 +29,8 @@ debian_packages() {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 if [ -n "$extras" ]; then
-  debian_packages curl:curl mosquitto:mosquitto mosquitto_passwd:mosquitto
+  debian_packages curl:curl mosquitto:mosquitto mosquitto_passwd:mosquitto \
+    systemd-analyze:systemd systemd-tmpfiles:systemd
 fi
 
 python=${PYTHON:-python3}

@@ -24,19 +24,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 from conftest import EMBED, free_port
-from mqtt_broker import MosquittoBroker, Watcher
+from mqtt_broker import MosquittoBroker, Watcher, running_broker
 from update_env import (
     GROUP_DOORBELL,
     UPDATE_TOPIC,
     Mirror,
     UpdateLog,
     create_hub,
+    embedding_state,
     make_release,
     publish_release,
     target_file,
 )
 
-from agent.demo import DEMO_MODELS, build_bundle
 from runtime.store import ModelStore
 from sync.hub.repository import HubRepository
 
@@ -48,20 +48,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("crash")
-    store = ModelStore(root / "state")
-    store.ensure_layout()
-    build_bundle(store, next(d for d in DEMO_MODELS if d.name == EMBED))
-    shutil.copytree(store.version_path(EMBED, V1), root / "v1")  # old versions get pruned from the store
+    root = embedding_state(tmp_path_factory.mktemp("crash"))
+    shutil.copytree(ModelStore(root / "state").version_path(EMBED, V1), root / "v1")  # old versions get pruned
     return root
 
 
 @pytest.fixture(scope="module")
 def broker(env: Path) -> Iterator[MosquittoBroker]:
-    broker = MosquittoBroker(env)
-    broker.start()
-    yield broker
-    broker.stop()
+    with running_broker(env) as broker:
+        yield broker
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +66,8 @@ def hub(env: Path) -> HubRepository:
 
 @pytest.fixture(scope="module")
 async def mirror(hub: HubRepository) -> AsyncIterator[Mirror]:
-    mirror = Mirror(hub.dir / "repository")
-    await mirror.start()
-    yield mirror
-    await mirror.stop()
+    async with Mirror(hub.dir / "repository") as mirror:
+        yield mirror
 
 
 @pytest.fixture(scope="module")

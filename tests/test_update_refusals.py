@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import EMBED, RunningAgent, start_agent
-from mqtt_broker import MosquittoBroker, Watcher
+from mqtt_broker import MosquittoBroker, Watcher, running_broker
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 from update_env import (
@@ -33,12 +33,12 @@ from update_env import (
     UpdateLog,
     agent_config,
     create_hub,
+    embedding_state,
     make_release,
     publish_release,
     target_file,
 )
 
-from agent.demo import DEMO_MODELS, build_bundle
 from agent.updates import UPDATES
 from runtime.store import ModelStore
 from security.desired import DesiredModel, DesiredState, desired_path, doorbell_payload, model_file_path
@@ -50,19 +50,13 @@ V1 = "int8-1.0.0"
 
 @pytest.fixture(scope="module")
 def env_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("refusals")
-    store = ModelStore(root / "state")
-    store.ensure_layout()
-    build_bundle(store, next(d for d in DEMO_MODELS if d.name == EMBED))
-    return root
+    return embedding_state(tmp_path_factory.mktemp("refusals"))
 
 
 @pytest.fixture(scope="module")
 def broker(env_dir: Path) -> MosquittoBroker:
-    broker = MosquittoBroker(env_dir)
-    broker.start()
-    yield broker
-    broker.stop()
+    with running_broker(env_dir) as broker:
+        yield broker
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +66,8 @@ def hub(env_dir: Path) -> HubRepository:
 
 @pytest.fixture(scope="module")
 async def mirror(hub: HubRepository) -> AsyncIterator[Mirror]:
-    mirror = Mirror(hub.dir / "repository")
-    await mirror.start()
-    yield mirror
-    await mirror.stop()
+    async with Mirror(hub.dir / "repository") as mirror:
+        yield mirror
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,9 @@ from conftest import free_port
 from mqtt_broker import MosquittoBroker, Watcher
 
 from agent.config import AgentConfig, ModelEntry, ServerConfig
+from agent.demo import DEMO_MODELS, EMBEDDING_MODEL, build_bundle
 from runtime.bundle import read_bundle
+from runtime.store import ModelStore
 from sync.hub.publish import BundleSource, PublishResult, publish
 from sync.hub.repository import HubRepository
 from sync.mqtt import MqttSettings
@@ -116,6 +118,13 @@ class Mirror:
             await self.runner.cleanup()
             self.runner = None
 
+    async def __aenter__(self) -> Mirror:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         rel = request.match_info["path"]
         path = (self.root / rel).resolve()
@@ -167,6 +176,14 @@ class Mirror:
                 await asyncio.sleep(len(piece) / behaviour.throttle_bps)
         await response.write_eof()
         return response
+
+
+def embedding_state(root: Path) -> Path:
+    """`root`/state: a model store holding the demo embedding model, as a device starts."""
+    store = ModelStore(root / "state")
+    store.ensure_layout()
+    build_bundle(store, next(d for d in DEMO_MODELS if d.name == EMBEDDING_MODEL))
+    return root
 
 
 def create_hub(hub_dir: Path, state_dir: Path, models: tuple[str, ...]) -> HubRepository:
