@@ -7,9 +7,10 @@ topics the agents also use (sync/mqtt/topics.py).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,23 +39,30 @@ def ring_doorbell(broker: Broker, topic: str, payload: bytes, timeout_s: float =
     """Publish a retained doorbell (QoS 1, waits for the broker's ack): agents that connect
     later still hear it."""
     client = _client()
+    with _connected(client, broker):
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(timeout_s)
+        if not info.is_published():
+            raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: no ack within {timeout_s:g}s")
+
+
+def _client() -> paho.Client:
+    return paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+
+
+@contextlib.contextmanager
+def _connected(client: paho.Client, broker: Broker) -> Iterator[None]:
+    """`client` connected to `broker`, its network thread running, for the block."""
     try:
         client.connect(broker.host, broker.port)
     except OSError as exc:
         raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: {exc}") from None
     client.loop_start()
     try:
-        info = client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(timeout_s)
-        if not info.is_published():
-            raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: no ack within {timeout_s:g}s")
+        yield
     finally:
         client.disconnect()
         client.loop_stop()
-
-
-def _client() -> paho.Client:
-    return paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
 
 
 def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0) -> dict[str, Any]:
@@ -78,16 +86,8 @@ def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0)
 
     client.on_connect = on_connect
     client.on_message = on_message
-    try:
-        client.connect(broker.host, broker.port)
-    except OSError as exc:
-        raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: {exc}") from None
-    client.loop_start()
-    try:
+    with _connected(client, broker):
         time.sleep(wait_s)
-    finally:
-        client.disconnect()
-        client.loop_stop()
     with lock:
         return dict(received)
 
@@ -116,16 +116,8 @@ def follow_updates(broker: Broker, prefix: str, seconds: float, until: str | Non
 
     client.on_connect = on_connect
     client.on_message = on_message
-    try:
-        client.connect(broker.host, broker.port)
-    except OSError as exc:
-        raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: {exc}") from None
-    client.loop_start()
-    try:
+    with _connected(client, broker):
         return done.wait(seconds or None)
-    finally:
-        client.disconnect()
-        client.loop_stop()
 
 
 def fleet_status(broker: Broker, prefix: str, wait_s: float = 1.0) -> list[dict[str, Any]]:
