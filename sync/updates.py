@@ -363,14 +363,7 @@ class UpdateService:
             log.info("%s %s is denied until the hub publishes it anew (%s)", name, version, denied.message)
             return "denied"
         if job is None:
-            job = JobRecord(
-                job_id=uuid.uuid4().hex[:12],
-                model=name,
-                version=version,
-                from_version=current,
-                state=JobState.QUEUED.value,
-                serial=self.journal.data.serial_key,
-            )
+            job = self._new_job(name, version, current)
             self.journal.data.jobs[name] = job
         if job.attempts >= self.settings.max_activation_attempts:
             self._deny_and_end(
@@ -508,14 +501,7 @@ class UpdateService:
         async with self._lock:
             current = self.store.current(name)
             target = await self._roll_back_serving(name, reason)
-            job = JobRecord(
-                job_id=uuid.uuid4().hex[:12],
-                model=name,
-                version=target,
-                from_version=current,
-                state=JobState.QUEUED.value,
-                serial=self.journal.data.serial_key,
-            )
+            job = self._new_job(name, target, current)
             if current is not None:
                 self.journal.deny(name, current, "operator", reason)
             self._transition(job, JobState.ROLLED_BACK, code="operator", message=reason)
@@ -523,6 +509,11 @@ class UpdateService:
             return target
 
     # ---- transitions ----------------------------------------------------------------------
+
+    def _new_job(self, name: str, version: str, from_version: str | None) -> JobRecord:
+        """A job for `name` toward `version`, not started yet, under the current desired serial."""
+        return JobRecord(job_id=uuid.uuid4().hex[:12], model=name, version=version, from_version=from_version,
+                         state=JobState.QUEUED.value, serial=self.journal.data.serial_key)
 
     def _deny_and_end(self, job: JobRecord, state: JobState, exc: SecurityError | SyncError) -> JobState:
         self.journal.deny(job.model, job.version, exc.code, str(exc))
