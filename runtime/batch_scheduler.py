@@ -180,9 +180,16 @@ class OnnxBatchScheduler(_BatchingScheduler):
             key = self._key(first.request)
             if key is None:
                 return batch
+            keys: dict[Job[Any], Hashable | None] = {}
+
+            def key_of(job: Job[Any]) -> Hashable | None:  # each queued job's key, worked out once
+                if job not in keys:
+                    keys[job] = self._key(job.request)
+                return keys[job]
+
             deadline = time.monotonic() + self.max_delay_s
             while len(batch) < self.max_batch:
-                same = next((j for j in self._pending if self._key(j.request) == key), None)
+                same = next((j for j in self._pending if key_of(j) == key), None)
                 if same is not None:
                     self._pending.remove(same)
                     self._start_running(same)

@@ -241,15 +241,14 @@ class GgufBackend(BackendBase):
         """The continuous-batching engine with as many of `slots` as fit: on a CPU the KV cache
         of all slots must fit in `KV_MEMORY_SHARE` of the memory available now; on a GPU,
         llama.cpp says whether it fits (fewer slots are tried when it cannot)."""
-        kv_bytes = slots * self.n_ctx * kv_bytes_per_token(self._llm)
+        slot_bytes = self.n_ctx * kv_bytes_per_token(self._llm)
         if not gpu:
             import psutil
 
-            fitting = fit_slots(slots, self.n_ctx * kv_bytes_per_token(self._llm),
-                                int(psutil.virtual_memory().available * KV_MEMORY_SHARE))
+            fitting = fit_slots(slots, slot_bytes, int(psutil.virtual_memory().available * KV_MEMORY_SHARE))
             if fitting < slots:
                 log.warning("KV cache for %d slots of %d tokens (%d MiB) does not fit in %d%% of the "
-                            "memory available; using %d slots", slots, self.n_ctx, kv_bytes >> 20,
+                            "memory available; using %d slots", slots, self.n_ctx, slots * slot_bytes >> 20,
                             int(KV_MEMORY_SHARE * 100), fitting)
                 slots = fitting
         while slots > 1:
@@ -259,8 +258,8 @@ class GgufBackend(BackendBase):
                 log.warning("%s; trying %d slots", exc, slots // 2)
                 slots //= 2
                 continue
-            kv_mib = slots * self.n_ctx * kv_bytes_per_token(self._llm) >> 20
-            return engine, f"continuous batching: {slots} slots of {self.n_ctx} tokens (KV cache {kv_mib} MiB)"
+            return engine, (f"continuous batching: {slots} slots of {self.n_ctx} tokens "
+                            f"(KV cache {slots * slot_bytes >> 20} MiB)")
         return None, "continuous batching off: one request at a time"
 
     def _special_token_pattern(self, llama_cpp: Any) -> re.Pattern[str] | None:
