@@ -100,6 +100,7 @@ class ContinuousBatchScheduler(_BatchingScheduler):
 
     def _worker(self) -> None:
         engine = self._engine
+        engine.warm()  # on this thread, before the first request (see BatchEngine.warm)
         while True:
             with self._cv:
                 while not self._pending and not engine.active and not self._closing:

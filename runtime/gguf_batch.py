@@ -171,9 +171,23 @@ class BatchEngine:
         self._row_type = ctypes.c_float * self._n_vocab
         self._closed = False
         #: Whether llama.cpp computes a decode row to the same bits whatever else is in the
-        #: batch (measured now, on this machine's kernels); if not, repeatable sequences are
-        #: decoded one per call (see `_decode_groups`).
-        self.rows_independent = self._measure_row_independence()
+        #: batch (measured by `warm`, on this machine's kernels; None until then); if not,
+        #: repeatable sequences are decoded one per call (see `_decode_groups`).
+        self.rows_independent: bool | None = None
+
+    def warm(self) -> None:
+        """Measure `rows_independent`, on the calling thread, which must be the thread that
+        steps the engine (the first `step` calls this too).
+
+        Why not at load: llama.cpp's CPU backend computes on OpenMP, and libgomp keeps a team
+        of worker threads for every thread that ever ran a graph. Once it counts more of them
+        than CPUs, its barriers stop spinning: every thread then sleeps and is woken at each
+        of the graph's barriers, about a hundred times a token. Measured on the 2-core VM: a
+        load-time decode on the loading thread made single-stream decode through the agent
+        about 10% slower (docs/performance.md). So all of a model's compute, this check
+        included, runs on its model thread."""
+        if self.rows_independent is None:
+            self.rows_independent = self._measure_row_independence()
 
     # --- admission ---------------------------------------------------------
 
@@ -247,6 +261,7 @@ class BatchEngine:
         evaluates chunks for about `PREFILL_SLICE_S` (at least one chunk), so a long prompt
         delays the others' next token by about that much, not by its whole length; several
         short prompts that arrive together are all read in one step."""
+        self.warm()
         done: list[tuple[JobContext, GenerationResult | None, BaseException | None]] = []
         for seq in list(self._seqs):
             if seq.ctx.cancelled():  # client left, time limit, shutdown: the slot frees now
