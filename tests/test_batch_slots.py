@@ -1,0 +1,156 @@
+"""Where the batching engine keeps its sequences in the llama.cpp context, and what moving
+them keeps.
+
+llama.cpp puts only consecutive sequence ids in one ubatch of a non-unified KV cache, so
+a hole in the busy slots splits every decode step into several passes over the weights
+(4 sequences in slots 0, 2, 4, 6 cost 1.8 times slots 0-3 on the 2-core VM). The engine
+therefore gives newcomers slots next to the busy ones and, when a request in the middle
+ends, moves the last sequence into the hole (a KV stream copy), saving the ended
+request's KV to a free slot first. A user sees only speed; these tests check the
+placement on the engine itself (real model, real llama.cpp context, driven step by step
+as the scheduler's thread drives it) and that the moved sequences' text is what they
+get alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CHAT
+
+from runtime.backend import GenerationRequest, GenerationResult, ModelLimits, TextDelta
+from runtime.bundle import read_bundle
+from runtime.devices import MachineSettings, describe_cpu
+from runtime.gguf_backend import GgufBackend
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = "You keep a fleet of edge devices running. Answer in one sentence and name the device. " * 5
+QUESTIONS = ["Device 3 is hot.", "Device 8 lost power.", "Device 1 reboots often.", "Device 5 is slow."]
+#: SmolLM2's end-of-generation tokens banned: every answer runs to max_tokens.
+SETTINGS = {"max_tokens": 20, "temperature": 0.0, "logit_bias": {0: -100.0, 2: -100.0, 4: -100.0}}
+
+
+class Caller:
+    """What the scheduler's job is to the engine: it collects the text and can hang up."""
+
+    limits = ModelLimits()
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.gone = False
+
+    def cancelled(self) -> bool:
+        return self.gone
+
+    def emit(self, item: object) -> None:
+        assert isinstance(item, TextDelta)
+        self.pieces.append(item.text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def request(question: str) -> GenerationRequest:
+    """A prompt that differs from the others' from its first token and is over two prompt
+    chunks long, so the only KV that can serve it again is its own."""
+    return GenerationRequest(prompt=(question + " ") * 12 + SYSTEM, **SETTINGS)
+
+
+def open_backend(state_dir) -> GgufBackend:
+    backend = GgufBackend(read_bundle(state_dir / "models" / CHAT / "current"), MachineSettings(cpu=describe_cpu()))
+    assert backend.engine is not None and backend.engine.slots >= 6
+    return backend
+
+
+@pytest.fixture(scope="module")
+def reference(state_dir):
+    """Answers alone, from a context of their own."""
+    backend = open_backend(state_dir)
+    yield {q: alone(backend, q)[0] for q in QUESTIONS}
+    backend.close()
+
+
+@pytest.fixture
+def fresh(state_dir):
+    backend = open_backend(state_dir)
+    yield backend
+    backend.close()
+
+
+def alone(backend: GgufBackend, question: str) -> tuple[str, GenerationResult]:
+    caller = Caller()
+    result = backend.generate(request(question), caller)
+    return caller.text, result
+
+
+def busy_slots(engine) -> list[int]:
+    return sorted(seq.slot.index for seq in engine._seqs)
+
+
+def one_run(slots: list[int]) -> bool:
+    return slots == list(range(slots[0], slots[0] + len(slots)))
+
+
+def test_a_request_ending_mid_batch_leaves_the_others_in_one_run_with_their_own_text(fresh, reference):
+    engine = fresh.engine
+    callers = {q: Caller() for q in QUESTIONS}
+    for question, caller in callers.items():
+        engine.add(request(question), caller)
+    results: dict[int, GenerationResult] = {}
+
+    def step() -> None:
+        for ctx, result, error in engine.step():
+            assert error is None and result is not None
+            results[id(ctx)] = result
+
+    while any(seq.pending is None for seq in engine._seqs):  # until all four generate
+        step()
+    first = busy_slots(engine)
+    assert one_run(first), f"newcomers spread over slots {first}"
+
+    leaver = next(seq.ctx for seq in engine._seqs if seq.slot.index == first[1])
+    leaver.gone = True
+    step()
+    after = busy_slots(engine)
+    assert len(after) == 3 and one_run(after), f"a hole stayed: slots {after}"
+    while engine.active:
+        step()
+
+    for question, caller in callers.items():
+        if caller is leaver:
+            assert reference[question].startswith(caller.text)
+        else:
+            assert caller.text == reference[question], f"{question!r} changed when moved to another slot"
+            assert results[id(caller)].completion_tokens == SETTINGS["max_tokens"]
+
+    # The ended request's KV was kept in a free slot: asked again, its prompt is read from cache.
+    question = next(q for q, c in callers.items() if c is leaver)
+    text, result = alone(fresh, question)
+    assert text == reference[question]
+    assert result.cached_tokens >= 2 * engine.chunk, f"only {result.cached_tokens} prompt tokens reused"
+
+
+def test_a_newcomer_gets_a_slot_next_to_the_busy_one_and_its_cached_prompt_copied_there(fresh, reference):
+    engine = fresh.engine
+    alone(fresh, QUESTIONS[0])
+    cache = max(engine._slots, key=lambda slot: slot.last_used).index
+    for question in QUESTIONS[1:3]:  # other slots get used, so the next goes further away
+        alone(fresh, question)
+    runner = Caller()
+    engine.add(request(QUESTIONS[3]), runner)
+    engine.step()
+    (busy,) = busy_slots(engine)
+    assert abs(busy - cache) > 1, f"test premise: the cached prompt (slot {cache}) must not border slot {busy}"
+
+    newcomer = Caller()
+    engine.add(request(QUESTIONS[0]), newcomer)
+    assert one_run(busy_slots(engine)), busy_slots(engine)
+    results = {}
+    while engine.active:
+        for ctx, result, error in engine.step():
+            assert error is None
+            results[id(ctx)] = result
+    assert newcomer.text == reference[QUESTIONS[0]]
+    assert runner.text == reference[QUESTIONS[3]]
+    assert results[id(newcomer)].cached_tokens >= 2 * engine.chunk
