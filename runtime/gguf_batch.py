@@ -2,7 +2,7 @@
 
 One context with `slots` sequences (llama.cpp's `n_seq_max`, one KV stream of
 `ctx_per_slot` cells each). The model thread calls `step()` again and again; each
-step evaluates newcomers' prompt chunks (oldest first, for a bounded time), then one
+step evaluates newcomers' prompt chunks (taking turns, for a bounded time), then one
 decode call that carries the last sampled token of every generating sequence (one
 `llama_batch`, one sequence id per slot), and samples each row with that request's own
 settings. New
@@ -138,6 +138,9 @@ class _Sequence:
     generated: int = 0
     #: the sampled token whose KV is not computed yet (fed to the next decode step)
     pending: int | None = None
+    #: when its prompt last got a chunk evaluated (admission time until then): prompts
+    #: take turns by this
+    served: float = field(default_factory=time.monotonic)
 
 
 class BatchEngine:
@@ -303,10 +306,12 @@ class BatchEngine:
         sequence. Returns the requests that finished, with result or error. `ran(n)` is told
         of every decode call and how many sequences it carried.
 
-        Prompt chunks go oldest newcomer first. Once any sequence is generating, a step
-        evaluates chunks for about `PREFILL_SLICE_S` (at least one chunk), so a long prompt
-        delays the others' next token by about that much, not by its whole length; several
-        short prompts that arrive together are all read in one step."""
+        Prompts take turns, the one served longest ago first (a newcomer counts from its
+        admission), so a short prompt that arrives behind a long one waits for one of its
+        chunks, not for all of them. Once any sequence is generating, a step evaluates chunks
+        for about `PREFILL_SLICE_S` (at least one chunk), so a long prompt delays the others'
+        next token by about that much, not by its whole length; several short prompts that
+        arrive together are all read in one step."""
         self.warm()
         done: list[tuple[JobContext, GenerationResult | None, BaseException | None]] = []
         for seq in list(self._seqs):
@@ -314,13 +319,14 @@ class BatchEngine:
                 done.append(self._finish(seq, "cancelled"))
         self._compact()
         started = time.monotonic()
-        for seq in [s for s in self._seqs if s.pos < len(s.tokens)]:
+        for seq in sorted((s for s in self._seqs if s.pos < len(s.tokens)), key=lambda s: s.served):
             while seq.pos < len(seq.tokens) and seq in self._seqs:  # a failed chunk removes it
                 if seq.ctx.cancelled():
                     done.append(self._finish(seq, "cancelled"))
                     break
                 done += self._prefill_chunk(seq)
-                if time.monotonic() - started > PREFILL_SLICE_S and self._generating():
+                seq.served = time.monotonic()
+                if seq.served - started > PREFILL_SLICE_S and self._generating():
                     break
             if time.monotonic() - started > PREFILL_SLICE_S and self._generating():
                 break

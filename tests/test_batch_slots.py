@@ -1,5 +1,5 @@
-"""Where the batching engine keeps its sequences in the llama.cpp context, and what moving
-them keeps.
+"""Where the batching engine keeps its sequences in the llama.cpp context, what moving
+them keeps, and in what order it reads waiting prompts.
 
 llama.cpp puts only consecutive sequence ids in one ubatch of a non-unified KV cache, so
 a hole in the busy slots splits every decode step into several passes over the weights
@@ -154,3 +154,29 @@ def test_a_newcomer_gets_a_slot_next_to_the_busy_one_and_its_cached_prompt_copie
     assert newcomer.text == reference[QUESTIONS[0]]
     assert runner.text == reference[QUESTIONS[3]]
     assert results[id(newcomer)].cached_tokens >= 2 * engine.chunk
+
+
+def test_a_short_prompt_behind_a_long_one_waits_for_one_of_its_chunks_not_all(fresh, reference):
+    """Prompts take turns while others generate: the short one starts after one chunk of
+    the long one, and both answers are what they are alone."""
+    engine = fresh.engine
+    runner = Caller()
+    engine.add(request(QUESTIONS[0]), runner)
+    while engine._seqs[0].pending is None:  # someone is generating: prompts go in slices
+        engine.step()
+    long_caller, short_caller = Caller(), Caller()
+    long_prompt = GenerationRequest(prompt=(QUESTIONS[1] + " ") * 12 + SYSTEM * 6, **SETTINGS)
+    engine.add(long_prompt, long_caller)
+    engine.step()  # the long prompt's first chunk
+    engine.add(GenerationRequest(prompt=QUESTIONS[2], **SETTINGS), short_caller)
+    long_seq = next(seq for seq in engine._seqs if seq.ctx is long_caller)
+    steps = 0
+    while not short_caller.pieces:
+        engine.step()
+        steps += 1
+    assert long_seq.pos < len(long_seq.tokens), "the long prompt was read to its end first"
+    assert steps <= 3, f"the short prompt waited {steps} steps"
+    while engine.active:
+        engine.step()
+    assert runner.text == reference[QUESTIONS[0]]
+    assert len(long_caller.pieces) and len(short_caller.pieces)
