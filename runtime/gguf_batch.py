@@ -191,8 +191,8 @@ class BatchEngine:
         of worker threads for every thread that ever ran a graph. Once it counts more of them
         than CPUs, its barriers stop spinning: every thread then sleeps and is woken at each
         of the graph's barriers, about a hundred times a token. Measured on the 2-core VM: a
-        load-time decode on the loading thread made single-stream decode through the agent
-        about 10% slower (docs/performance.md). So all of a model's compute, this check
+        load-time decode on the loading thread made decode through the agent 8% slower for
+        one stream and 48% slower at 4 clients (docs/performance.md). So all of a model's compute, this check
         included, runs on its model thread."""
         if self.rows_independent is None:
             self.rows_independent = self._measure_row_independence()
