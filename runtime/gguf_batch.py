@@ -365,7 +365,8 @@ class BatchEngine:
         one call for all. Where a row's bits depend on the batch, a repeatable sequence
         (greedy or seeded) gets a call of its own, so its tokens are the ones it gets alone;
         the others share one call."""
-        seqs = sorted(seqs, key=lambda seq: seq.slot.index)  # see `_put`'s note on order
+        # increasing sequence ids: llama.cpp splits a batch where they do not (see `_compact`)
+        seqs = sorted(seqs, key=lambda seq: seq.slot.index)
         if self.rows_independent:
             return [seqs]
         shared = [seq for seq in seqs if not seq.repeatable]

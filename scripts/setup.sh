@@ -2,7 +2,8 @@
 # Set up .venv in this checkout: edgefleet, its dependencies, and the demo weights.
 #   scripts/setup.sh          what the agent needs
 #   scripts/setup.sh --test   plus pytest, pytest-asyncio, the openai client and the
-#                             Debian tools the tests drive (curl, mosquitto, systemd-analyze)
+#                             Debian tools the tests drive (curl, mosquitto, systemd-analyze;
+#                             with EDGEFLEET_TEST_ARM64=1 also the arm64 cross tools and qemu)
 # llama-cpp-python compiles from source on the first install (about 8 minutes on
 # 2 cores); pip keeps the wheel in its cache, so later installs take seconds.
 set -euo pipefail
@@ -31,6 +32,10 @@ debian_packages() {
 if [ -n "$extras" ]; then
   debian_packages curl:curl mosquitto:mosquitto mosquitto_passwd:mosquitto \
     systemd-analyze:systemd systemd-tmpfiles:systemd
+  if [ "${EDGEFLEET_TEST_ARM64:-}" = 1 ]; then  # the opt-in arm64 package test (tests/test_arm64_package.py)
+    debian_packages aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
+      cmake:cmake file:file qemu-aarch64-static:qemu-user-static debootstrap:debootstrap
+  fi
 fi
 
 python=${PYTHON:-python3}

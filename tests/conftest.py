@@ -105,6 +105,29 @@ class RunningAgent:
         return total
 
 
+
+class Executions:
+    """A model's scheduler runs and the requests they served (Triton's execution and inference
+    counts: `edgefleet_scheduler_executions_total`, `_executed_total`), from /metrics, counted
+    from entering the block to leaving it. A batched decode step or ONNX run is one execution
+    of several requests."""
+
+    def __init__(self, agent: RunningAgent, model: str) -> None:
+        self.agent, self.model = agent, model
+        self.executions = self.executed = 0.0
+
+    async def _read(self) -> tuple[float, float]:
+        return (await self.agent.metric("edgefleet_scheduler_executions_total", model=self.model),
+                await self.agent.metric("edgefleet_scheduler_executed_total", model=self.model))
+
+    async def __aenter__(self) -> Executions:
+        self._start = await self._read()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        executions, executed = await self._read()
+        self.executions, self.executed = executions - self._start[0], executed - self._start[1]
+
 @asynccontextmanager
 async def start_agent(config: AgentConfig) -> AsyncIterator[RunningAgent]:
     app = create_app(config)

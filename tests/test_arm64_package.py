@@ -4,11 +4,12 @@ Off by default: the first time it compiles llama.cpp for arm64 (22 CPU-minutes, 
 on 2 busy cores; the wheel is then cached in dist/wheel-cache), and the emulated agent takes
 seconds per embedding request. Run it with
 
+    EDGEFLEET_TEST_ARM64=1 scripts/setup.sh --test
     EDGEFLEET_TEST_ARM64=1 .venv/bin/python -m pytest tests/test_arm64_package.py -s
 
 It needs root (chroot, mount), gcc-aarch64-linux-gnu, g++-aarch64-linux-gnu, cmake,
-qemu-user-static and debootstrap (apt), `scripts/setup.sh --test`'s .venv, and the network
-for PyPI and deb.debian.org.
+qemu-user-static and debootstrap (which setup.sh installs with EDGEFLEET_TEST_ARM64=1), and
+the network for PyPI and deb.debian.org.
 """
 
 from __future__ import annotations

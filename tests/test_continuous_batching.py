@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import CHAT, RunningAgent, demo_config, start_agent
+from conftest import CHAT, Executions, RunningAgent, demo_config, start_agent
 
 from agent.config import LimitsConfig, SchedulerConfig
 from agent.context import MODELS
@@ -209,27 +209,6 @@ async def idle(agent: RunningAgent) -> None:
     await wait_for(empty, timeout=120)
 
 
-class DecodeCalls:
-    """Decode calls of the chat model and the sequences they carried, from /metrics
-    (`executions`, `executed`), counted from entering the block to leaving it."""
-
-    def __init__(self, agent: RunningAgent) -> None:
-        self.agent = agent
-        self.calls = self.rows = 0.0
-
-    async def _read(self) -> tuple[float, float]:
-        return (await self.agent.metric("edgefleet_scheduler_executions_total", model=CHAT),
-                await self.agent.metric("edgefleet_scheduler_executed_total", model=CHAT))
-
-    async def __aenter__(self) -> DecodeCalls:
-        self._start = await self._read()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        calls, rows = await self._read()
-        self.calls, self.rows = calls - self._start[0], rows - self._start[1]
-
-
 def chat_agent(state_dir: Path, batching: BatchingSettings, max_pending: int = 32,
                limits: LimitsConfig | None = None) -> Any:
     config = demo_config(state_dir, (CHAT,))
@@ -257,16 +236,18 @@ async def test_greedy_answers_under_4_and_8_way_concurrency_equal_the_answers_al
     four = await together(batched, PROMPTS[:4], GREEDY)
     for i, answer in enumerate(four):
         assert_same_as_alone(answer, greedy_alone[i], f"prompt {i} of 4")
-    async with DecodeCalls(batched) as decodes:
+    async with Executions(batched, CHAT) as decodes:
         eight = await together(batched, PROMPTS, GREEDY, stream=[i % 2 == 0 for i in range(8)])
     for i, answer in enumerate(eight):
         assert_same_as_alone(answer, greedy_alone[i], f"prompt {i} of 8")
     assert all(text for text, _, _ in greedy_alone)
     if batched.app[MODELS].get(CHAT).backend.engine.rows_independent:
         # And they were decoded together: several sequences per llama_decode on average.
-        assert decodes.rows / decodes.calls > 3, f"{decodes.rows:.0f} tokens in {decodes.calls:.0f} decode calls"
+        assert decodes.executed / decodes.executions > 3, (
+            f"{decodes.executed:.0f} tokens in {decodes.executions:.0f} decode calls")
     else:  # this CPU's kernels make a row depend on its batch: greedy rows go one per call
-        assert decodes.rows == decodes.calls, f"{decodes.rows:.0f} tokens in {decodes.calls:.0f} decode calls"
+        assert decodes.executed == decodes.executions, (
+            f"{decodes.executed:.0f} tokens in {decodes.executions:.0f} decode calls")
 
 
 @pytest.mark.cpu_path
@@ -278,16 +259,16 @@ async def test_where_rows_depend_on_the_batch_repeatable_requests_decode_alone_w
     engine = batched.app[MODELS].get(CHAT).backend.engine
     measured, engine.rows_independent = engine.rows_independent, False
     try:
-        async with DecodeCalls(batched) as decodes:
+        async with Executions(batched, CHAT) as decodes:
             greedy = await together(batched, PROMPTS[:4], GREEDY)
-        assert decodes.rows == decodes.calls, "greedy sequences must be decoded one per call"
+        assert decodes.executed == decodes.executions, "greedy sequences must be decoded one per call"
         unseeded = {k: v for k, v in SEEDED.items() if k != "seed"}
-        async with DecodeCalls(batched) as decodes:
+        async with Executions(batched, CHAT) as decodes:
             answers = [Answer(batched, p, GREEDY) for p in PROMPTS[4:6]] + \
                       [Answer(batched, p, unseeded) for p in PROMPTS[:2]]
             for answer in answers:
                 await answer.done()
-        assert decodes.rows > decodes.calls, "sampled sequences without a seed still share calls"
+        assert decodes.executed > decodes.executions, "sampled sequences without a seed still share calls"
     finally:
         engine.rows_independent = measured
     for i, answer in enumerate(greedy + answers[:2]):

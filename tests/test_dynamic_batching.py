@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import EMBED, RunningAgent, demo_config, start_agent
+from conftest import EMBED, Executions, RunningAgent, demo_config, start_agent
 
 from agent.config import ModelEntry, SchedulerConfig
 from agent.context import MODELS
@@ -72,26 +72,6 @@ def assert_same(got: tuple[np.ndarray, dict], want: tuple[np.ndarray, dict], wha
     assert got[1] == want[1], f"{what}: usage {got[1]}, alone {want[1]}"
 
 
-class Runs:
-    """The model's runs and the requests they served, from /metrics, since `start()`."""
-
-    def __init__(self, agent: RunningAgent) -> None:
-        self.agent = agent
-        self.runs = self.requests = 0.0
-
-    async def _read(self) -> tuple[float, float]:
-        return (await self.agent.metric("edgefleet_scheduler_executions_total", model=EMBED),
-                await self.agent.metric("edgefleet_scheduler_executed_total", model=EMBED))
-
-    async def __aenter__(self) -> Runs:
-        self._start = await self._read()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        runs, requests = await self._read()
-        self.runs, self.requests = runs - self._start[0], requests - self._start[1]
-
-
 def embedding_agent(state_dir, batching: BatchingSettings, budget_mb: int = 0):
     config = demo_config(state_dir, (EMBED,))
     return start_agent(replace(config, batching=batching, scheduler=SchedulerConfig(max_pending=64),
@@ -115,29 +95,31 @@ async def alone(batching) -> list[tuple[np.ndarray, dict[str, int]]]:
 
 
 async def test_sixteen_concurrent_requests_each_get_exactly_their_own_vectors(batching, alone):
-    async with Runs(batching) as runs:
+    async with Executions(batching, EMBED) as runs:
         together = await asyncio.gather(*(embed(batching, body) for body in REQUESTS))
     for i, (got, want) in enumerate(zip(together, alone, strict=True)):
         assert_same(got, want, f"request {i}")
-    assert runs.requests == len(REQUESTS)
-    assert runs.runs < len(REQUESTS) / 2, f"{runs.runs:.0f} runs for {len(REQUESTS)} requests: not batched"
+    assert runs.executed == len(REQUESTS)
+    assert runs.executions < len(REQUESTS) / 2, f"{runs.executions:.0f} runs for {len(REQUESTS)} requests: not batched"
 
 
 async def test_a_waiting_batcher_gives_the_same_vectors(state_dir, alone):
     """onnx_max_delay_ms > 0: the first request waits for others, so batches fill up."""
-    async with embedding_agent(state_dir, BatchingSettings(onnx_max_delay_ms=200)) as agent, Runs(agent) as runs:
+    async with embedding_agent(state_dir, BatchingSettings(onnx_max_delay_ms=200)) as agent, \
+            Executions(agent, EMBED) as runs:
         together = await asyncio.gather(*(embed(agent, body) for body in REQUESTS))
     for i, (got, want) in enumerate(zip(together, alone, strict=True)):
         assert_same(got, want, f"request {i}")
-    assert runs.runs <= 4, f"{runs.runs:.0f} runs for {len(REQUESTS)} requests"
+    assert runs.executions <= 4, f"{runs.executions:.0f} runs for {len(REQUESTS)} requests"
 
 
 async def test_batching_off_gives_the_same_vectors_one_request_per_run(state_dir, alone):
-    async with embedding_agent(state_dir, BatchingSettings(onnx_max_batch=1)) as agent, Runs(agent) as runs:
+    async with embedding_agent(state_dir, BatchingSettings(onnx_max_batch=1)) as agent, \
+            Executions(agent, EMBED) as runs:
         together = await asyncio.gather(*(embed(agent, body) for body in REQUESTS))
     for i, (got, want) in enumerate(zip(together, alone, strict=True)):
         assert_same(got, want, f"request {i}")
-    assert runs.runs == runs.requests == len(REQUESTS)
+    assert runs.executions == runs.executed == len(REQUESTS)
 
 
 async def test_a_malformed_request_among_concurrent_ones_gets_its_own_400(batching, alone):
@@ -164,7 +146,7 @@ async def test_a_request_too_large_for_the_budget_gets_its_own_413_and_its_batch
     good = [body for body in REQUESTS if max(map(len, texts_of(body))) < 200]
     assert len(good) >= 4
     async with embedding_agent(state_dir, BatchingSettings(onnx_max_delay_ms=200), budget_mb=4) as agent:
-        async with Runs(agent) as runs:
+        async with Executions(agent, EMBED) as runs:
             replies = await asyncio.gather(*(agent.post("/v1/embeddings", json=body)
                                              for body in [*good[:2], huge, *good[2:]]))
         status, reply, _ = replies.pop(2)
@@ -175,7 +157,7 @@ async def test_a_request_too_large_for_the_budget_gets_its_own_413_and_its_batch
             i = REQUESTS.index(body)
             assert_same((vectors(reply), reply["usage"]), alone[i], f"request {i}")
         # It did share a run (which failed) before each ran alone.
-        assert runs.requests > runs.runs, (runs.requests, runs.runs)
+        assert runs.executed > runs.executions, (runs.executed, runs.executions)
         assert_same(await embed(agent, REQUESTS[0]), alone[0], "a request afterwards")
 
 
@@ -185,7 +167,7 @@ async def test_normalized_and_raw_requests_each_get_their_own_kind(batching):
     served = batching.app[MODELS].get(EMBED)
     asks = [(texts_of(body), (None, False, True)[i % 3]) for i, body in enumerate(REQUESTS)]
     alone = [await served.embed(texts, normalize) for texts, normalize in asks]
-    async with Runs(batching) as runs:
+    async with Executions(batching, EMBED) as runs:
         together = await asyncio.gather(*(served.embed(texts, normalize) for texts, normalize in asks))
     for i, (got, want) in enumerate(zip(together, alone, strict=True)):
         assert np.allclose(got.vectors, want.vectors, atol=1e-5), f"request {i}"
@@ -193,7 +175,7 @@ async def test_normalized_and_raw_requests_each_get_their_own_kind(batching):
         assert got.input_tokens == want.input_tokens
         norms = np.linalg.norm(got.vectors, axis=1)
         assert np.allclose(norms, 1, atol=1e-4) == (asks[i][1] is not False), (i, asks[i][1], norms)
-    assert runs.runs < len(asks) / 2, f"{runs.runs:.0f} runs for {len(asks)} requests: not batched"
+    assert runs.executions < len(asks) / 2, f"{runs.executions:.0f} runs for {len(asks)} requests: not batched"
 
 
 # --- KServe v2 tensors ------------------------------------------------------------------
@@ -222,14 +204,14 @@ TENSORS = [tensor_request(i, 1 + i % 3, 12 if i % 2 else 20) for i in range(12)]
 
 async def test_concurrent_tensor_requests_each_get_their_own_rows(batching):
     alone = [await infer(batching, body) for body in TENSORS]
-    async with Runs(batching) as runs:
+    async with Executions(batching, EMBED) as runs:
         together = await asyncio.gather(*(infer(batching, body) for body in TENSORS))
     for i, ((status, got), (_, want)) in enumerate(zip(together, alone, strict=True)):
         assert status == 200, got
         assert got.shape == want.shape, (i, got.shape, want.shape)
         assert np.allclose(got, want, atol=1e-5), f"request {i}: up to {np.abs(got - want).max():.2e} off"
-    assert runs.requests == len(TENSORS)
-    assert runs.runs < len(TENSORS) / 2, f"{runs.runs:.0f} runs for {len(TENSORS)} requests: not batched"
+    assert runs.executed == len(TENSORS)
+    assert runs.executions < len(TENSORS) / 2, f"{runs.executions:.0f} runs for {len(TENSORS)} requests: not batched"
 
 
 async def test_a_tensor_request_the_model_refuses_fails_alone(batching):
@@ -239,7 +221,7 @@ async def test_a_tensor_request_the_model_refuses_fails_alone(batching):
     bad["inputs"][0]["data"][3] = 10_000_000
     good = [body for body in TENSORS if body["inputs"][0]["shape"][1] == 12]
     alone = [await infer(batching, body) for body in good]
-    async with Runs(batching) as runs:
+    async with Executions(batching, EMBED) as runs:
         replies = await asyncio.gather(*(infer(batching, body) for body in [*good[:3], bad, *good[3:]]))
     status, error = replies.pop(3)
     assert status == 400, error
@@ -247,4 +229,4 @@ async def test_a_tensor_request_the_model_refuses_fails_alone(batching):
     for i, ((status, got), (_, want)) in enumerate(zip(replies, alone, strict=True)):
         assert status == 200, got
         assert np.allclose(got, want, atol=1e-5), f"request {i}"
-    assert runs.requests > runs.runs, "nothing was batched"
+    assert runs.executed > runs.executions, "nothing was batched"
