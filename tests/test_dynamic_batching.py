@@ -91,34 +91,35 @@ async def alone(batching) -> list[tuple[np.ndarray, dict[str, int]]]:
     return [await embed(batching, body) for body in REQUESTS]
 
 
+async def all_at_once(agent: RunningAgent, alone: list[tuple[np.ndarray, dict[str, int]]]) -> Executions:
+    """Every one of REQUESTS sent at once; each answer must be its answer alone. Returns the
+    model's runs meanwhile."""
+    async with Executions(agent, EMBED) as runs:
+        together = await asyncio.gather(*(embed(agent, body) for body in REQUESTS))
+    for i, (got, want) in enumerate(zip(together, alone, strict=True)):
+        assert_same(got, want, f"request {i}")
+    return runs
+
+
 # --- /v1/embeddings ------------------------------------------------------------------
 
 
 async def test_sixteen_concurrent_requests_each_get_exactly_their_own_vectors(batching, alone):
-    async with Executions(batching, EMBED) as runs:
-        together = await asyncio.gather(*(embed(batching, body) for body in REQUESTS))
-    for i, (got, want) in enumerate(zip(together, alone, strict=True)):
-        assert_same(got, want, f"request {i}")
+    runs = await all_at_once(batching, alone)
     assert runs.executed == len(REQUESTS)
     assert runs.executions < len(REQUESTS) / 2, f"{runs.executions:.0f} runs for {len(REQUESTS)} requests: not batched"
 
 
 async def test_a_waiting_batcher_gives_the_same_vectors(state_dir, alone):
     """onnx_max_delay_ms > 0: the first request waits for others, so batches fill up."""
-    async with embedding_agent(state_dir, BatchingSettings(onnx_max_delay_ms=200)) as agent, \
-            Executions(agent, EMBED) as runs:
-        together = await asyncio.gather(*(embed(agent, body) for body in REQUESTS))
-    for i, (got, want) in enumerate(zip(together, alone, strict=True)):
-        assert_same(got, want, f"request {i}")
+    async with embedding_agent(state_dir, BatchingSettings(onnx_max_delay_ms=200)) as agent:
+        runs = await all_at_once(agent, alone)
     assert runs.executions <= 4, f"{runs.executions:.0f} runs for {len(REQUESTS)} requests"
 
 
 async def test_batching_off_gives_the_same_vectors_one_request_per_run(state_dir, alone):
-    async with embedding_agent(state_dir, BatchingSettings(onnx_max_batch=1)) as agent, \
-            Executions(agent, EMBED) as runs:
-        together = await asyncio.gather(*(embed(agent, body) for body in REQUESTS))
-    for i, (got, want) in enumerate(zip(together, alone, strict=True)):
-        assert_same(got, want, f"request {i}")
+    async with embedding_agent(state_dir, BatchingSettings(onnx_max_batch=1)) as agent:
+        runs = await all_at_once(agent, alone)
     assert runs.executions == runs.executed == len(REQUESTS)
 
 
