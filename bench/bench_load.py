@@ -457,6 +457,7 @@ async def starvation(target: Target, prompts: Prompts, steady: int, newcomer_tok
                 outside.append(b - a)
     out.update({"newcomer_prompt_tokens": newcomer.prompt_tokens, "newcomer_ttft_s": newcomer.ttft,
                 "max_gap_during_prefill_s": max(inside, default=None),
+                "gap_during_prefill_p50_s": pct(inside, 50), "gap_during_prefill_p90_s": pct(inside, 90),
                 "usual_gap_p50_s": pct(outside, 50), "usual_gap_p99_s": pct(outside, 99)})
     return out
 
@@ -607,7 +608,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"  newcomer: {s['newcomer_error']}")
             continue
         print(f"  newcomer: {s['newcomer_prompt_tokens']} prompt tokens, TTFT {ms(s['newcomer_ttft_s'])} ms")
-        print(f"  running streams: largest gap while it waited and prefilled {ms(s['max_gap_during_prefill_s'])} ms; "
+        print(f"  running streams, gaps while it waited and prefilled: p50 {ms(s['gap_during_prefill_p50_s'])} / "
+              f"p90 {ms(s['gap_during_prefill_p90_s'])} / largest {ms(s['max_gap_during_prefill_s'])} ms; "
               f"usual gap p50 {ms(s['usual_gap_p50_s'])} / p99 {ms(s['usual_gap_p99_s'])} ms")
         print(f"  steady requests' TTFT p50 {ms(s['steady_ttft_p50_s'])} ms, slowest {ms(s['steady_ttft_max_s'])} ms")
     if args.json:

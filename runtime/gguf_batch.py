@@ -19,7 +19,11 @@ only whole canonical pieces for requests that must repeat. A newcomer is put in 
 free slot whose cached tokens share the longest reusable prefix with its prompt, so a
 shared system prompt is evaluated once per slot, not once per request. Pieces also bound
 how long a long newcomer stalls the others: prompt evaluation between two decode steps
-stops after about `PREFILL_SLICE_S`.
+stops after about `PREFILL_SLICE_S`, and a chunk predicted to overrun it waits for the
+next step. The piece (the bundle's n_batch, 64 for the demo) is also the floor of that
+stall: llama.cpp's CPU flash attention computes calls of 64 or more query rows on a tiled
+F32 path and smaller ones on a per-row F16 path, so the same prompt read in smaller
+pieces gets other bits (and reads about a quarter slower).
 
 What batching changes: a generated token's logits come from a decode call whose
 rows belong to other requests too. The engine measures at start whether this machine's
@@ -53,8 +57,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Seconds of prompt evaluation between two decode steps while others generate: the most a
-#: newcomer's prompt delays the running streams' next token (one chunk at least).
+#: newcomer's prompt delays the running streams' next token (one chunk at least). A chunk is
+#: not started when its predicted time would pass the slice (`_chunk_seconds`).
 PREFILL_SLICE_S = 0.15
+#: Weight of the newest chunk in the running estimate of prompt seconds per token.
+PROMPT_RATE_WEIGHT = 0.3
 #: llama-cpp-python's Llama.last_n_tokens_size: how far back repeat penalties look.
 PENALTY_LAST_N = 64
 #: A newcomer's prompt prefix cached in a slot it cannot use (one that would split the busy
@@ -182,6 +189,9 @@ class BatchEngine:
         #: batch (measured by `warm`, on this machine's kernels; None until then); if not,
         #: repeatable sequences are decoded one per call (see `_decode_groups`).
         self.rows_independent: bool | None = None
+        #: running estimate of prompt evaluation seconds per token (None until a chunk ran)
+        self._prompt_s_per_token: float | None = None
+        self.prefill_slice_s = PREFILL_SLICE_S
 
     def warm(self) -> None:
         """Measure `rows_independent`, on the calling thread, which must be the thread that
@@ -311,7 +321,9 @@ class BatchEngine:
         chunks, not for all of them. Once any sequence is generating, a step evaluates chunks
         for about `PREFILL_SLICE_S` (at least one chunk), so a long prompt delays the others'
         next token by about that much, not by its whole length; several short prompts that
-        arrive together are all read in one step."""
+        arrive together are all read in one step. A chunk whose predicted time would carry
+        the step past the slice waits for the next step, so a short prompt's tail read first
+        does not add a long prompt's chunk to the same stall."""
         self.warm()
         done: list[tuple[JobContext, GenerationResult | None, BaseException | None]] = []
         for seq in list(self._seqs):
@@ -319,16 +331,19 @@ class BatchEngine:
                 done.append(self._finish(seq, "cancelled"))
         self._compact()
         started = time.monotonic()
+        first = True
         for seq in sorted((s for s in self._seqs if s.pos < len(s.tokens)), key=lambda s: s.served):
             while seq.pos < len(seq.tokens) and seq in self._seqs:  # a failed chunk removes it
                 if seq.ctx.cancelled():
                     done.append(self._finish(seq, "cancelled"))
                     break
+                if not first and self._generating() and (
+                        time.monotonic() - started + self._chunk_seconds(seq) > self.prefill_slice_s):
+                    break
+                first = False
                 done += self._prefill_chunk(seq)
                 seq.served = time.monotonic()
-                if seq.served - started > PREFILL_SLICE_S and self._generating():
-                    break
-            if time.monotonic() - started > PREFILL_SLICE_S and self._generating():
+            if not first and self._generating() and time.monotonic() - started > self.prefill_slice_s:
                 break
         if generating := self._generating():
             for group in self._decode_groups(generating):
@@ -339,10 +354,19 @@ class BatchEngine:
     def _generating(self) -> list[_Sequence]:
         return [s for s in self._seqs if s.pending is not None]
 
+    def _chunk_end(self, seq: _Sequence) -> int:
+        start, chunk = seq.pos, self.chunk
+        return min(len(seq.tokens), (start // chunk + 1) * chunk if seq.repeatable else start + chunk)
+
+    def _chunk_seconds(self, seq: _Sequence) -> float:
+        """Predicted seconds for `seq`'s next prompt chunk (0 before any chunk was timed)."""
+        return (self._prompt_s_per_token or 0.0) * (self._chunk_end(seq) - seq.pos)
+
     def _prefill_chunk(self, seq: _Sequence) -> list[tuple[JobContext, Any, BaseException | None]]:
         n, chunk = len(seq.tokens), self.chunk
         start = seq.pos
-        end = min(n, (start // chunk + 1) * chunk if seq.repeatable else start + chunk)
+        end = self._chunk_end(seq)
+        began = time.monotonic()
         batch = self._batch
         index = seq.slot.index
         for i, pos in enumerate(range(start, end)):
@@ -351,6 +375,9 @@ class BatchEngine:
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
             return [self._fail(seq, f"llama.cpp failed on the prompt (llama_decode returned {rc})")]
+        rate = (time.monotonic() - began) / (end - start)
+        old = self._prompt_s_per_token
+        self._prompt_s_per_token = rate if old is None else old + PROMPT_RATE_WEIGHT * (rate - old)
         seq.slot.history.extend(seq.tokens[start:end])
         if seq.repeatable:
             seq.slot.canonical = end // chunk * chunk

@@ -14,6 +14,8 @@ get alone.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import CHAT
 
@@ -180,3 +182,33 @@ def test_a_short_prompt_behind_a_long_one_waits_for_one_of_its_chunks_not_all(fr
         engine.step()
     assert runner.text == reference[QUESTIONS[0]]
     assert len(long_caller.pieces) and len(short_caller.pieces)
+
+
+def test_a_step_that_read_a_short_prompt_starts_no_chunk_that_would_overrun_the_slice(fresh, reference):
+    """While others generate, a step reads prompt chunks for about the slice: a cheap short
+    prompt read first does not pull a long prompt's expensive chunk into the same stall."""
+    engine = fresh.engine
+    runner = Caller()
+    engine.add(request(QUESTIONS[0]), runner)
+    while engine._seqs[0].pending is None:
+        engine.step()
+    long_caller, short_caller = Caller(), Caller()
+    engine.add(GenerationRequest(prompt=(QUESTIONS[1] + " ") * 12 + SYSTEM * 6, **SETTINGS), long_caller)
+    engine.add(GenerationRequest(prompt=QUESTIONS[2], **SETTINGS), short_caller)
+    long_seq = next(seq for seq in engine._seqs if seq.ctx is long_caller)
+    short_seq = next(seq for seq in engine._seqs if seq.ctx is short_caller)
+    engine.prefill_slice_s = 0.0
+    began = time.monotonic()
+    engine.step()  # the long prompt came first: one of its chunks (and the runner's token)
+    step_s = time.monotonic() - began
+    assert long_seq.pos == engine.chunk and short_seq.pos == 0
+    engine.prefill_slice_s = step_s / 2  # a whole chunk overruns it, the short prompt does not
+
+    engine.step()  # the short prompt's turn; the long prompt's next chunk would overrun
+    assert short_caller.pieces, "the short prompt was not read"
+    assert long_seq.pos == engine.chunk, "a long chunk was read in the same step as the short prompt"
+    engine.step()
+    assert long_seq.pos == 2 * engine.chunk, "the long prompt lost its turn"
+    while engine.active:
+        engine.step()
+    assert runner.text == reference[QUESTIONS[0]]
