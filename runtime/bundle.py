@@ -41,6 +41,13 @@ class GgufOptions:
     #: prefix cache reuses whole pieces (docs/architecture.md, "Repeatable greedy output").
     #: "auto": 64 on the CPU (where prompt speed hardly depends on it), n_batch on a GPU.
     prompt_chunk: int | Literal["auto"] = "auto"
+    #: Type of the KV cache's keys and values. "auto": q8_0 with flash attention, else f16
+    #: (llama.cpp quantizes the V cache only with flash attention). Why q8_0: with an f16
+    #: cache llama.cpp's CPU attention takes other code paths by shape (64 or more prompt
+    #: rows; one sequence alone past 256 cells of context), so a greedy answer could differ
+    #: alone and beside others; with q8_0 every shape takes one path, and on the 2-core VM
+    #: decode is faster too (docs/architecture.md, "Repeatable greedy output").
+    kv_cache_type: Literal["auto", "f16", "q8_0"] = "auto"
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
@@ -49,6 +56,16 @@ class GgufOptions:
             raise ValueError("n_batch must be at least 1")
         if self.prompt_chunk != "auto" and not 1 <= self.prompt_chunk <= self.n_batch:
             raise ValueError(f"prompt_chunk must be 1..n_batch ({self.n_batch}) or \"auto\"")
+        if self.kv_cache_type == "q8_0" and not self.flash_attn:
+            raise ValueError("kv_cache_type q8_0 needs flash_attn = true (llama.cpp quantizes the V cache "
+                             "only with flash attention)")
+
+    @property
+    def kv_type(self) -> Literal["f16", "q8_0"]:
+        """The KV cache type `kv_cache_type` resolves to."""
+        if self.kv_cache_type == "auto":
+            return "q8_0" if self.flash_attn else "f16"
+        return self.kv_cache_type
 
 
 @dataclass(frozen=True)

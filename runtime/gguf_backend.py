@@ -138,14 +138,19 @@ CPU_PROMPT_CHUNK = 64
 WRAPPER_CTX = 64
 
 
-def kv_bytes_per_token(llm: Any) -> int:
-    """Bytes of KV cache one token takes (keys and values, f16, every layer)."""
+#: KV cache types: llama.cpp's ggml type id and bytes per element (q8_0: 34-byte blocks of 32).
+KV_TYPES: dict[str, tuple[int, float]] = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}
+
+
+def kv_bytes_per_token(llm: Any, kv_type: str = "f16") -> int:
+    """Bytes of KV cache one token takes (keys and values of `kv_type`, every layer)."""
     import llama_cpp
 
     model = llm._model.model
     n_head = max(1, llama_cpp.llama_model_n_head(model))
     head_dim = llama_cpp.llama_model_n_embd(model) // n_head
-    return 2 * 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim
+    elements = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim
+    return int(elements * KV_TYPES[kv_type][1])
 #: Prompts up to this many bytes are tokenized in one call (a few milliseconds at most).
 TOKENIZE_WHOLE_BYTES = 16_384
 #: Special tokens per tokenizer call when a prompt is tokenized in pieces.
@@ -232,6 +237,8 @@ class GgufBackend(BackendBase):
                     n_threads=placement.n_threads,
                     n_threads_batch=placement.n_threads_batch,
                     flash_attn=options.flash_attn,
+                    type_k=KV_TYPES[options.kv_type][0],
+                    type_v=KV_TYPES[options.kv_type][0],
                     verbose=False,
                 )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -241,7 +248,7 @@ class GgufBackend(BackendBase):
         """The continuous-batching engine with as many of `slots` as fit: on a CPU the KV cache
         of all slots must fit in `KV_MEMORY_SHARE` of the memory available now; on a GPU,
         llama.cpp says whether it fits (fewer slots are tried when it cannot)."""
-        slot_bytes = self.n_ctx * kv_bytes_per_token(self._llm)
+        slot_bytes = self.n_ctx * kv_bytes_per_token(self._llm, self._options.kv_type)
         if not gpu:
             import psutil
 
@@ -253,7 +260,7 @@ class GgufBackend(BackendBase):
                 slots = fitting
         while slots > 1:
             try:
-                engine = BatchEngine(self, slots, self.n_ctx, flash_attn)
+                engine = BatchEngine(self, slots, self.n_ctx, flash_attn, KV_TYPES[self._options.kv_type][0])
             except InferenceError as exc:
                 log.warning("%s; trying %d slots", exc, slots // 2)
                 slots //= 2

@@ -153,7 +153,8 @@ class _Sequence:
 class BatchEngine:
     """The batch of one GGUF model; every method runs on the model's thread."""
 
-    def __init__(self, backend: GgufBackend, slots: int, ctx_per_slot: int, flash_attn: bool) -> None:
+    def __init__(self, backend: GgufBackend, slots: int, ctx_per_slot: int, flash_attn: bool,
+                 kv_type: int = 1) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -172,6 +173,7 @@ class BatchEngine:
         params.n_threads_batch = backend.placement.n_threads_batch
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.type_k = params.type_v = kv_type  # a ggml type id (runtime/gguf_backend.py KV_TYPES)
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not self._ctx:

@@ -212,3 +212,26 @@ def test_a_step_that_read_a_short_prompt_starts_no_chunk_that_would_overrun_the_
     while engine.active:
         engine.step()
     assert runner.text == reference[QUESTIONS[0]]
+
+
+def test_long_conversations_get_their_alone_text_beside_others(fresh):
+    """Past 256 cells of context llama.cpp's CPU attention had a path of its own for one
+    sequence alone (split over the KV cells) and another for several: with an f16 KV cache
+    a greedy answer could change with the load. The q8_0 cache takes one path for all."""
+    assert fresh._options.kv_type == "q8_0"
+    engine = fresh.engine
+    long = {q: GenerationRequest(prompt=(q + " ") * 12 + SYSTEM * 4, **dict(SETTINGS, max_tokens=32))
+            for q in QUESTIONS}
+    assert all(len(fresh.prepare(r, Caller()).tokens) > 300 for r in long.values())
+    alone_text = {}
+    for question, req in long.items():
+        caller = Caller()
+        engine.run(req, caller)
+        alone_text[question] = caller.text
+    callers = {q: Caller() for q in QUESTIONS}
+    for question, caller in callers.items():
+        engine.add(long[question], caller)
+    while engine.active:
+        engine.step()
+    for question, caller in callers.items():
+        assert caller.text == alone_text[question], f"{question!r} changed beside others"
