@@ -185,11 +185,12 @@ def start_agent(procs: Processes, state_dir: Path, env_extra: dict[str, str] | N
     return proc, url
 
 
-def start_llama_server(procs: Processes, binary: Path, gguf: Path, placement: Any,
+def start_llama_server(procs: Processes, binary: Path, gguf: Path, placement: Any, kv_type: str,
                        log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [str(binary), "-m", str(gguf), "--parallel", "8", "-c", "8192",
             "-t", str(placement.n_threads), "-tb", str(placement.n_threads_batch),
+            "-ctk", kv_type, "-ctv", kv_type,  # the agent's KV cache type: the same work for both
             "--host", "127.0.0.1", "--port", str(port)]
     if not placement.use_extra_bufts:  # AMX: repacking crashes (PEERS.md); the agent turns it off too
         argv.insert(3, "-nr")
@@ -535,7 +536,8 @@ def main() -> None:
         agent_url = args.agent_url or start_agent(procs, state_dir)[1]
         llama_url = args.llama_url
         if llama_url is None and binary is not None:
-            llama_url = start_llama_server(procs, binary, gguf, placement, state_dir / "llama-server.log")[1]
+            llama_url = start_llama_server(procs, binary, gguf, placement, bundles[CHAT_MODEL].manifest.gguf.kv_type,
+                                           state_dir / "llama-server.log")[1]
         results.update(asyncio.run(run(args, clients, prompts, agent_url, llama_url)))
     results["config"]["loadavg_after"] = os.getloadavg()
     report(results, args)

@@ -7,7 +7,7 @@ import pytest
 from conftest import CHAT
 
 from runtime.devices import choose_llama_placement, describe_cpu
-from runtime.gguf_backend import extra_buffer_types
+from runtime.gguf_backend import KV_TYPES, extra_buffer_types
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -22,7 +22,8 @@ def in_process_llm(state_dir):
         llm = llama_cpp.Llama(
             model_path=str(state_dir / "models" / CHAT / "current" / "model.gguf"),
             n_ctx=2048, n_threads=placement.n_threads, n_threads_batch=placement.n_threads_batch,
-            flash_attn=True,  # the bundle's default, as the agent loads it
+            flash_attn=True,  # the bundle's defaults, as the agent loads it
+            type_k=KV_TYPES["q8_0"][0], type_v=KV_TYPES["q8_0"][0],
             verbose=False,
         )
     yield llm
