@@ -260,7 +260,8 @@ class GgufBackend(BackendBase):
                 slots = fitting
         while slots > 1:
             try:
-                engine = BatchEngine(self, slots, self.n_ctx, flash_attn, KV_TYPES[self._options.kv_type][0])
+                engine = BatchEngine(self, slots, self.n_ctx, flash_attn, KV_TYPES[self._options.kv_type][0],
+                                     kv_quantized=self._options.kv_type != "f16")
             except InferenceError as exc:
                 log.warning("%s; trying %d slots", exc, slots // 2)
                 slots //= 2

@@ -20,10 +20,14 @@ free slot whose cached tokens share the longest reusable prefix with its prompt,
 shared system prompt is evaluated once per slot, not once per request. Pieces also bound
 how long a long newcomer stalls the others: prompt evaluation between two decode steps
 stops after about `PREFILL_SLICE_S`, and a chunk predicted to overrun it waits for the
-next step. The piece (the bundle's n_batch, 64 for the demo) is also the floor of that
+next step. With an f16 KV cache the piece (64 for the demo) is also the floor of that
 stall: llama.cpp's CPU flash attention computes calls of 64 or more query rows on a tiled
 F32 path and smaller ones on a per-row F16 path, so the same prompt read in smaller
-pieces gets other bits (and reads about a quarter slower).
+pieces gets other bits. With a quantized cache (q8_0, the default) every shape takes the
+per-row path; where `warm` measures that any split gives the same bits (`splits_free`),
+the canonical pieces do not matter: the prefix cache reuses every cached token (a
+previous answer's too) and a newcomer's prompt is read in pieces sized to what is left
+of the step's slice, so the others' stall is about the slice, not a whole chunk.
 
 What batching changes: a generated token's logits come from a decode call whose
 rows belong to other requests too. The engine measures at start whether this machine's
@@ -62,6 +66,9 @@ log = logging.getLogger(__name__)
 PREFILL_SLICE_S = 0.15
 #: Weight of the newest chunk in the running estimate of prompt seconds per token.
 PROMPT_RATE_WEIGHT = 0.3
+#: Where any split of a prompt gives the same bits (`splits_free`), the smallest piece of a
+#: prompt read while others generate: smaller pieces would waste the pass over the weights.
+MIN_PIECE = 16
 #: llama-cpp-python's Llama.last_n_tokens_size: how far back repeat penalties look.
 PENALTY_LAST_N = 64
 #: A newcomer's prompt prefix cached in a slot it cannot use (one that would split the busy
@@ -148,13 +155,16 @@ class _Sequence:
     #: when its prompt last got a chunk evaluated (admission time until then): prompts
     #: take turns by this
     served: float = field(default_factory=time.monotonic)
+    #: seconds per token of its last prompt piece (a piece costs more the later it sits in
+    #: a long prompt, so its own last piece predicts its next one best)
+    s_per_token: float | None = None
 
 
 class BatchEngine:
     """The batch of one GGUF model; every method runs on the model's thread."""
 
     def __init__(self, backend: GgufBackend, slots: int, ctx_per_slot: int, flash_attn: bool,
-                 kv_type: int = 1) -> None:
+                 kv_type: int = 1, kv_quantized: bool = False) -> None:
         import llama_cpp
 
         self._lib = llama_cpp
@@ -191,7 +201,15 @@ class BatchEngine:
         #: batch (measured by `warm`, on this machine's kernels; None until then); if not,
         #: repeatable sequences are decoded one per call (see `_decode_groups`).
         self.rows_independent: bool | None = None
-        #: running estimate of prompt evaluation seconds per token (None until a chunk ran)
+        #: Whether a prompt's KV and logits are the same bits however it is split into calls,
+        #: a 1-token call (a decode step) included (measured by `warm` where the KV cache is
+        #: quantized, the only case where llama.cpp's CPU attention takes one path for every
+        #: shape; False otherwise). Then the canonical pieces of the repeatable-output rule do
+        #: not matter: the prefix cache reuses every cached token, a previous answer's too, and
+        #: a newcomer's prompt is read in pieces sized to the step's time budget.
+        self.splits_free: bool | None = None if kv_quantized else False
+        #: running estimate of prompt evaluation seconds per token (None until a chunk ran),
+        #: for a prompt's first piece
         self._prompt_s_per_token: float | None = None
         self.prefill_slice_s = PREFILL_SLICE_S
 
@@ -208,6 +226,8 @@ class BatchEngine:
         included, runs on its model thread."""
         if self.rows_independent is None:
             self.rows_independent = self._measure_row_independence()
+        if self.splits_free is None:
+            self.splits_free = self._measure_split_independence()
 
     # --- admission ---------------------------------------------------------
 
@@ -254,12 +274,13 @@ class BatchEngine:
         """Prompt tokens whose KV `slot` already holds and this request may reuse: the
         rule of `GgufBackend._prefill`, per slot."""
         n = len(tokens)
-        limit = min(len(slot.history), n - 1, slot.canonical if repeatable else n)
+        canonical_only = repeatable and not self.splits_free
+        limit = min(len(slot.history), n - 1, slot.canonical if canonical_only else n)
         same = 0
         history = slot.history
         while same < limit and history[same] == tokens[same]:
             same += 1
-        return same // self.chunk * self.chunk if repeatable else same
+        return same // self.chunk * self.chunk if canonical_only else same
 
     def _pick_slot(self, tokens: list[int], repeatable: bool) -> tuple[_Slot, int]:
         """A free slot next to the busy ones (see `_compact` for why they stay one run):
@@ -270,7 +291,9 @@ class BatchEngine:
         busy = [slot.index for slot in self._slots if slot.busy]
         near = [slot for slot in free if busy and min(busy) - 1 <= slot.index <= max(busy) + 1]
         reuse = {slot.index: self._reusable(slot, tokens, repeatable) for slot in self._slots}
-        target = max(near or free, key=lambda slot: (reuse[slot.index], -slot.last_used, slot.index))
+        # a few shared tokens (a chat template's header) are not worth another prompt's cache
+        worth = {index: n if n >= COPY_MIN_TOKENS else 0 for index, n in reuse.items()}
+        target = max(near or free, key=lambda slot: (worth[slot.index], -slot.last_used, slot.index))
         keep = reuse[target.index]
         source = max(self._slots, key=lambda slot: reuse[slot.index])
         if reuse[source.index] >= keep + COPY_MIN_TOKENS:
@@ -339,11 +362,13 @@ class BatchEngine:
                 if seq.ctx.cancelled():
                     done.append(self._finish(seq, "cancelled"))
                     break
-                if not first and self._generating() and (
-                        time.monotonic() - started + self._chunk_seconds(seq) > self.prefill_slice_s):
-                    break
+                budget = None
+                if self._generating():
+                    budget = self.prefill_slice_s - (time.monotonic() - started)
+                    if not first and self._chunk_seconds(seq, budget) > budget:
+                        break
                 first = False
-                done += self._prefill_chunk(seq)
+                done += self._prefill_chunk(seq, budget)
                 seq.served = time.monotonic()
             if not first and self._generating() and time.monotonic() - started > self.prefill_slice_s:
                 break
@@ -356,18 +381,29 @@ class BatchEngine:
     def _generating(self) -> list[_Sequence]:
         return [s for s in self._seqs if s.pending is not None]
 
-    def _chunk_end(self, seq: _Sequence) -> int:
+    def _chunk_end(self, seq: _Sequence, budget_s: float | None = None) -> int:
+        """Where `seq`'s next prompt piece ends: at the next canonical boundary, or, where
+        splits are free and others are waiting for their next token (`budget_s` left of the
+        step's slice), after as many tokens as the budget allows (MIN_PIECE..chunk)."""
         start, chunk = seq.pos, self.chunk
+        if self.splits_free:
+            size = chunk
+            rate = seq.s_per_token or self._prompt_s_per_token
+            if budget_s is not None and rate:
+                size = max(MIN_PIECE, min(chunk, int(budget_s / rate)))
+            return min(len(seq.tokens), start + size)
         return min(len(seq.tokens), (start // chunk + 1) * chunk if seq.repeatable else start + chunk)
 
-    def _chunk_seconds(self, seq: _Sequence) -> float:
-        """Predicted seconds for `seq`'s next prompt chunk (0 before any chunk was timed)."""
-        return (self._prompt_s_per_token or 0.0) * (self._chunk_end(seq) - seq.pos)
+    def _chunk_seconds(self, seq: _Sequence, budget_s: float | None = None) -> float:
+        """Predicted seconds for `seq`'s next prompt piece (0 before any piece was timed)."""
+        rate = seq.s_per_token or self._prompt_s_per_token or 0.0
+        return rate * (self._chunk_end(seq, budget_s) - seq.pos)
 
-    def _prefill_chunk(self, seq: _Sequence) -> list[tuple[JobContext, Any, BaseException | None]]:
+    def _prefill_chunk(self, seq: _Sequence, budget_s: float | None = None,
+                       ) -> list[tuple[JobContext, Any, BaseException | None]]:
         n, chunk = len(seq.tokens), self.chunk
         start = seq.pos
-        end = self._chunk_end(seq)
+        end = self._chunk_end(seq, budget_s)
         began = time.monotonic()
         batch = self._batch
         index = seq.slot.index
@@ -378,6 +414,7 @@ class BatchEngine:
         if rc != 0:
             return [self._fail(seq, f"llama.cpp failed on the prompt (llama_decode returned {rc})")]
         rate = (time.monotonic() - began) / (end - start)
+        seq.s_per_token = rate
         old = self._prompt_s_per_token
         self._prompt_s_per_token = rate if old is None else old + PROMPT_RATE_WEIGHT * (rate - old)
         seq.slot.history.extend(seq.tokens[start:end])
@@ -457,6 +494,33 @@ class BatchEngine:
                  "independent" if independent else "NOT independent",
                  "" if independent else ": greedy and seeded requests are decoded one per call")
         return independent
+
+    def _measure_split_independence(self) -> bool:
+        """Read one prompt whole and in pieces of 16, 16, 7 and 1 tokens (the last a decode
+        step's shape) into two sequences and compare the final logits bit for bit."""
+        import numpy as np
+
+        lib, mem = self._lib, self._mem
+        tokens = [(29 + 6151 * i) % self._n_vocab for i in range(40)]
+        finals = []
+        for seq_id, plan in ((0, (40,)), (1, (16, 16, 7, 1))):
+            pos = 0
+            for size in plan:
+                for i in range(size):
+                    self._put(i, tokens[pos + i], pos + i, seq_id, pos + i == len(tokens) - 1)
+                self._batch.n_tokens = size
+                if lib.llama_decode(self._ctx, self._batch) != 0:
+                    lib.llama_memory_seq_rm(mem, seq_id, -1, -1)
+                    return False
+                pos += size
+            finals.append(self._row(size - 1).copy())
+        for seq_id in (0, 1):
+            lib.llama_memory_seq_rm(mem, seq_id, -1, -1)
+        free = bool(np.array_equal(finals[0], finals[1]))
+        log.info("prompt KV is %s of how a prompt is split on this machine%s", "independent" if free
+                 else "NOT independent", ": the prefix cache reuses every cached token" if free
+                 else ": repeatable prompts are read in canonical pieces")
+        return free
 
     def _row(self, index: int) -> np.ndarray:
         import numpy as np

@@ -23,6 +23,7 @@ from runtime.backend import GenerationRequest, GenerationResult, ModelLimits, Te
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
 from runtime.gguf_backend import GgufBackend
+from runtime.gguf_batch import MIN_PIECE
 
 pytestmark = pytest.mark.slow
 
@@ -199,16 +200,17 @@ def test_a_step_that_read_a_short_prompt_starts_no_chunk_that_would_overrun_the_
     short_seq = next(seq for seq in engine._seqs if seq.ctx is short_caller)
     engine.prefill_slice_s = 0.0
     began = time.monotonic()
-    engine.step()  # the long prompt came first: one of its chunks (and the runner's token)
+    engine.step()  # the long prompt came first: one piece of it (and the runner's token)
     step_s = time.monotonic() - began
-    assert long_seq.pos == engine.chunk and short_seq.pos == 0
-    engine.prefill_slice_s = step_s / 2  # a whole chunk overruns it, the short prompt does not
+    first_piece = long_seq.pos
+    assert first_piece > 0 and short_seq.pos == 0
+    engine.prefill_slice_s = step_s / 2  # a whole piece overruns it, the short prompt does not
 
-    engine.step()  # the short prompt's turn; the long prompt's next chunk would overrun
+    engine.step()  # the short prompt's turn; the long prompt's next piece would overrun
     assert short_caller.pieces, "the short prompt was not read"
-    assert long_seq.pos == engine.chunk, "a long chunk was read in the same step as the short prompt"
+    assert long_seq.pos == first_piece, "a long piece was read in the same step as the short prompt"
     engine.step()
-    assert long_seq.pos == 2 * engine.chunk, "the long prompt lost its turn"
+    assert long_seq.pos > first_piece, "the long prompt lost its turn"
     while engine.active:
         engine.step()
     assert runner.text == reference[QUESTIONS[0]]
@@ -235,3 +237,48 @@ def test_long_conversations_get_their_alone_text_beside_others(fresh):
         engine.step()
     for question, caller in callers.items():
         assert caller.text == alone_text[question], f"{question!r} changed beside others"
+
+
+def test_a_repeat_and_a_next_turn_reuse_what_the_kernels_allow_and_answer_as_from_scratch(fresh, state_dir):
+    """Where any split of a prompt gives the same bits (measured at start: the q8_0 cache on
+    the CPU), a repeat evaluates only its last token and a next turn reuses the previous
+    answer's KV; elsewhere the cache reuses whole canonical pieces. Either way the answer is
+    the one a fresh context gives."""
+    engine = fresh.engine
+    engine.warm()
+    first_text, first = alone(fresh, QUESTIONS[0])
+    repeat_text, repeat = alone(fresh, QUESTIONS[0])
+    assert repeat_text == first_text
+    whole = first.prompt_tokens - 1  # the last prompt token is evaluated again for its logits
+    assert repeat.cached_tokens == (whole if engine.splits_free else whole // engine.chunk * engine.chunk)
+
+    turn = GenerationRequest(prompt=request(QUESTIONS[0]).prompt + first_text + " And device 9?", **SETTINGS)
+    caller = Caller()
+    turn_result = fresh.generate(turn, caller)
+    if engine.splits_free:
+        assert turn_result.cached_tokens > first.prompt_tokens, "the previous answer was evaluated again"
+    other = open_backend(state_dir)
+    try:
+        scratch = Caller()
+        other.generate(turn, scratch)
+    finally:
+        other.close()
+    assert caller.text == scratch.text
+
+
+def test_where_splits_are_free_a_newcomer_is_read_in_pieces_that_fit_the_slice(fresh, reference):
+    engine = fresh.engine
+    runner = Caller()
+    engine.add(request(QUESTIONS[0]), runner)
+    while engine._seqs[0].pending is None:
+        engine.step()
+    newcomer = Caller()
+    engine.add(request(QUESTIONS[1]), newcomer)
+    seq = next(s for s in engine._seqs if s.ctx is newcomer)
+    engine.prefill_slice_s = 0.0  # no time to spare: the smallest piece
+    engine.step()
+    assert seq.pos == (MIN_PIECE if engine.splits_free else engine.chunk)
+    while engine.active:
+        engine.step()
+    assert newcomer.text == reference[QUESTIONS[1]]
+    assert runner.text == reference[QUESTIONS[0]]
