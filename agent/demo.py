@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from runtime.bundle import MODEL_TOML, BundleManifest, GgufOptions, ModelBundle, OnnxOptions, write_manifest
-from runtime.errors import BundleError
+from runtime.errors import BundleError, StoreError
 from runtime.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,15 @@ def build_bundle(store: ModelStore, demo: DemoModel) -> ModelBundle:
         with tempfile.TemporaryDirectory() as temp:
             write_manifest(Path(temp), demo.manifest)
             files[MODEL_TOML] = store.add_file(Path(temp) / MODEL_TOML)
-        store.lay_out(demo.name, version, files)
+        try:
+            store.lay_out(demo.name, version, files)
+        except StoreError as exc:
+            # An older release laid out this version with other bytes (its manifest had
+            # other keys) and the store never recorded it; it serves: keep it.
+            if store.current(demo.name) != version or not store.has_version(demo.name, version):
+                raise
+            log.warning("%s %s on disk differs from this release's demo bundle and serves: kept (%s)",
+                        demo.name, version, exc)
     current = store.current(demo.name)
     if current is None or not store.has_version(demo.name, current):
         store.activate(demo.name, version, reason=DEMO_REASON)

@@ -180,6 +180,22 @@ def test_a_demo_version_from_before_the_store_kept_history_is_replaced_too(tmp_p
     assert store.current(EMBED) == "0.7"
 
 
+def test_a_serving_demo_version_an_older_release_laid_out_otherwise_is_kept_not_a_crash(tmp_path: Path) -> None:
+    build_demo_bundles(tmp_path / "models")
+    store = ModelStore(tmp_path)
+    version = store.current(EMBED)
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["models"][EMBED]  # laid out before the store recorded versions
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    toml = tmp_path / "models" / EMBED / version / "model.toml"
+    old_text = toml.read_text() + "# an older release wrote other keys\n"
+    toml.unlink()  # a hard link to the blob: replace, do not edit in place
+    toml.write_text(old_text)
+    bundles = {b.name: b for b in build_demo_bundles(tmp_path / "models")}  # `serve --demo` after the upgrade
+    assert bundles[EMBED].version == version
+    assert toml.read_text() == old_text
+
+
 def test_models_rollback_with_no_agent_running_switches_current_on_disk(tmp_path: Path) -> None:
     import subprocess
     import sys
