@@ -8,18 +8,21 @@ rule, n_batch) in this process. The baseline is `Llama.generate` as
 llama-cpp-python ships it: it reuses every cached token, including tokens it
 generated one at a time, and re-evaluates the last prompt token alone on an
 exact repeat, which is why its greedy output can change between a first and a
-second identical request. The agent (`GgufBackend.generate`) evaluates every
-prompt in n_batch-token chunks aligned to position 0 and reuses only whole
-chunks that were evaluated that way (docs/architecture.md, "Repeatable greedy
-output").
+second identical request. The agent (`GgufBackend.generate`, its batching engine)
+measures at start whether a prompt's bits depend on how it is split into calls. Where
+they do not (the q8_0 KV cache on the CPU), it too reuses every cached token, the
+answer's included, in any of its slots; where they do, it evaluates prompts in
+chunks aligned to position 0 and reuses only whole chunks evaluated that way
+(docs/architecture.md, "Repeatable greedy output"). Either way its answers repeat.
 
 Scenarios, each timed as time to first token (TTFT) and decode tokens/s:
-  cold        a prompt neither side has seen (nothing to reuse)
+  cold        a prompt neither side has seen (its system prompt is new each
+              round: the agent's other slots hold nothing to reuse either)
   repeat      the same prompt again (the baseline reuses all of it, the agent
-              all whole chunks)
+              all of it or all whole chunks)
   follow-up   the same long system prompt with a new question (shared prefix)
   next-turn   the previous prompt + the answer + a new question (the baseline
-              also reuses the generated tokens; the agent does not)
+              also reuses the generated tokens; the agent where splits are free)
   sampled-next-turn  the same at temperature 0.7 without a seed: nothing to
               repeat, so the agent reuses every cached token too
 Rounds alternate the two sides; figures are medians and the ratio
@@ -157,19 +160,20 @@ def main() -> None:
         for side, run, model in (("agent", agent_run, backend), ("baseline", baseline_run, llm)):
             # Fresh state for the cold case: an unrelated prompt first.
             run(model, tok(f"Unrelated warm-up number {r} for {side}.".encode()), 4)
-            first = chat(SYSTEM, f"Device {r} reports a fan error. What now?")
+            system = f"Session {r} of the {side}. {SYSTEM}"  # nothing cached shares it
+            first = chat(system, f"Device {r} reports a fan error. What now?")
             scenarios = {}
             scenarios["cold"] = run(model, first, args.tokens)
             scenarios["repeat"] = run(model, first, args.tokens)
-            scenarios["follow-up"] = run(model, chat(SYSTEM, f"Device {r} lost its network. What now?"),
+            scenarios["follow-up"] = run(model, chat(system, f"Device {r} lost its network. What now?"),
                                          args.tokens)
             answer = scenarios["follow-up"][2]
-            turn = (chat(SYSTEM, f"Device {r} lost its network. What now?") + answer
+            turn = (chat(system, f"Device {r} lost its network. What now?") + answer
                     + tok(b"<|im_end|>\n<|im_start|>user\nAnd after that?<|im_end|>\n<|im_start|>assistant\n",
                           add_bos=False, special=True))
             scenarios["next-turn"] = run(model, turn, args.tokens)
             # the same next turn, sampled without a seed: nothing to repeat, so all of the cache
-            run(model, chat(SYSTEM, f"Device {r} lost its network. What now?"), args.tokens, 0.7)
+            run(model, chat(system, f"Device {r} lost its network. What now?"), args.tokens, 0.7)
             scenarios["sampled-next-turn"] = run(model, turn, args.tokens, 0.7)
             if scenarios["repeat"][2] != scenarios["cold"][2]:
                 flips += side == "baseline"
