@@ -274,7 +274,9 @@ class BatchEngine:
         """Prompt tokens whose KV `slot` already holds and this request may reuse: the
         rule of `GgufBackend._prefill`, per slot."""
         n = len(tokens)
-        canonical_only = repeatable and not self.splits_free
+        # Any cached token is what a fresh read computes only if splits are free and decode
+        # rows are too (else a shared decode call may have computed a sampled answer's KV).
+        canonical_only = repeatable and not (self.splits_free and self.rows_independent)
         limit = min(len(slot.history), n - 1, slot.canonical if canonical_only else n)
         same = 0
         history = slot.history
