@@ -123,6 +123,7 @@ def _load(args: argparse.Namespace) -> AgentConfig:
         server = dataclasses.replace(server, grpc_port=grpc_port)
     config = config.with_overrides(server=server)
     if getattr(args, "demo", False):
+        setup_logging(config.log_level)  # what the demo replaces or keeps is logged
         build_demo_bundles(Path(config.state_dir) / "models")
         known = {m.name for m in config.models}
         extra = [ModelEntry(name=d.name) for d in DEMO_MODELS if d.name not in known]
@@ -162,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             config = _load(args)
+            setup_logging(config.log_level)
             for bundle in build_demo_bundles(Path(config.state_dir) / "models"):
                 print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
             return 0
