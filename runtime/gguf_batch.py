@@ -392,7 +392,8 @@ class BatchEngine:
             size = chunk
             rate = seq.s_per_token or self._prompt_s_per_token
             if budget_s is not None and rate:
-                size = max(MIN_PIECE, min(chunk, int(budget_s / rate)))
+                fits = budget_s / rate
+                size = chunk if fits >= chunk else max(MIN_PIECE, int(fits))
             return min(len(seq.tokens), start + size)
         return min(len(seq.tokens), (start // chunk + 1) * chunk if seq.repeatable else start + chunk)
 

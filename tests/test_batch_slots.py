@@ -97,6 +97,7 @@ def one_run(slots: list[int]) -> bool:
 
 def test_a_request_ending_mid_batch_leaves_the_others_in_one_run_with_their_own_text(fresh, reference):
     engine = fresh.engine
+    engine.prefill_slice_s = float("inf")  # all four prompts first: all four generate together
     callers = {q: Caller() for q in QUESTIONS}
     for question, caller in callers.items():
         engine.add(request(question), caller)
@@ -231,8 +232,11 @@ def test_long_conversations_get_their_alone_text_beside_others(fresh):
         engine.run(req, caller)
         alone_text[question] = caller.text
     callers = {q: Caller() for q in QUESTIONS}
+    engine.prefill_slice_s = float("inf")  # all four prompts first: all four decode together
     for question, caller in callers.items():
         engine.add(long[question], caller)
+    engine.step()
+    assert sum(seq.pending is not None for seq in engine._seqs) == len(QUESTIONS)
     while engine.active:
         engine.step()
     for question, caller in callers.items():
