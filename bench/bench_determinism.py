@@ -44,7 +44,7 @@ from agent.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
 from runtime.backend import GenerationRequest  # noqa: E402
 from runtime.bundle import read_bundle  # noqa: E402
 from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
-from runtime.gguf_backend import KV_TYPES, LLAMA_SAMPLING_DEFAULTS, GgufBackend, extra_buffer_types  # noqa: E402
+from runtime.gguf_backend import LLAMA_SAMPLING_DEFAULTS, GgufBackend, extra_buffer_types, kv_cache_args  # noqa: E402
 
 SYSTEM = ("You are the on-call assistant of a fleet of edge devices. Answer briefly, name the device, "
           "say what to check first, and never invent figures. ") * 6
@@ -140,8 +140,7 @@ def main() -> None:
                               n_batch=bundle.manifest.gguf.n_batch, n_threads=placement.n_threads,
                               n_threads_batch=placement.n_threads_batch,
                               flash_attn=bundle.manifest.gguf.flash_attn, verbose=False,
-                              type_k=KV_TYPES[bundle.manifest.gguf.kv_type][0],  # the agent's KV cache type
-                              type_v=KV_TYPES[bundle.manifest.gguf.kv_type][0])
+                              **kv_cache_args(bundle.manifest.gguf.kv_type))  # the agent's KV cache type
     tok = backend._llm.tokenize
 
     def chat(system: str, question: str) -> list[int]:

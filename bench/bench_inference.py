@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
 from runtime.devices import choose_llama_placement, describe_cpu, llama_gpu_offload_supported  # noqa: E402
-from runtime.gguf_backend import KV_TYPES, extra_buffer_types  # noqa: E402
+from runtime.gguf_backend import extra_buffer_types, kv_cache_args  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper."
 EOS = 2
@@ -158,8 +158,7 @@ def main() -> None:
         llm = llama_cpp.Llama(str(chat.weights), n_ctx=chat.manifest.gguf.n_ctx, n_threads=placement.n_threads,
                               n_threads_batch=placement.n_threads_batch, n_gpu_layers=placement.n_gpu_layers,
                               flash_attn=chat.manifest.gguf.flash_attn, verbose=False,
-                              type_k=KV_TYPES[chat.manifest.gguf.kv_type][0],  # the agent's KV cache type
-                              type_v=KV_TYPES[chat.manifest.gguf.kv_type][0])
+                              **kv_cache_args(chat.manifest.gguf.kv_type))  # the agent's KV cache type
     embed = bundles[EMBEDDING_MODEL]
     options = ort.SessionOptions()
     options.intra_op_num_threads = placement.n_threads

@@ -142,6 +142,11 @@ WRAPPER_CTX = 64
 KV_TYPES: dict[str, tuple[int, float]] = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}
 
 
+def kv_cache_args(kv_type: str) -> dict[str, int]:
+    """llama_cpp.Llama's arguments for a KV cache of `kv_type` (keys and values alike)."""
+    return {"type_k": KV_TYPES[kv_type][0], "type_v": KV_TYPES[kv_type][0]}
+
+
 def kv_bytes_per_token(llm: Any, kv_type: str = "f16") -> int:
     """Bytes of KV cache one token takes (keys and values of `kv_type`, every layer)."""
     import llama_cpp
@@ -237,8 +242,7 @@ class GgufBackend(BackendBase):
                     n_threads=placement.n_threads,
                     n_threads_batch=placement.n_threads_batch,
                     flash_attn=options.flash_attn,
-                    type_k=KV_TYPES[options.kv_type][0],
-                    type_v=KV_TYPES[options.kv_type][0],
+                    **kv_cache_args(options.kv_type),
                     verbose=False,
                 )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -260,8 +264,7 @@ class GgufBackend(BackendBase):
                 slots = fitting
         while slots > 1:
             try:
-                engine = BatchEngine(self, slots, self.n_ctx, flash_attn, KV_TYPES[self._options.kv_type][0],
-                                     kv_quantized=self._options.kv_type != "f16")
+                engine = BatchEngine(self, slots, self.n_ctx, flash_attn, self._options.kv_type)
             except InferenceError as exc:
                 log.warning("%s; trying %d slots", exc, slots // 2)
                 slots //= 2

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 #: Seconds of prompt evaluation between two decode steps while others generate: the most a
 #: newcomer's prompt delays the running streams' next token (one chunk at least). A chunk is
-#: not started when its predicted time would pass the slice (`_chunk_seconds`).
+#: not started when its predicted time would pass the slice.
 PREFILL_SLICE_S = 0.15
 #: Weight of the newest chunk in the running estimate of prompt seconds per token.
 PROMPT_RATE_WEIGHT = 0.3
@@ -164,8 +164,10 @@ class BatchEngine:
     """The batch of one GGUF model; every method runs on the model's thread."""
 
     def __init__(self, backend: GgufBackend, slots: int, ctx_per_slot: int, flash_attn: bool,
-                 kv_type: int = 1, kv_quantized: bool = False) -> None:
+                 kv_type: str = "f16") -> None:
         import llama_cpp
+
+        from .gguf_backend import KV_TYPES
 
         self._lib = llama_cpp
         self._backend = backend
@@ -183,7 +185,7 @@ class BatchEngine:
         params.n_threads_batch = backend.placement.n_threads_batch
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        params.type_k = params.type_v = kv_type  # a ggml type id (runtime/gguf_backend.py KV_TYPES)
+        params.type_k = params.type_v = KV_TYPES[kv_type][0]
         params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not self._ctx:
@@ -207,7 +209,7 @@ class BatchEngine:
         #: shape; False otherwise). Then the canonical pieces of the repeatable-output rule do
         #: not matter: the prefix cache reuses every cached token, a previous answer's too, and
         #: a newcomer's prompt is read in pieces sized to the step's time budget.
-        self.splits_free: bool | None = None if kv_quantized else False
+        self.splits_free: bool | None = None if kv_type != "f16" else False
         #: running estimate of prompt evaluation seconds per token (None until a chunk ran),
         #: for a prompt's first piece
         self._prompt_s_per_token: float | None = None
@@ -367,10 +369,11 @@ class BatchEngine:
                 budget = None
                 if self._generating():
                     budget = self.prefill_slice_s - (time.monotonic() - started)
-                    if not first and self._chunk_seconds(seq, budget) > budget:
-                        break
+                end = self._chunk_end(seq, budget)
+                if not first and budget is not None and self._rate(seq) * (end - seq.pos) > budget:
+                    break
                 first = False
-                done += self._prefill_chunk(seq, budget)
+                done += self._prefill_chunk(seq, end)
                 seq.served = time.monotonic()
             if not first and self._generating() and time.monotonic() - started > self.prefill_slice_s:
                 break
@@ -390,23 +393,21 @@ class BatchEngine:
         start, chunk = seq.pos, self.chunk
         if self.splits_free:
             size = chunk
-            rate = seq.s_per_token or self._prompt_s_per_token
+            rate = self._rate(seq)
             if budget_s is not None and rate:
                 fits = budget_s / rate
                 size = chunk if fits >= chunk else max(MIN_PIECE, int(fits))
             return min(len(seq.tokens), start + size)
         return min(len(seq.tokens), (start // chunk + 1) * chunk if seq.repeatable else start + chunk)
 
-    def _chunk_seconds(self, seq: _Sequence, budget_s: float | None = None) -> float:
-        """Predicted seconds for `seq`'s next prompt piece (0 before any piece was timed)."""
-        rate = seq.s_per_token or self._prompt_s_per_token or 0.0
-        return rate * (self._chunk_end(seq, budget_s) - seq.pos)
+    def _rate(self, seq: _Sequence) -> float:
+        """Predicted prompt seconds per token for `seq`'s next piece (0 before any piece ran)."""
+        return seq.s_per_token or self._prompt_s_per_token or 0.0
 
-    def _prefill_chunk(self, seq: _Sequence, budget_s: float | None = None,
-                       ) -> list[tuple[JobContext, Any, BaseException | None]]:
+    def _prefill_chunk(self, seq: _Sequence, end: int) -> list[tuple[JobContext, Any, BaseException | None]]:
+        """Evaluate `seq`'s prompt from its position to `end` (`_chunk_end`) in one call."""
         n, chunk = len(seq.tokens), self.chunk
         start = seq.pos
-        end = self._chunk_end(seq, budget_s)
         began = time.monotonic()
         batch = self._batch
         index = seq.slot.index

@@ -7,7 +7,7 @@ import pytest
 from conftest import CHAT
 
 from runtime.devices import choose_llama_placement, describe_cpu
-from runtime.gguf_backend import KV_TYPES, extra_buffer_types
+from runtime.gguf_backend import extra_buffer_types, kv_cache_args
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -23,7 +23,7 @@ def in_process_llm(state_dir):
             model_path=str(state_dir / "models" / CHAT / "current" / "model.gguf"),
             n_ctx=2048, n_threads=placement.n_threads, n_threads_batch=placement.n_threads_batch,
             flash_attn=True,  # the bundle's defaults, as the agent loads it
-            type_k=KV_TYPES["q8_0"][0], type_v=KV_TYPES["q8_0"][0],
+            **kv_cache_args("q8_0"),
             verbose=False,
         )
     yield llm

@@ -19,7 +19,7 @@ from conftest import CHAT, EMBED
 from runtime.batching import BatchingSettings
 from runtime.bundle import read_bundle
 from runtime.devices import choose_llama_placement, describe_cpu
-from runtime.gguf_backend import KV_TYPES, extra_buffer_types
+from runtime.gguf_backend import extra_buffer_types, kv_cache_args
 
 pytestmark = [pytest.mark.cpu_path, pytest.mark.slow]
 
@@ -144,8 +144,7 @@ def fresh_context_llm(state_dir):
                               n_batch=bundle.manifest.gguf.n_batch, n_threads=placement.n_threads,
                               n_threads_batch=placement.n_threads_batch,
                               flash_attn=bundle.manifest.gguf.flash_attn, verbose=False,
-                              type_k=KV_TYPES[bundle.manifest.gguf.kv_type][0],
-                              type_v=KV_TYPES[bundle.manifest.gguf.kv_type][0])
+                              **kv_cache_args(bundle.manifest.gguf.kv_type))
     yield llm
     llm.close()
 
