@@ -76,23 +76,31 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 class _StateRepublisher:
-    """Publishes the retained state again when a model's status changes, a burst at a time."""
+    """Publishes the retained state again when a model's status changes, a burst at a time.
+
+    A change that arrives while a publish is under way (its state already read) gets a
+    publish of its own after it: otherwise a model that turns ready during the publish of
+    its "loading" would be announced as loading until the next change."""
 
     def __init__(self, link: MqttLink) -> None:
         self._link = link
         self._task: asyncio.Task[None] | None = None
+        self._dirty = False
 
     def soon(self, name: str) -> None:
+        self._dirty = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._publish(), name="mqtt-state-republish")
 
     async def _publish(self) -> None:
-        await asyncio.sleep(0.2)  # one message for a burst of changes (a swap is several)
-        if self._link.connected:
-            try:
-                await self._link.publish_state()
-            except SyncError as exc:
-                log.warning("mqtt: state not republished: %s", exc)
+        while self._dirty:
+            await asyncio.sleep(0.2)  # one message for a burst of changes (a swap is several)
+            self._dirty = False  # changes from here on are not in this publish's state
+            if self._link.connected:
+                try:
+                    await self._link.publish_state()
+                except SyncError as exc:
+                    log.warning("mqtt: state not republished: %s", exc)
 
     async def close(self) -> None:
         if self._task is not None:
