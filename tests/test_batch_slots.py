@@ -287,3 +287,33 @@ def test_where_splits_are_free_a_newcomer_is_read_in_pieces_that_fit_the_slice(f
         engine.step()
     assert newcomer.text == reference[QUESTIONS[1]]
     assert runner.text == reference[QUESTIONS[0]]
+
+
+def test_prompts_waiting_together_are_read_together_where_the_bits_allow(fresh, reference):
+    """llama-server reads every waiting prompt in one batch. The engine does too, an equal
+    piece of each per llama.cpp call, where it measured that this changes no bits; elsewhere
+    one prompt per call. Either way each answer is its answer alone."""
+    engine = fresh.engine
+    engine.warm()  # its checks read prompts of their own
+    real = engine._lib
+    calls: list[list[int]] = []  # the sequence ids of every llama_decode call
+
+    class Spy:  # the real llama.cpp binding, each decode call's sequences noted
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def llama_decode(self, ctx, batch):  # type: ignore[no-untyped-def]
+            calls.append(sorted({batch.seq_id[i][0] for i in range(batch.n_tokens)}))
+            return real.llama_decode(ctx, batch)
+
+    engine._lib = Spy()
+    callers = {question: Caller() for question in QUESTIONS[:3]}
+    for question, caller in callers.items():
+        engine.add(request(question), caller)
+    engine.step()
+    together = engine.splits_free and engine.rows_independent
+    assert len(calls[0]) == (3 if together else 1), calls
+    while engine.active:
+        engine.step()
+    for question, caller in callers.items():
+        assert caller.text == reference[question]

@@ -1,0 +1,129 @@
+"""Reading several waiting prompts in one llama.cpp call against one call per prompt.
+
+    .venv/bin/python bench/bench_prompts.py [--rounds 6] [--cases 4x48,8x48,2x64,4x16]
+
+Why: the batching engine reads the prompts of requests that wait together in one call, an
+equal piece of each (runtime/gguf_batch.py, `_read_prompts_together`), as llama-server
+reads every waiting prompt in one batch. This bench shows what that saves on this machine,
+on the context the engine makes (the demo chat model, 8 slots of 2048 cells, the agent's KV
+cache type, thread counts and weight-repacking choice), and that each prompt's final logits
+are the same bits either way (the engine measures the same at start, `splits_free`).
+
+Each case NxL is N distinct prompts of L tokens. Per round, alternating: the N prompts read
+one call each, then all N in one call (sequence ids 0..N-1, in order, so llama.cpp puts
+them in one ubatch). Prints the median of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
+from runtime.devices import choose_llama_placement, describe_cpu, llama_gpu_offload_supported  # noqa: E402
+from runtime.gguf_backend import KV_TYPES, extra_buffer_types  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--cases", default="4x48,8x48,2x64,4x16", help="NxL: N prompts of L tokens")
+    args = parser.parse_args()
+    cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
+
+    import llama_cpp
+    import numpy as np
+
+    state_dir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-prompts-"))
+    chat = {b.name: b for b in build_demo_bundles(state_dir / "models")}[CHAT_MODEL]
+    options = chat.manifest.gguf
+    placement = choose_llama_placement(describe_cpu(), llama_gpu_offload_supported())
+    slots = 8
+    rows = max(n * length for n, length in cases)
+    llama_cpp.llama_backend_init()
+    with extra_buffer_types(placement.use_extra_bufts):  # the agent's own choice (AMX-safe)
+        llm = llama_cpp.Llama(str(chat.weights), n_ctx=512, n_gpu_layers=placement.n_gpu_layers, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = slots * 2048
+    params.n_batch = params.n_ubatch = rows
+    params.n_seq_max = slots
+    params.kv_unified = False  # as the engine: one KV stream per slot
+    params.n_threads, params.n_threads_batch = placement.n_threads, placement.n_threads_batch
+    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn
+                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+    params.type_k = params.type_v = KV_TYPES[options.kv_type][0]
+    params.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    mem = llama_cpp.llama_get_memory(ctx)
+    batch = llama_cpp.llama_batch_init(rows, 0, 1)
+    n_vocab = llm.n_vocab()
+
+    def put(i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+        batch.seq_id[i][0] = seq
+
+    def decode(n_tokens: int) -> None:
+        batch.n_tokens = n_tokens
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+
+    def logits(i: int) -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
+
+    def clear() -> None:
+        for seq in range(slots):
+            llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+
+    def one_call_each(prompts: list[list[int]]) -> list[np.ndarray]:
+        finals = []
+        for seq, prompt in enumerate(prompts):
+            for pos, token in enumerate(prompt):
+                put(pos, token, pos, seq, pos == len(prompt) - 1)
+            decode(len(prompt))
+            finals.append(logits(len(prompt) - 1))
+        return finals
+
+    def one_call(prompts: list[list[int]]) -> list[np.ndarray]:
+        i = 0
+        for seq, prompt in enumerate(prompts):
+            for pos, token in enumerate(prompt):
+                put(i, token, pos, seq, pos == len(prompt) - 1)
+                i += 1
+        decode(i)
+        ends = np.cumsum([len(p) for p in prompts]) - 1
+        return [logits(int(end)) for end in ends]
+
+    print(f"# {describe_cpu().arch}; {'; '.join(placement.reasons)}; KV {options.kv_type}; "
+          f"{args.rounds} rounds, alternating; medians")
+    print(f"{'prompts':>8} {'tokens':>7} {'one call each':>14} {'one call':>9} {'ratio':>6}  same bits")
+    for n, length in cases:
+        prompts = [[(13 + 7919 * (seq * 1000 + i)) % n_vocab for i in range(length)] for seq in range(n)]
+        one_call_each(prompts)  # warm
+        clear()
+        each_s, together_s, same = [], [], True
+        for _ in range(args.rounds):
+            began = time.perf_counter()
+            a = one_call_each(prompts)
+            each_s.append(time.perf_counter() - began)
+            clear()
+            began = time.perf_counter()
+            b = one_call(prompts)
+            together_s.append(time.perf_counter() - began)
+            clear()
+            same = same and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        each, together = statistics.median(each_s), statistics.median(together_s)
+        print(f"{n:>8} {length:>7} {each * 1000:>11.0f} ms {together * 1000:>6.0f} ms {together / each:>6.2f}  "
+              f"{'yes' if same else 'NO'}")
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+
+
+if __name__ == "__main__":
+    main()
