@@ -103,6 +103,11 @@ def in_process_embed(session, tokenizer, rounds: int) -> float:
     return rounds * len(SENTENCES) / (time.perf_counter() - started)
 
 
+#: Pause after an in-process run before the agent is measured: thread pools that spin after
+#: their work (onnxruntime's, libgomp's) would otherwise take the agent's CPU.
+SETTLE_S = 0.5
+
+
 def agent_embed(conn: http.client.HTTPConnection, rounds: int, encoding: str) -> float:
     import numpy as np
 
@@ -177,6 +182,7 @@ def main() -> None:
             base_tps.append(in_process_decode(llm, args.tokens))
             agent_tps.append(agent_decode(conn, args.tokens))
             base_eps.append(in_process_embed(session, tokenizer, args.embed_batches))
+            time.sleep(SETTLE_S)  # onnxruntime's pool here spins a while after a run, on the agent's cores
             agent_b64.append(agent_embed(conn, args.embed_batches, "base64"))
             agent_float.append(agent_embed(conn, args.embed_batches, "float"))
     finally:
