@@ -317,3 +317,32 @@ def test_prompts_waiting_together_are_read_together_where_the_bits_allow(fresh, 
         engine.step()
     for question, caller in callers.items():
         assert caller.text == reference[question]
+
+
+def test_a_client_that_leaves_while_its_prompt_is_read_together_frees_its_slot_alone(fresh, reference):
+    """Three prompts read piece by piece beside a generating request; one client leaves
+    half way: its slot frees at the next step, and the other answers are their answers alone."""
+    engine = fresh.engine
+    runner = Caller()
+    engine.add(request(QUESTIONS[3]), runner)
+    while engine._seqs[0].pending is None:  # someone is generating: prompts go in slices
+        engine.step()
+    callers = {question: Caller() for question in QUESTIONS[:3]}
+    for question, caller in callers.items():
+        engine.add(request(question), caller)
+    seqs = {question: next(s for s in engine._seqs if s.ctx is caller) for question, caller in callers.items()}
+    engine.prefill_slice_s = 56 * engine._prompt_s_per_token  # room for 3 pieces of 16-18 tokens
+    engine.step()
+    if engine.splits_free and engine.rows_independent:
+        assert all(0 < seq.pos < len(seq.tokens) for seq in seqs.values()), "not read together"
+    leaver = callers[QUESTIONS[0]]
+    leaver.gone = True
+    engine.step()
+    assert all(seq.ctx is not leaver for seq in engine._seqs), "the slot was not freed"
+    engine.prefill_slice_s = float("inf")
+    while engine.active:
+        engine.step()
+    assert leaver.pieces == []
+    for question in QUESTIONS[1:3]:
+        assert callers[question].text == reference[question]
+    assert runner.text == reference[QUESTIONS[3]]
