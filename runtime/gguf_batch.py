@@ -47,7 +47,7 @@ import ctypes
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -377,8 +377,9 @@ class BatchEngine:
         return done
 
     def _read_prompts_in_turn(self) -> list[tuple[JobContext, Any, BaseException | None]]:
-        """A step's prompt reading where a piece's bits depend on its call: one prompt per
-        call, in canonical pieces, the prompt served longest ago first."""
+        """A step's prompt reading where prompts may not share a call (their bits were not
+        measured free of it): one prompt per call, in the pieces `_chunk_end` gives, the
+        prompt served longest ago first."""
         done: list[tuple[JobContext, Any, BaseException | None]] = []
         started = time.monotonic()
         first = True
@@ -468,8 +469,7 @@ class BatchEngine:
         """Predicted prompt seconds per token for `seq`'s next piece (0 before any piece ran)."""
         return seq.s_per_token or self._prompt_s_per_token or 0.0
 
-    def _prefill(self, pieces: tuple[tuple[_Sequence, int], ...] | list[tuple[_Sequence, int]],
-                 ) -> list[tuple[JobContext, Any, BaseException | None]]:
+    def _prefill(self, pieces: Sequence[tuple[_Sequence, int]]) -> list[tuple[JobContext, Any, BaseException | None]]:
         """Evaluate each sequence's prompt from its position to its `end` in one call; a
         prompt that ends here gets its first token."""
         chunk = self.chunk
