@@ -6,8 +6,9 @@ Why: the batching engine reads the prompts of requests that wait together in one
 equal piece of each (runtime/gguf_batch.py, `_read_prompts_together`), as llama-server
 reads every waiting prompt in one batch. This bench shows what that saves on this machine,
 on the context the engine makes (the demo chat model, 8 slots of 2048 cells, the agent's KV
-cache type, thread counts and weight-repacking choice), and that each prompt's final logits
-are the same bits either way (the engine measures the same at start, `splits_free`).
+cache type, thread counts and weight-repacking choice: the engine itself, loaded as the agent
+loads it), and that each prompt's final logits are the same bits either way (the engine
+measures the same at start, `splits_free`).
 
 Each case NxL is N distinct prompts of L tokens. Per round, alternating: the N prompts read
 one call each, then all N in one call (sequence ids 0..N-1, in order, so llama.cpp puts
@@ -27,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
-from runtime.devices import choose_llama_placement, describe_cpu, llama_gpu_offload_supported  # noqa: E402
-from runtime.gguf_backend import KV_TYPES, extra_buffer_types  # noqa: E402
+from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
+from runtime.gguf_backend import GgufBackend  # noqa: E402
 
 
 def main() -> None:
@@ -38,69 +39,50 @@ def main() -> None:
     args = parser.parse_args()
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
 
-    import llama_cpp
     import numpy as np
 
     state_dir = Path(tempfile.mkdtemp(prefix="edgefleet-bench-prompts-"))
     chat = {b.name: b for b in build_demo_bundles(state_dir / "models")}[CHAT_MODEL]
-    options = chat.manifest.gguf
-    placement = choose_llama_placement(describe_cpu(), llama_gpu_offload_supported())
-    slots = 8
-    rows = max(n * length for n, length in cases)
-    llama_cpp.llama_backend_init()
-    with extra_buffer_types(placement.use_extra_bufts):  # the agent's own choice (AMX-safe)
-        llm = llama_cpp.Llama(str(chat.weights), n_ctx=512, n_gpu_layers=placement.n_gpu_layers, verbose=False)
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = slots * 2048
-    params.n_batch = params.n_ubatch = rows
-    params.n_seq_max = slots
-    params.kv_unified = False  # as the engine: one KV stream per slot
-    params.n_threads, params.n_threads_batch = placement.n_threads, placement.n_threads_batch
-    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn
-                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-    params.type_k = params.type_v = KV_TYPES[options.kv_type][0]
-    params.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
-    mem = llama_cpp.llama_get_memory(ctx)
-    batch = llama_cpp.llama_batch_init(rows, 0, 1)
-    n_vocab = llm.n_vocab()
-
-    def put(i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
-        batch.seq_id[i][0] = seq
+    backend = GgufBackend(chat, MachineSettings(cpu=describe_cpu()))  # as the agent loads it
+    engine = backend.engine
+    if engine is None:
+        raise SystemExit("continuous batching is off for the demo model: no engine to measure")
+    for n, length in cases:
+        if n > engine.slots or n * length > engine._call_rows:
+            raise SystemExit(f"case {n}x{length}: the engine's calls hold {engine.slots} prompts and "
+                             f"{engine._call_rows} tokens")
+    lib, ctx, batch = engine._lib, engine._ctx, engine._batch
 
     def decode(n_tokens: int) -> None:
         batch.n_tokens = n_tokens
-        if llama_cpp.llama_decode(ctx, batch) != 0:
+        if lib.llama_decode(ctx, batch) != 0:
             raise SystemExit("llama_decode failed")
 
-    def logits(i: int) -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).copy()
-
     def clear() -> None:
-        for seq in range(slots):
-            llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+        for seq in range(engine.slots):
+            lib.llama_memory_seq_rm(engine._mem, seq, -1, -1)
 
     def one_call_each(prompts: list[list[int]]) -> list[np.ndarray]:
         finals = []
         for seq, prompt in enumerate(prompts):
             for pos, token in enumerate(prompt):
-                put(pos, token, pos, seq, pos == len(prompt) - 1)
+                engine._put(pos, token, pos, seq, pos == len(prompt) - 1)
             decode(len(prompt))
-            finals.append(logits(len(prompt) - 1))
+            finals.append(engine._row(len(prompt) - 1).copy())
         return finals
 
     def one_call(prompts: list[list[int]]) -> list[np.ndarray]:
         i = 0
         for seq, prompt in enumerate(prompts):
             for pos, token in enumerate(prompt):
-                put(i, token, pos, seq, pos == len(prompt) - 1)
+                engine._put(i, token, pos, seq, pos == len(prompt) - 1)
                 i += 1
         decode(i)
         ends = np.cumsum([len(p) for p in prompts]) - 1
-        return [logits(int(end)) for end in ends]
+        return [engine._row(int(end)).copy() for end in ends]
 
-    print(f"# {describe_cpu().arch}; {'; '.join(placement.reasons)}; KV {options.kv_type}; "
+    n_vocab = backend._llm.n_vocab()
+    print(f"# {describe_cpu().arch}; {'; '.join(backend.placement.reasons)}; KV {chat.manifest.gguf.kv_type}; "
           f"{args.rounds} rounds, alternating; medians")
     print(f"{'prompts':>8} {'tokens':>7} {'one call each':>14} {'one call':>9} {'ratio':>6}  same bits")
     for n, length in cases:
@@ -121,8 +103,7 @@ def main() -> None:
         each, together = statistics.median(each_s), statistics.median(together_s)
         print(f"{n:>8} {length:>7} {each * 1000:>11.0f} ms {together * 1000:>6.0f} ms {together / each:>6.2f}  "
               f"{'yes' if same else 'NO'}")
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
+    backend.close()
 
 
 if __name__ == "__main__":

@@ -181,8 +181,8 @@ class BatchEngine:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = slots * ctx_per_slot
         # Room for a piece of every slot's prompt in one call (see `_read_prompts_together`),
-        # within the model's n_batch.
-        self._call_rows = max(self.chunk, slots, min(self.chunk * slots, llm.n_batch))
+        # within the bundle's n_batch (not the tokenizing wrapper's, whose context is tiny).
+        self._call_rows = max(self.chunk, slots, min(self.chunk * slots, backend._options.n_batch))
         params.n_batch = params.n_ubatch = self._call_rows
         params.n_seq_max = slots
         params.kv_unified = False  # one KV stream per slot: a sequence's cells are its own
@@ -236,6 +236,13 @@ class BatchEngine:
         if self.splits_free is None:
             self.splits_free = self._measure_split_independence()
 
+    @property
+    def bits_free(self) -> bool:
+        """Whether a row's bits depend neither on how its prompt is split nor on what rides
+        in its call (both measured by `warm`): then the prefix cache reuses any cached token,
+        a previous answer's too, and waiting prompts share calls."""
+        return bool(self.splits_free and self.rows_independent)
+
     # --- admission ---------------------------------------------------------
 
     @property
@@ -283,7 +290,7 @@ class BatchEngine:
         n = len(tokens)
         # Any cached token is what a fresh read computes only if splits are free and decode
         # rows are too (else a shared decode call may have computed a sampled answer's KV).
-        canonical_only = repeatable and not (self.splits_free and self.rows_independent)
+        canonical_only = repeatable and not self.bits_free
         limit = min(len(slot.history), n - 1, slot.canonical if canonical_only else n)
         same = 0
         history = slot.history
@@ -366,7 +373,7 @@ class BatchEngine:
             if seq.ctx.cancelled():  # client left, time limit, shutdown: the slot frees now
                 done.append(self._finish(seq, "cancelled"))
         self._compact()
-        if self.splits_free and self.rows_independent:
+        if self.bits_free:
             done += self._read_prompts_together()
         else:
             done += self._read_prompts_in_turn()
@@ -402,7 +409,7 @@ class BatchEngine:
         return done
 
     def _read_prompts_together(self) -> list[tuple[JobContext, Any, BaseException | None]]:
-        """A step's prompt reading where splits are free (`splits_free`, `rows_independent`):
+        """A step's prompt reading where the bits allow it (`bits_free`):
         each call reads an equal piece of as many waiting prompts as the step's slice allows,
         those served longest ago first, in increasing slot order. llama.cpp reads equal pieces
         of consecutive sequences in one pass over the weights (`split_equal`), as llama-server
