@@ -414,8 +414,8 @@ class BatchEngine:
         those served longest ago first, in increasing slot order. llama.cpp reads equal pieces
         of consecutive sequences in one pass over the weights (`split_equal`), as llama-server
         reads every waiting prompt in one batch; measured on the 2-core AMX VM, four prompts of
-        48 tokens read in one call took 551 ms against 578 ms in four calls, of 16 tokens 176
-        against 198 ms (bench/bench_prompts.py), with the same bits."""
+        48 tokens read in one call took 559 ms against 574 ms in four calls, of 16 tokens 181
+        against 206 ms (bench/bench_prompts.py), with the same bits."""
         done: list[tuple[JobContext, Any, BaseException | None]] = []
         started = time.monotonic()
         first = True
