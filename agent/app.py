@@ -28,6 +28,18 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from agent.config import AgentConfig
+from agent.context import CONFIG, LIVE, LOADER, METRICS, MODELS, LiveState
+from agent.fleet import updates as updates_api
+from agent.fleet.link import mqtt_ctx
+from agent.fleet.telemetry import telemetry_ctx
+from agent.fleet.updates import recovery_ctx, updates_ctx, with_managed_models
+from agent.http import openai_api, ops_api
+from agent.http.errors import ApiError, error_response, to_api_error
+from agent.http.server import shutdown_grace_s
+from agent.kserve import http_api as kserve_api
+from agent.kserve.grpc_server import grpc_ctx
+from agent.metrics import Metrics
 from runtime.backend import ModelLimits
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
@@ -35,23 +47,9 @@ from runtime.errors import BundleError, RuntimeLayerError
 from runtime.registry import ModelRegistry
 from security.api_keys import api_key_matches
 
-from . import openai_api, ops_api
-from . import updates as updates_api
-from .config import AgentConfig
-from .context import CONFIG, LIVE, METRICS, MODELS, LiveState
-from .errors import ApiError, error_response, to_api_error
-from .fleet_link import mqtt_ctx
-from .http_server import shutdown_grace_s
-from .kserve import http_api as kserve_api
-from .kserve.grpc_server import grpc_ctx
-from .metrics import Metrics
-from .telemetry import telemetry_ctx
-from .updates import recovery_ctx, updates_ctx, with_managed_models
-
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-LOADER = web.AppKey("loader", asyncio.Task)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -176,7 +174,16 @@ async def drain(app: web.Application) -> None:
 
 
 async def _load_configured(config: AgentConfig, models: ModelRegistry) -> None:
-    await reconcile_models(config, models)
+    """Load what the config lists. Whatever goes wrong, every configured model ends up serving
+    or shown as failed: /readyz never says ready while a configured model is missing."""
+    try:
+        await reconcile_models(config, models)
+    except Exception as exc:  # a bug or an OS error: the models it did not reach are failed, not absent
+        log.exception("loading the configured models failed")
+        known = {status.name for status in models.statuses()}
+        for entry in config.models:
+            if entry.name not in known:
+                models.record_failure(entry.name, str(config.bundle_path(entry)), f"not loaded: {exc}")
 
 
 @dataclass
@@ -208,10 +215,11 @@ async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelC
         path = config.bundle_path(entry)
         try:
             bundle = read_bundle(path, name=entry.name)
-        except BundleError as exc:
-            log.error("model %s: %s", entry.name, exc, extra={"model": entry.name})
+        except (BundleError, OSError) as exc:  # OSError: a file the agent's user may not read
+            reason = str(exc) if isinstance(exc, BundleError) else f"cannot read {exc.filename or path}: {exc.strerror}"
+            log.error("model %s: %s", entry.name, reason, extra={"model": entry.name})
             if entry.name not in serving:
-                models.record_failure(entry.name, str(path), str(exc))
+                models.record_failure(entry.name, str(path), reason)
             continue
         current = serving.get(entry.name)
         same_dir = current is not None and current.bundle.path.resolve() == bundle.path.resolve()

@@ -10,13 +10,12 @@ from typing import Any
 
 from aiohttp import compression_utils, web
 
+from agent.config import AgentConfig
+from agent.http.errors import ApiError, bad_request
+from agent.http.jsonio import loads
+from agent.metrics import Metrics
 from runtime.registry import ModelRegistry
 from sync.mqtt import MqttLink
-
-from .config import AgentConfig
-from .errors import ApiError, bad_request
-from .jsonio import loads
-from .metrics import Metrics
 
 #: Content-Encodings aiohttp decodes here; any other is refused rather than read as JSON.
 DECODED_ENCODINGS = frozenset(
@@ -28,8 +27,10 @@ DECODED_ENCODINGS = frozenset(
 CONFIG = web.AppKey("config", AgentConfig)
 MODELS = web.AppKey("models", ModelRegistry)
 METRICS = web.AppKey("metrics", Metrics)
-#: Present only when ``[mqtt]`` is configured (agent/fleet_link.py).
+#: Present only when ``[mqtt]`` is configured (agent/fleet/link.py).
 MQTT = web.AppKey("mqtt", MqttLink)
+#: The task that loads the configured models at start; what must wait for them awaits it.
+LOADER = web.AppKey("loader", asyncio.Task)
 
 
 @dataclass

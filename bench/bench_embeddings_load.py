@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]
 import aiohttp  # noqa: E402
 from bench_load import Processes, pct, ratio, require_loopback, start_agent  # noqa: E402
 
-from agent.demo import EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
+from agent.cli.demo import EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
 
 SENTENCES = [
     "The cat sits on the mat.", "Edge devices run models locally.", "A storm is coming from the west.",

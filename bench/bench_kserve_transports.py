@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.demo import EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
+from agent.cli.demo import EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
 from runtime.devices import choose_onnx_placement, describe_cpu  # noqa: E402
 
 

@@ -76,7 +76,7 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 
-from agent.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
+from agent.cli.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
 
 LLAMA_SERVER_DEFAULT = Path(
     "/tmp/llama-server-build/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server"

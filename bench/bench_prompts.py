@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
+from agent.cli.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
 from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
 from runtime.gguf_backend import GgufBackend  # noqa: E402
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from mqtt_broker import MosquittoBroker, free_port  # noqa: E402
 
-from agent.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
+from agent.cli.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
 
 
 def measure(config_text: str, seconds: float, state: Path) -> tuple[float, int]:

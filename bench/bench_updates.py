@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_updates.py [--rounds 3] [--size-mb 1024]
 
 Verify: a 1 GB temporary (sparse) file hashed by the store's own verification
-(`runtime.store.sha256_file`, what `verifying` and a resumed download run) against
+(`runtime.files.sha256_file`, what `verifying` and a resumed download run) against
 coreutils' `sha256sum` on the same file, rounds alternating; the ratio of the
 medians is what to read. The file is deleted at the end.
 
@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # noqa: E402
 
-from agent.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
+from agent.cli.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
 from runtime.backend import ChatMessage, GenerationRequest  # noqa: E402
 from runtime.bundle import ProbeOptions, read_bundle  # noqa: E402
 from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
+from runtime.files import sha256_file  # noqa: E402
 from runtime.registry import ModelRegistry  # noqa: E402
-from runtime.store import sha256_file  # noqa: E402
 
 
 def bench_verify(size_mb: int, rounds: int) -> None:

@@ -1,7 +1,7 @@
 """The runtime's error hierarchy.
 
 Every failure a caller can act on is one of these; the agent maps them to
-OpenAI / KServe v2 error JSON in one place (agent/errors.py). Anything else
+OpenAI / KServe v2 error JSON in one place (agent/http/errors.py). Anything else
 escaping the runtime is a bug and is reported as an internal error.
 """
 

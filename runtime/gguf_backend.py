@@ -36,7 +36,6 @@ import random
 import re
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .backend import (
@@ -60,6 +59,7 @@ from .errors import (
     WorkStopped,
 )
 from .gguf_batch import BatchEngine
+from .llama_params import LLAMA_SAMPLING_DEFAULTS, PreparedPrompt, kv_bytes_per_token, kv_cache_args
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,6 @@ log = logging.getLogger(__name__)
 # Llama() has no argument for use_extra_bufts; it reads llama_model_default_params()
 # inside __init__. Loads that need a different default are serialised on this lock.
 _PARAMS_LOCK = threading.Lock()
-
-#: Sampling defaults of llama-cpp-python's create_chat_completion, kept so that
-#: a request through the agent samples exactly as an in-process call would.
-LLAMA_SAMPLING_DEFAULTS: dict[str, Any] = {
-    "top_k": 40, "min_p": 0.05, "typical_p": 1.0, "repeat_penalty": 1.0,
-}
-
 
 @contextlib.contextmanager
 def extra_buffer_types(use_extra_bufts: bool) -> Iterator[None]:
@@ -123,39 +116,11 @@ def _logit_bias_processor(bias: dict[int, float]) -> Any:
     return llama_cpp.LogitsProcessorList([apply])
 
 
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A checked request's prompt tokens, stop strings (the request's and the template's) and
-    how many tokens it may generate."""
-
-    tokens: list[int]
-    stops: list[str]
-    max_tokens: int
-
-
 CPU_PROMPT_CHUNK = 64
 #: Context of the llama_cpp.Llama wrapper when the batching engine has the real one.
 WRAPPER_CTX = 64
 
 
-#: KV cache types: llama.cpp's ggml type id and bytes per element (q8_0: 34-byte blocks of 32).
-KV_TYPES: dict[str, tuple[int, float]] = {"f16": (1, 2.0), "q8_0": (8, 34 / 32)}
-
-
-def kv_cache_args(kv_type: str) -> dict[str, int]:
-    """llama_cpp.Llama's arguments for a KV cache of `kv_type` (keys and values alike)."""
-    return {"type_k": KV_TYPES[kv_type][0], "type_v": KV_TYPES[kv_type][0]}
-
-
-def kv_bytes_per_token(llm: Any, kv_type: str = "f16") -> int:
-    """Bytes of KV cache one token takes (keys and values of `kv_type`, every layer)."""
-    import llama_cpp
-
-    model = llm._model.model
-    n_head = max(1, llama_cpp.llama_model_n_head(model))
-    head_dim = llama_cpp.llama_model_n_embd(model) // n_head
-    elements = 2 * llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model) * head_dim
-    return int(elements * KV_TYPES[kv_type][1])
 #: Prompts up to this many bytes are tokenized in one call (a few milliseconds at most).
 TOKENIZE_WHOLE_BYTES = 16_384
 #: Special tokens per tokenizer call when a prompt is tokenized in pieces.
@@ -477,6 +442,33 @@ class GgufBackend(BackendBase):
             if repeatable:
                 self._canonical = min(start + step, n) // chunk * chunk
         return keep
+
+    # ---- what the batching engine reads (runtime/gguf_batch.py's `BatchModel`) ----------
+
+    @property
+    def llm(self) -> Any:
+        """The llama_cpp.Llama wrapper: weights, tokenizer, chat template."""
+        return self._llm
+
+    @property
+    def chunk(self) -> int:
+        """Prompts are evaluated in chunks of this many tokens aligned to position 0."""
+        return self._chunk
+
+    @property
+    def n_batch(self) -> int:
+        """The bundle's n_batch (not the tokenizing wrapper's, whose context is tiny)."""
+        return self._options.n_batch
+
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends a generation (end of turn, end of text)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        """The bytes `token` stands for (special tokens as empty text, as in generation)."""
+        return self._piece(token)
 
     def _piece(self, token: int) -> bytes:
         """The bytes of one token, as llama-cpp-python's detokenize produces them."""

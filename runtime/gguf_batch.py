@@ -49,16 +49,32 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .backend import GenerationRequest, GenerationResult, JobContext, TextDelta
 from .errors import InferenceError, WorkStopped
+from .llama_params import KV_TYPES, LLAMA_SAMPLING_DEFAULTS, PreparedPrompt
 from .text_stream import TextStream
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .gguf_backend import GgufBackend
+
+class BatchModel(Protocol):
+    """What the engine needs of a loaded GGUF model (runtime/gguf_backend.py's `GgufBackend`
+    is one): its weights, how it reads prompts, and how tokens become text."""
+
+    placement: Any
+
+    @property
+    def llm(self) -> Any: ...
+    @property
+    def chunk(self) -> int: ...
+    @property
+    def n_batch(self) -> int: ...
+    def prepare(self, request: GenerationRequest, ctx: JobContext) -> PreparedPrompt: ...
+    def is_eog(self, token: int) -> bool: ...
+    def piece(self, token: int) -> bytes: ...
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +114,6 @@ def build_sampler(request: GenerationRequest, seed: int, n_vocab: int) -> Any:
     whole vocabulary per token (600 KB here, a fresh mapping each time with the agent's
     mmap threshold), which costs more than the argmax."""
     from llama_cpp import _internals
-
-    from .gguf_backend import LLAMA_SAMPLING_DEFAULTS
 
     penalties = request.presence_penalty or request.frequency_penalty
     if request.temperature == 0 and not penalties:
@@ -165,24 +179,22 @@ class _Sequence:
 class BatchEngine:
     """The batch of one GGUF model; every method runs on the model's thread."""
 
-    def __init__(self, backend: GgufBackend, slots: int, ctx_per_slot: int, flash_attn: bool,
+    def __init__(self, backend: BatchModel, slots: int, ctx_per_slot: int, flash_attn: bool,
                  kv_type: str = "f16") -> None:
         import llama_cpp
 
-        from .gguf_backend import KV_TYPES
-
         self._lib = llama_cpp
         self._backend = backend
-        llm = backend._llm
+        llm = backend.llm
         self.slots = slots
         self.ctx_per_slot = ctx_per_slot
-        self.chunk = backend._chunk
+        self.chunk = backend.chunk
         self._n_vocab = llm.n_vocab()
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = slots * ctx_per_slot
         # Room for a piece of every slot's prompt in one call (see `_read_prompts_together`),
         # within the bundle's n_batch (not the tokenizing wrapper's, whose context is tiny).
-        self._call_rows = max(self.chunk, slots, min(self.chunk * slots, backend._options.n_batch))
+        self._call_rows = max(self.chunk, slots, min(self.chunk * slots, backend.n_batch))
         params.n_batch = params.n_ubatch = self._call_rows
         params.n_seq_max = slots
         params.kv_unified = False  # one KV stream per slot: a sequence's cells are its own
@@ -199,7 +211,6 @@ class BatchEngine:
         self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(slots)]
         self._seqs: list[_Sequence] = []
-        self._eog = llama_cpp.llama_vocab_is_eog
         self._get_logits = llama_cpp.llama_get_logits_ith
         self._sample = llama_cpp.llama_sampler_sample
         self._row_type = ctypes.c_float * self._n_vocab
@@ -635,10 +646,10 @@ class BatchEngine:
         else:
             token = self._sample(seq.sampler.sampler, self._ctx, index)
         seq.pending = None
-        if self._eog(self._backend._vocab, token):
+        if self._backend.is_eog(token):
             return self._finish(seq, "stop")
         seq.generated += 1
-        piece = seq.text.push(self._backend._piece(token))
+        piece = seq.text.push(self._backend.piece(token))
         if piece:
             seq.ctx.emit(TextDelta(piece))
         if seq.text.stopped:

@@ -13,8 +13,13 @@ it serves and the old one stays ready until the new one is confirmed:
 `probe` runs the model's smoke test on it (a real inference), `commit` makes
 it serve and keeps the previous version loaded ("warm"), `confirm` retires the
 warm one, `rollback` switches back to it at once, `discard` drops a staged
-version that never served. Each step is a `RegistryEvent` to whoever
-subscribed (sync/ publishes them; an audit log can record them).
+version that never served. Each step, and every change of a name's status, is a
+`RegistryEvent` to whoever subscribed (sync/ reports update steps, the MQTT state
+message follows status changes).
+
+Every version, however it arrives (start-up, idle reload, operator load, signed
+update), is opened by `runtime.served_model.open_version`, so it gets the same
+scheduler; what a version is and does lives there, which version serves lives here.
 """
 
 from __future__ import annotations
@@ -25,38 +30,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, TypeVar
 
-from .backend import (
-    Backend,
-    EmbeddingResult,
-    EmbedRequest,
-    GenerationRequest,
-    GenerationResult,
-    InferRequest,
-    JobContext,
-    ModelInfo,
-    ModelLimits,
-    load_backend,
-)
-from .batch_scheduler import scheduler_for
+from .backend import ModelInfo, ModelLimits
 from .bundle import ModelBundle
 from .devices import MachineSettings
-from .errors import (
-    ModelLoadError,
-    ModelNotFoundError,
-    ModelNotReadyError,
-    PromptTooLargeError,
-    RuntimeLayerError,
-)
-from .latency import LatencyHistogram
-from .scheduler import Job, ModelScheduler, SchedulerStats
-
-if TYPE_CHECKING:
-    import numpy as np
+from .errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError, RuntimeLayerError
+from .served_model import ModelUsage, ServedModel, open_version
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class ModelState(StrEnum):
@@ -69,6 +50,8 @@ class ModelState(StrEnum):
 
 
 class RegistryEventKind(StrEnum):
+    #: what listings show of a name changed (loading, ready, unloaded, failed, gone)
+    STATUS = "status"
     STAGED = "staged"
     ACTIVE = "active"
     FAILED = "failed"
@@ -78,150 +61,14 @@ class RegistryEventKind(StrEnum):
 @dataclass(frozen=True)
 class RegistryEvent:
     """A version of a model changed role: loaded beside (staged), serving (active), refused
-    (failed) or replaced by the one before it (rolled back)."""
+    (failed) or replaced by the one before it (rolled back); or a name's status changed."""
 
     kind: RegistryEventKind
     name: str
-    version: str
+    version: str | None
     previous: str | None = None
     reason: str | None = None
     at: float = field(default_factory=time.time)
-
-
-@dataclass
-class ModelUsage:
-    """What a model name has done since the agent started, across versions.
-
-    Kept by the runtime, where the work happens, so /metrics, telemetry and the
-    gRPC side all read the same figures and none of them has to count. Written
-    only on the event loop thread.
-    """
-
-    prompt_tokens: int = 0
-    #: of those, tokens reused from the prefix cache rather than evaluated
-    cached_prompt_tokens: int = 0
-    generated_tokens: int = 0
-    #: requests by kind: "generate", "embed", "infer"
-    requests: dict[str, int] = field(default_factory=dict)
-    #: texts embedded (one request may carry many)
-    embedded_inputs: int = 0
-    #: admitted / rejected / completed / failed / cancelled and busy seconds, shared by every
-    #: version's scheduler so they run on across swaps and idle unloads
-    queue: SchedulerStats = field(default_factory=SchedulerStats)
-    #: from admission to the first generated text, generations only
-    time_to_first_token: LatencyHistogram = field(default_factory=LatencyHistogram)
-    #: time.monotonic() of the last admission or completion (idle unload counts from it)
-    last_active: float = field(default_factory=time.monotonic)
-    idle_unloads: int = 0
-    reloads: int = 0
-
-    def count(self, kind: str) -> None:
-        self.requests[kind] = self.requests.get(kind, 0) + 1
-        self.last_active = time.monotonic()
-
-    @property
-    def total_requests(self) -> int:
-        return sum(self.requests.values())
-
-
-@dataclass
-class ServedModel:
-    """One loaded version: its bundle, backend and request queue.
-
-    Its `generate`, `embed` and `infer` methods are the runtime's typed work
-    surface: every interface (OpenAI HTTP, KServe v2 HTTP and gRPC, health
-    probes) calls these, never the backend or the scheduler directly, so the
-    runtime can count, batch and probe without knowing who asked.
-    """
-
-    bundle: ModelBundle
-    backend: Backend
-    scheduler: ModelScheduler
-    loaded_at: float
-    usage: ModelUsage = field(default_factory=ModelUsage)
-
-    def generate(self, request: GenerationRequest) -> Job[GenerationResult]:
-        """Admit a generation; its text arrives through `Job.stream()` (raises 429-style
-        `OverloadedError` at once when the queue is full). Cancel the job when the caller
-        leaves."""
-        self._check_prompt_size(request)
-        backend = self.backend
-        job = self.scheduler.submit(lambda ctx: backend.generate(request, ctx), request)
-        usage = self.usage
-        usage.count("generate")
-
-        def counted(future: asyncio.Future[GenerationResult]) -> None:
-            usage.last_active = time.monotonic()
-            if job.first_emit_at is not None:
-                usage.time_to_first_token.observe(job.first_emit_at - job.enqueued_at)
-            # A cancelled generation still returns what it produced; count that too.
-            if not future.cancelled() and future.exception() is None:
-                result = future.result()
-                usage.prompt_tokens += result.prompt_tokens
-                usage.cached_prompt_tokens += result.cached_tokens
-                usage.generated_tokens += result.completion_tokens
-
-        job.future.add_done_callback(counted)
-        return job
-
-    def _check_prompt_size(self, request: GenerationRequest) -> None:
-        """Refuse what can be refused by counting, before the model tokenizes anything."""
-        limits = self.scheduler.limits
-        if request.messages is not None:
-            if len(request.messages) > limits.max_messages:
-                raise PromptTooLargeError(
-                    f"this chat has {len(request.messages)} messages; the limit is {limits.max_messages}",
-                    param="messages",
-                )
-            chars = sum(len(m.content) for m in request.messages)
-        else:
-            chars = len(request.prompt) if isinstance(request.prompt, str) else 0
-        if chars > limits.max_prompt_chars:
-            raise PromptTooLargeError(
-                f"this prompt has {chars} characters; the limit is {limits.max_prompt_chars}",
-                param="messages" if request.messages is not None else "prompt",
-            )
-
-    async def embed(self, texts: list[str], normalize: bool | None = None) -> EmbeddingResult:
-        """Embed `texts` (one vector each); if the caller is cancelled the work stops."""
-        backend = self.backend
-        result = await self._run("embed", lambda ctx: backend.embed(texts, normalize, ctx),
-                                 EmbedRequest(texts, normalize))
-        self.usage.embedded_inputs += len(texts)
-        self.usage.prompt_tokens += result.prompt_tokens
-        return result
-
-    async def infer(
-        self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        """Run the model on named tensors; `outputs` picks which to return (None: all)."""
-        backend = self.backend
-        return await self._run("infer", lambda ctx: backend.infer(inputs, outputs, ctx),
-                               InferRequest(inputs, tuple(outputs) if outputs else None))
-
-    async def _run(self, kind: str, work: Callable[[JobContext], T], request: object = None) -> T:
-        """Admit `work` (serving the typed `request`, which a batching scheduler may run with
-        others), count it as a `kind` request once admitted, wait for it; a caller that is
-        cancelled stops the work."""
-        job = self.scheduler.submit(work, request)
-        self.usage.count(kind)
-        try:
-            return await job.result()
-        finally:
-            job.cancel()
-            self.usage.last_active = time.monotonic()
-
-    @property
-    def name(self) -> str:
-        return self.bundle.name
-
-    @property
-    def version(self) -> str:
-        return self.bundle.version
-
-    @property
-    def info(self) -> ModelInfo:
-        return self.backend.info
 
 
 @dataclass(frozen=True)
@@ -258,24 +105,55 @@ class ModelRegistry:
         self._retiring: set[asyncio.Task[None]] = set()
         #: the version that served before an unconfirmed commit, still loaded for rollback
         self._warm: dict[str, ServedModel] = {}
-        self._subscribers: list[Callable[[RegistryEvent], None]] = []
-        self._watchers: list[Callable[[str], None]] = []
+        #: versions opened beside the serving one (staged, not yet committed or discarded)
+        self._staged: set[ServedModel] = set()
+        #: opens still running in their thread; shutdown waits for them and closes what they open
+        self._opening: set[asyncio.Task[ServedModel]] = set()
+        self._observers: list[Callable[[RegistryEvent], None]] = []
         #: name -> seconds idle before an unload (absent or 0: stays loaded)
         self.keep_alive_s: dict[str, float] = {}
         self._idle: dict[str, ModelBundle] = {}
         self._reloading: dict[str, asyncio.Task[ServedModel]] = {}
 
-    def watch(self, callback: Callable[[str], None]) -> None:
-        """Call `callback(name)` on the loop whenever a name's status changes (load, swap,
-        unload, failure), so the MQTT state message and listings can follow without polling."""
-        self._watchers.append(callback)
+    def subscribe(self, callback: Callable[[RegistryEvent], None]) -> Callable[[], None]:
+        """Call `callback` on the loop for every registry event: each step of an update
+        (staged, active, failed, rolled back) and every change of a name's status (load,
+        swap, unload, failure), so the MQTT state message and listings follow without
+        polling. Returns an unsubscribe."""
+        self._observers.append(callback)
+        return lambda: self._observers.remove(callback) if callback in self._observers else None
+
+    def _emit(self, event: RegistryEvent) -> None:
+        for callback in list(self._observers):
+            try:
+                callback(event)
+            except Exception:  # an observer's bug must not change what serves
+                log.exception("registry observer failed on %s", event)
 
     def _changed(self, name: str) -> None:
-        for callback in self._watchers:
-            try:
-                callback(name)
-            except Exception:  # a watcher's bug must not break a load or swap
-                log.exception("registry watcher failed")
+        status = self._status.get(name)
+        self._emit(RegistryEvent(RegistryEventKind.STATUS, name, status.version if status else None))
+
+    async def _open(self, bundle: ModelBundle) -> ServedModel:
+        """Open a version through `open_version`, the one path for every load. If the caller
+        is cancelled (shutdown) the load goes on in its thread; `close` waits for it and
+        closes what it opened."""
+        usage = self._usage.setdefault(bundle.name, ModelUsage())
+        task = asyncio.ensure_future(open_version(bundle, self._machine, self._max_pending,
+                                                  self._limits_for(bundle.name), usage))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._unload_orphan)
+            raise
+
+    def _unload_orphan(self, task: asyncio.Task[ServedModel]) -> None:
+        """A version whose opener was cancelled (shutdown, a stopped update) is unloaded as soon
+        as its load ends: nobody else holds it."""
+        if not task.cancelled() and task.exception() is None:
+            self._retire(task.result())
 
     def set_limits(self, max_pending: int, drain_timeout_s: float) -> None:
         """Change admission, drain and per-request limits live (config reload): serving models
@@ -369,22 +247,11 @@ class ModelRegistry:
                 self._set_status(bundle, ModelState.LOADING)
             started = time.monotonic()
             try:
-                backend = await asyncio.to_thread(load_backend, bundle, self._machine)
+                served = await self._open(bundle)
             except RuntimeLayerError as exc:
                 self._load_failed(bundle, previous, str(exc))
                 raise
-            except Exception as exc:  # a backend bug must not take the agent down
-                self._load_failed(bundle, previous, f"{type(exc).__name__}: {exc}")
-                raise ModelLoadError(f"{bundle.name}: {exc}") from exc
-            usage = self._usage.setdefault(bundle.name, ModelUsage())
-            served = ServedModel(
-                bundle=bundle,
-                backend=backend,
-                scheduler=scheduler_for(bundle.name, backend, self._machine.batching, self._max_pending,
-                                        self._limits_for(bundle.name), usage.queue),
-                loaded_at=time.time(),
-                usage=usage,
-            )
+            usage = served.usage
             usage.last_active = time.monotonic()  # a fresh load gets a whole keep-alive
             self._idle.pop(bundle.name, None)
             self._serving[bundle.name] = served  # the atomic switch
@@ -405,39 +272,16 @@ class ModelRegistry:
 
     # ---- signed updates: stage, probe, commit, confirm or roll back -------------------
 
-    def subscribe(self, callback: Callable[[RegistryEvent], None]) -> Callable[[], None]:
-        """Call `callback` (on the event loop) for every registry event; returns an unsubscribe."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
-
-    def _emit(self, event: RegistryEvent) -> None:
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:  # a subscriber's bug must not change what serves
-                log.exception("registry event subscriber failed on %s", event)
-
     async def stage(self, bundle: ModelBundle) -> ServedModel:
         """Load `bundle` beside whatever serves its name; it takes no requests until `commit`."""
         async with self._locks.setdefault(bundle.name, asyncio.Lock()):
             started = time.monotonic()
             try:
-                backend = await asyncio.to_thread(load_backend, bundle, self._machine)
-            except Exception as exc:
-                reason = str(exc) if isinstance(exc, RuntimeLayerError) else f"{type(exc).__name__}: {exc}"
-                self._emit(RegistryEvent(RegistryEventKind.FAILED, bundle.name, bundle.version, reason=reason))
-                if isinstance(exc, RuntimeLayerError):
-                    raise
-                raise ModelLoadError(f"{bundle.name}: {exc}") from exc
-            usage = self._usage.setdefault(bundle.name, ModelUsage())
-            staged = ServedModel(
-                bundle=bundle,
-                backend=backend,
-                scheduler=ModelScheduler(bundle.name, self._max_pending, limits=self._limits_for(bundle.name),
-                                         stats=usage.queue),
-                loaded_at=time.time(),
-                usage=usage,
-            )
+                staged = await self._open(bundle)
+            except RuntimeLayerError as exc:
+                self._emit(RegistryEvent(RegistryEventKind.FAILED, bundle.name, bundle.version, reason=str(exc)))
+                raise
+            self._staged.add(staged)
             log.info("model %s version %s staged in %.2fs", bundle.name, bundle.version, time.monotonic() - started)
             serving = self._serving.get(bundle.name)
             self._emit(RegistryEvent(RegistryEventKind.STAGED, bundle.name, bundle.version,
@@ -445,16 +289,15 @@ class ModelRegistry:
             return staged
 
     async def probe(self, served: ServedModel) -> str:
-        """The model's smoke test (runtime/probe.py) on a staged or serving version."""
-        from .probe import probe  # probe needs ServedModel from this module
-
-        return await probe(served)
+        """The model's smoke test on a staged or serving version."""
+        return await served.probe()
 
     async def commit(self, staged: ServedModel) -> ServedModel | None:
         """Make a staged version serve (one dict assignment: in-flight requests finish on the
         old one, new ones go to the new). The old one stays loaded until `confirm`."""
         async with self._locks.setdefault(staged.name, asyncio.Lock()):
             previous = self._serving.get(staged.name)
+            self._staged.discard(staged)
             staged.usage.last_active = time.monotonic()  # a fresh version gets a whole keep-alive
             self._idle.pop(staged.name, None)
             self._serving[staged.name] = staged  # the atomic switch
@@ -491,6 +334,7 @@ class ModelRegistry:
             target = await self.stage(bundle)
         async with self._locks.setdefault(name, asyncio.Lock()):
             current = self._serving.get(name)
+            self._staged.discard(target)
             target.usage.last_active = time.monotonic()
             self._idle.pop(name, None)
             self._serving[name] = target
@@ -506,6 +350,7 @@ class ModelRegistry:
         """Unload a staged version that will not serve (its probe failed)."""
         if self._serving.get(staged.name) is staged:
             raise ModelLoadError(f"{staged.name} {staged.version} serves; roll back instead of discarding")
+        self._staged.discard(staged)
         self._emit(RegistryEvent(RegistryEventKind.FAILED, staged.name, staged.version, reason=reason))
         await self._shutdown(staged)
 
@@ -536,9 +381,16 @@ class ModelRegistry:
         await asyncio.gather(*(s.scheduler.shutdown(deadline, grace_s) for s in self._serving.values()))
 
     async def close(self) -> None:
-        """Unload everything (agent shutdown)."""
+        """Unload everything (agent shutdown): what serves, what is kept warm, what is staged
+        and what is still being opened, so no native model outlives the event loop."""
         for name in list(self._serving):
             await self.unload(name)
+        for name in list(self._warm):
+            self._retire_warm(name)
+        if self._opening:  # loads under way in their threads; what they open is unloaded as orphans
+            await asyncio.gather(*self._opening, return_exceptions=True)
+        while self._staged:
+            await self._shutdown(self._staged.pop())
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
 
@@ -556,9 +408,7 @@ class ModelRegistry:
         task.add_done_callback(self._retiring.discard)
 
     async def _shutdown(self, served: ServedModel) -> None:
-        await served.scheduler.close(self._drain_timeout_s)
-        await asyncio.to_thread(served.backend.close)
-        log.info("model %s version %s unloaded", served.name, served.version)
+        await served.close(self._drain_timeout_s)
 
     def _load_failed(self, bundle: ModelBundle, previous: ServedModel | None, error: str) -> None:
         log.error("model %s version %s failed to load: %s", bundle.name, bundle.version, error)

@@ -23,7 +23,6 @@ Hashing and copying are blocking: async callers run them off the event loop.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ from typing import Any
 
 from .bundle import MODEL_TOML, NAME_RE, ModelBundle, read_bundle
 from .errors import StoreError
+from .files import fsync_dir, sha256_file, write_file_atomic
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: A bundle's file name: one path component, no leading dot (so never `.`, `..` or a temp name).
@@ -65,40 +65,6 @@ def check_sha256(digest: str) -> str:
     if not SHA256_RE.match(digest):
         raise StoreError(f"invalid sha256 {digest!r}")
     return digest
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, mode)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    fsync_dir(path.parent)
 
 
 @dataclass

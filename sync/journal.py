@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.store import write_file_atomic
+from runtime.files import write_file_atomic
 
 log = logging.getLogger(__name__)
 

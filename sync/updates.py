@@ -44,7 +44,7 @@ from typing import Any
 import aiohttp
 
 from runtime.errors import RuntimeLayerError
-from runtime.registry import ModelRegistry, RegistryEvent
+from runtime.registry import ModelRegistry, RegistryEvent, RegistryEventKind
 from runtime.store import ModelStore
 from security.desired import DesiredModel, Doorbell, parse_doorbell
 from security.errors import (
@@ -242,7 +242,7 @@ class UpdateService:
             self.reporter.report(last)
 
     def _on_registry_event(self, event: RegistryEvent) -> None:
-        if self._in_job:
+        if self._in_job or event.kind is RegistryEventKind.STATUS:
             return  # the job reports its own transitions
         log.info("registry: %s %s %s", event.name, event.kind.value, event.version)
 

@@ -17,9 +17,9 @@ from aiohttp import web
 from mqtt_broker import MosquittoBroker
 
 from agent.app import create_app, wait_until_loaded
+from agent.cli.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles
 from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig
-from agent.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles
-from agent.http_server import start_server
+from agent.http.server import start_server
 from runtime.devices import choose_llama_placement, describe_cpu
 
 CHAT = CHAT_MODEL

@@ -81,7 +81,7 @@ def test_serve_demo_answers_curl_and_stops_cleanly_on_sigterm(tmp_path, state_di
 
 
 def test_demo_turns_grpc_on_at_8081_unless_told_otherwise(state_dir):
-    from agent.cli import _load, _parser
+    from agent.cli.main import _load, _parser
 
     def grpc_port(*argv: str) -> int | None:
         return _load(_parser().parse_args(["serve", "--state-dir", str(state_dir), *argv])).server.grpc_port

@@ -19,7 +19,8 @@ from conftest import CHAT, EMBED
 from runtime.batching import BatchingSettings
 from runtime.bundle import read_bundle
 from runtime.devices import choose_llama_placement, describe_cpu
-from runtime.gguf_backend import extra_buffer_types, kv_cache_args
+from runtime.gguf_backend import extra_buffer_types
+from runtime.llama_params import kv_cache_args
 
 pytestmark = [pytest.mark.cpu_path, pytest.mark.slow]
 

@@ -238,7 +238,7 @@ async def test_the_agent_says_online_with_its_models_and_offline_at_shutdown(mqt
 async def test_a_model_change_during_a_state_publish_is_published_after_it(mqtt_broker):
     """A status change that lands while the retained state is being published (its payload
     already built) must not be lost: the fleet would see "loading" for a model that is ready."""
-    from agent.fleet_link import _StateRepublisher
+    from agent.fleet.link import _StateRepublisher
 
     model = {"state": "loading"}
     republisher: _StateRepublisher | None = None
@@ -249,7 +249,7 @@ async def test_a_model_change_during_a_state_publish_is_published_after_it(mqtt_
         if publishing and model["state"] == "loading":  # the model turns ready mid-publish
             model["state"] = "ready"
             assert republisher is not None
-            republisher.soon("chat")
+            republisher.soon()
         return snapshot
 
     link = MqttLink(settings_for(mqtt_broker), state_fields=fields)
@@ -259,7 +259,7 @@ async def test_a_model_change_during_a_state_publish_is_published_after_it(mqtt_
         with Watcher(mqtt_broker, link.topics.state) as watcher:
             republisher = _StateRepublisher(link)
             publishing = True
-            republisher.soon("chat")
+            republisher.soon()
             await _until(lambda: any(json.loads(m.payload)["models"]["chat"]["state"] == "ready"
                                      for m in watcher.on(link.topics.state)))
             states = [json.loads(m.payload)["models"]["chat"]["state"] for m in watcher.on(link.topics.state)]

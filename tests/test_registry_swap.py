@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from pathlib import Path
 
-from conftest import EMBED
+import pytest
+from conftest import CHAT, EMBED
 
 from agent.context import MODELS
+from runtime.backend import GenerationRequest
 from runtime.bundle import read_bundle
+from runtime.devices import MachineSettings, describe_cpu
+from runtime.errors import ShuttingDownError
+from runtime.registry import ModelRegistry
 
 
-def second_version(state_dir: Path, tmp_path: Path, version: str) -> Path:
-    source = (state_dir / "models" / EMBED / "current").resolve()
-    target = tmp_path / version
+def second_version(state_dir: Path, tmp_path: Path, version: str, name: str = EMBED) -> Path:
+    source = (state_dir / "models" / name / "current").resolve()
+    target = tmp_path / f"{name}-{version}"
     shutil.copytree(source, target)
     toml = target / "model.toml"
     toml.write_text(toml.read_text().replace(f'version = "{read_bundle(source).version}"', f'version = "{version}"'))
@@ -94,3 +100,24 @@ async def test_a_missing_bundle_is_reported_not_ready_while_others_serve(make_ag
         status, body, headers = await agent.post("/v1/completions", json={"model": "ghost", "prompt": "x"})
         assert status == 503 and body["error"]["code"] == "model_not_ready" and headers["Retry-After"]
         assert (await agent.post("/v1/embeddings", json={"model": EMBED, "input": "x"}))[0] == 200
+
+
+async def test_shutdown_unloads_a_staged_version_and_one_still_opening(state_dir, tmp_path, caplog):
+    """SIGTERM during an update: the version staged beside the serving one, and one whose load
+    was interrupted, are unloaded like the serving one before the process exits (a llama.cpp
+    model left to the interpreter's exit crashed the agent with SIGSEGV)."""
+    registry = ModelRegistry(MachineSettings(cpu=describe_cpu()))
+    chat = (state_dir / "models" / CHAT / "current").resolve()
+    await registry.load(read_bundle(chat, name=CHAT))
+    staged = await registry.stage(read_bundle(second_version(state_dir, tmp_path, "2", CHAT), name=CHAT))
+    opening = asyncio.create_task(registry.stage(read_bundle(second_version(state_dir, tmp_path, "3", CHAT),
+                                                             name=CHAT)))
+    await asyncio.sleep(0.05)  # its load is under way in a thread
+    opening.cancel()
+    caplog.set_level(logging.INFO, logger="runtime")
+    await registry.close()
+    unloaded = {r.getMessage() for r in caplog.records if r.getMessage().endswith(" unloaded")}
+    old = read_bundle(chat).version
+    assert unloaded == {f"model {CHAT} version {v} unloaded" for v in (old, "2", "3")}
+    with pytest.raises(ShuttingDownError):
+        staged.generate(GenerationRequest(prompt="still there?", max_tokens=1))

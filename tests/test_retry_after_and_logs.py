@@ -11,7 +11,7 @@ from agent_process import serve
 from conftest import CHAT, EMBED
 from rawhttp import exchange
 
-from agent.logs import RateLimitFilter
+from agent.lifecycle.logs import RateLimitFilter
 
 JOB = {"model": CHAT, "prompt": "Count slowly:", "max_tokens": 40, "temperature": 0, "logit_bias": {"2": -100}}
 

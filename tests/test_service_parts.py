@@ -15,9 +15,9 @@ from pathlib import Path
 
 from conftest import CHAT, EMBED
 
-from agent.doctor import Level, check_energy
-from agent.logs import LogfmtFormatter, stream_is_journal
-from agent.sdnotify import Notifier, watchdog_interval_s
+from agent.cli.doctor import Level, check_energy
+from agent.lifecycle.logs import LogfmtFormatter, stream_is_journal
+from agent.lifecycle.sdnotify import Notifier, watchdog_interval_s
 from runtime.devices import CpuDescription, missing_cpu_features
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import EMBED
 
-from agent.demo import DEMO_MODELS, DEMO_REASON, build_bundle, build_demo_bundles
+from agent.cli.demo import DEMO_MODELS, DEMO_REASON, build_bundle, build_demo_bundles
 from runtime.errors import StoreError
 from runtime.store import ModelStore
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import CHAT, EMBED, RunningAgent, free_port, start_agent
+from conftest import CHAT, EMBED, Executions, RunningAgent, free_port, start_agent
 from mqtt_broker import MosquittoBroker, Watcher
 from update_env import (
     CMD_TOPIC,
@@ -30,9 +30,9 @@ from update_env import (
     publish_release,
 )
 
+from agent.cli.demo import build_demo_bundles
 from agent.context import MODELS
-from agent.demo import build_demo_bundles
-from agent.updates import UPDATES
+from agent.fleet.updates import UPDATES
 from runtime.store import ModelStore
 from sync.hub.mqtt_tools import Broker, ring_doorbell
 from sync.hub.repository import HubRepository
@@ -304,6 +304,35 @@ async def test_models_fetch_downloads_and_verifies_with_a_progress_bar_without_a
     assert outcome["models"][EMBED] == "active"
     assert onnx not in agent.app[UPDATES].download_stats  # nothing downloaded again
     assert await served_version(agent, EMBED) == "5"
+
+
+async def test_a_chat_model_installed_by_an_update_decodes_eight_chats_together(
+    agent: RunningAgent, hub: HubRepository, broker: MosquittoBroker, watcher: Watcher, e2e_dir: Path
+) -> None:
+    """A version that arrives through the signed path is opened as one loaded at start is:
+    with continuous batching (it once got a one-at-a-time queue until the next restart)."""
+    log = UpdateLog(watcher)
+    seq = log.last_seq()
+    release = make_release(e2e_dir / "state/models" / CHAT / "current", e2e_dir / "chat-2", "chat-2")
+    result = publish_release(hub, CHAT, release)
+    ring_doorbell(Broker(broker.host, broker.port), GROUP_DOORBELL, result.doorbell)
+    message = await log.until(seq, {"active", "failed", "rolled-back"}, CHAT, timeout_s=120)
+    assert message["state"] == "active", message
+    assert await served_version(agent, CHAT) == "chat-2"
+    # sampled without a seed: such rows share decode calls whatever the CPU's kernels
+    body = {"model": CHAT, "max_tokens": 24, "temperature": 0.8,
+            "logit_bias": {"0": -100, "2": -100, "4": -100}}  # no end of text: every chat runs 24 tokens
+
+    async def chat(i: int) -> None:
+        status, reply, _ = await agent.post("/v1/chat/completions", json={
+            **body, "messages": [{"role": "user", "content": f"Tell me about device {i}."}]})
+        assert status == 200, reply
+
+    async with Executions(agent, CHAT) as decodes:
+        await asyncio.gather(*(chat(i) for i in range(8)))
+    assert decodes.executed / decodes.executions > 3, (
+        f"{decodes.executed:.0f} requests served in {decodes.executions:.0f} scheduler runs: "
+        "the updated version does not batch")
 
 
 def test_hub_keys_are_owner_only(hub: HubRepository) -> None:

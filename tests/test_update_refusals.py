@@ -39,7 +39,7 @@ from update_env import (
     target_file,
 )
 
-from agent.updates import UPDATES
+from agent.fleet.updates import UPDATES
 from runtime.store import ModelStore
 from security.desired import DesiredModel, DesiredState, desired_path, doorbell_payload, model_file_path
 from sync.hub.publish import current_desired

@@ -24,8 +24,8 @@ from aiohttp import web
 from conftest import free_port
 from mqtt_broker import MosquittoBroker, Watcher
 
+from agent.cli.demo import DEMO_MODELS, EMBEDDING_MODEL, build_bundle
 from agent.config import AgentConfig, ModelEntry, ServerConfig
-from agent.demo import DEMO_MODELS, EMBEDDING_MODEL, build_bundle
 from runtime.bundle import read_bundle
 from runtime.store import ModelStore
 from sync.hub.publish import BundleSource, PublishResult, publish

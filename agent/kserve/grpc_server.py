@@ -7,7 +7,7 @@ the same registry through the same runtime call (`ServedModel.infer`). What is
 shared with HTTP is shared, not copied: tensors are decoded by
 agent/kserve/tensors.py, which model a name means and whether it (or the
 server) is ready is decided by agent/kserve/models.py, errors become gRPC status codes through
-`agent.errors.to_api_error` and `grpc_status`, the API key is checked by
+`agent.http.errors.to_api_error` and `grpc_status`, the API key is checked by
 `security.api_keys` against the live config (a SIGHUP changes it for both),
 and every call counts as in flight for the shutdown drain.
 
@@ -31,13 +31,12 @@ import numpy as np
 from aiohttp import web
 
 from agent import __version__
-from runtime.registry import ServedModel
+from agent.context import CONFIG, LIVE, METRICS
+from agent.http.errors import ApiError, bad_request, grpc_status, to_api_error
+from agent.kserve.models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
+from agent.kserve.tensors import TensorError, bounded_count, check_header, from_raw, from_values, to_raw, v2_datatype
+from runtime.served_model import ServedModel
 from security.api_keys import api_key_matches
-
-from ..context import CONFIG, LIVE, METRICS
-from ..errors import ApiError, bad_request, grpc_status, to_api_error
-from .models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
-from .tensors import TensorError, bounded_count, check_header, from_raw, from_values, to_raw, v2_datatype
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,8 @@ Reply = TypeVar("Reply")
 def _proto() -> tuple[Any, Any]:
     """The generated modules, imported on first use: a process that never serves gRPC
     (or a test process holding tritonclient's own copy of these messages) never loads them."""
-    from .proto import open_inference_grpc_pb2 as pb
-    from .proto import open_inference_grpc_pb2_grpc as pb_grpc
+    from agent.kserve.proto import open_inference_grpc_pb2 as pb
+    from agent.kserve.proto import open_inference_grpc_pb2_grpc as pb_grpc
 
     return pb, pb_grpc
 
@@ -95,7 +94,7 @@ class InferenceService:
                                        "retry shortly", headers={"Retry-After": "5"})
                 with live.admitted():
                     return await work()
-            except Exception as exc:  # mapped in one place (agent/errors.py), as for HTTP
+            except Exception as exc:  # mapped in one place (agent/http/errors.py), as for HTTP
                 err = to_api_error(exc)
                 if err.status >= 500 and not isinstance(exc, ApiError) and err.status != 503:
                     log.error("gRPC %s: %s", method, err.message, exc_info=err.status == 500)

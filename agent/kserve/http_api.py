@@ -8,7 +8,7 @@ come back as binary when the request asks for it (`binary_data` on an output,
 `binary_data_output` on the request), which is what NVIDIA's `tritonclient`
 does by default. The raw bytes <-> array codec is shared with gRPC
 (`agent.kserve.tensors`); this module only frames HTTP bodies. Every malformed
-body is a 400 in v2 error JSON: `TensorError` is mapped in `agent.errors`.
+body is a 400 in v2 error JSON: `TensorError` is mapped in `agent.http.errors`.
 
 Tensors are checked against the model's declared inputs by the backend. Health
 endpoints answer with the status code alone and an empty body, as the protocol says.
@@ -26,12 +26,11 @@ import orjson
 from aiohttp import web
 
 from agent import __version__
-
-from ..context import CONFIG
-from ..errors import ApiError, bad_request
-from ..jsonio import OPTIONS, json_response, loads
-from .models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
-from .tensors import (
+from agent.context import CONFIG
+from agent.http.errors import ApiError, bad_request
+from agent.http.jsonio import OPTIONS, json_response, loads
+from agent.kserve.models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
+from agent.kserve.tensors import (
     TensorError,
     bounded_count,
     check_header,
@@ -45,7 +44,7 @@ from .tensors import (
 
 #: The request / response header giving the JSON header's length when binary data follows it.
 HEADER_LENGTH = "Inference-Header-Content-Length"
-#: What `GET /v2` reports; `model_repository` lives in agent/ops_api.py.
+#: What `GET /v2` reports; `model_repository` lives in agent/http/ops_api.py.
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")

@@ -5,7 +5,7 @@ version mean, and how its tensors are described: the REST endpoints
 (agent/kserve/http_api.py) and the gRPC service (agent/kserve/grpc_server.py) both
 answer from here, so a model is the same model, ready or not, on either port.
 Refusals are `ApiError`s, which each transport renders in its own convention
-(agent/errors.py). Rendering (JSON, protobuf messages) stays with the transports.
+(agent/http/errors.py). Rendering (JSON, protobuf messages) stays with the transports.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from agent.context import LIVE, MODELS
+from agent.http.errors import ApiError, bad_request
+from agent.kserve.tensors import NUMPY_TO_V2
 from runtime.backend import Capability, TensorSpec
-from runtime.registry import ModelState, ServedModel
-
-from ..context import LIVE, MODELS
-from ..errors import ApiError, bad_request
-from .tensors import NUMPY_TO_V2
+from runtime.registry import ModelState
+from runtime.served_model import ServedModel
 
 #: The server's name in server metadata (REST `GET /v2`, gRPC ServerMetadata).
 SERVER_NAME = "edgefleet"

@@ -36,7 +36,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 from tuf.repository import Repository
 
-from runtime.store import write_file_atomic as write_atomic
+from runtime.files import write_file_atomic as write_atomic
 from security.errors import SecurityError, SignatureRefused
 from security.keys import KeyStore
 from security.trust import TOP_LEVEL_ROLES, new_root, rotated, sign_root

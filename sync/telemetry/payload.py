@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from runtime.energy import AttributionSnapshot, EnergySnapshot
-from runtime.registry import ModelRegistry, ModelUsage
+from runtime.registry import ModelRegistry
+from runtime.served_model import ModelUsage
 from runtime.system import SystemSample
 
 from ..mqtt import LinkStatus

@@ -18,11 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
+from agent import __version__
+from agent.context import CONFIG, MODELS, MQTT
+from runtime.registry import RegistryEvent, RegistryEventKind
 from sync.errors import SyncError
 from sync.mqtt import MqttLink
-
-from . import __version__
-from .context import CONFIG, MODELS, MQTT
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     app[MQTT] = link
     republish = _StateRepublisher(link)
     if MODELS in app:
-        app[MODELS].watch(republish.soon)
+        app[MODELS].subscribe(republish.on_event)
     try:
         yield
     finally:
@@ -87,7 +87,11 @@ class _StateRepublisher:
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
 
-    def soon(self, name: str) -> None:
+    def on_event(self, event: RegistryEvent) -> None:
+        if event.kind is RegistryEventKind.STATUS:
+            self.soon()
+
+    def soon(self) -> None:
         self._dirty = True
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._publish(), name="mqtt-state-republish")

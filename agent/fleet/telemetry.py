@@ -20,14 +20,13 @@ from typing import Any
 
 from aiohttp import web
 
+from agent import __version__
+from agent.context import CONFIG, LIVE, METRICS, MODELS, MQTT
+from agent.fleet.link import boot_id
 from runtime.energy.meter import default_meter
 from runtime.sampler import Sampler
 from runtime.system import SystemMonitor
 from sync.telemetry import Outbox, OutboxStats, RecordHeader, TelemetryPublisher, build_record
-
-from . import __version__
-from .context import CONFIG, LIVE, METRICS, MODELS, MQTT
-from .fleet_link import boot_id
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from agent.http.errors import bad_request
 from runtime.backend import ChatMessage, GenerationRequest
-
-from .errors import bad_request
 
 MAX_STOP_SEQUENCES = 4
 ROLES = ("system", "user", "assistant", "developer", "tool")

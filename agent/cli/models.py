@@ -20,16 +20,15 @@ from pathlib import Path
 import aiohttp
 from tqdm import tqdm
 
+from agent.cli.hub import HubCliError
+from agent.config import AgentConfig
+from agent.fleet.updates import offline_rollback
 from runtime.errors import RuntimeLayerError
 from runtime.store import ModelStore
 from security.errors import SecurityError
 from sync.downloader import Downloader, Fetch
 from sync.errors import SyncError
 from sync.tuf_client import HubClient
-
-from .config import AgentConfig
-from .hub_cli import HubCliError
-from .updates import offline_rollback
 
 
 def rollback_command(config: AgentConfig, name: str) -> int:

@@ -8,7 +8,7 @@ device for this alone. Outside systemd (no ``$NOTIFY_SOCKET``) every call is a
 no-op, so the same code runs under a shell, a container or a test.
 
 What to send and when (READY once the models answer, the watchdog from the
-event loop) is agent/service.py's business; this module only speaks the protocol.
+event loop) is agent/lifecycle/service.py's business; this module only speaks the protocol.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ from pathlib import Path
 
 from aiohttp import web
 
+from agent.config import AgentConfig, ModelEntry
+from agent.context import CONFIG, LOADER, MODELS, MQTT
+from agent.http.errors import ApiError
+from agent.http.jsonio import json_response
 from runtime.errors import RuntimeLayerError
 from runtime.store import ModelStore
 from security.errors import SecurityError
@@ -32,11 +36,6 @@ from sync.errors import SyncError
 from sync.mqtt import Topics
 from sync.tuf_client import HubClient
 from sync.updates import UpdateService, recover_after_crash
-
-from .config import AgentConfig, ModelEntry
-from .context import CONFIG, MODELS, MQTT
-from .errors import ApiError
-from .jsonio import json_response
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,6 @@ async def updates_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     app[UPDATES] = service
-    from .app import LOADER
 
     async def start_when_loaded() -> None:
         await asyncio.shield(app[LOADER])

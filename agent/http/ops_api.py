@@ -7,13 +7,12 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent.context import LIVE, METRICS, MODELS
+from agent.http.errors import ApiError
+from agent.http.jsonio import json_response
 from runtime.bundle import read_bundle
 from runtime.registry import ModelStatus
 from security.api_keys import api_key_matches
-
-from .context import LIVE, METRICS, MODELS
-from .errors import ApiError
-from .jsonio import json_response
 
 
 def setup(app: web.Application) -> None:

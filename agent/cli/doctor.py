@@ -19,10 +19,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
+from agent.config import AgentConfig
 from runtime.bundle import read_bundle
 from runtime.errors import RuntimeLayerError
-
-from .config import AgentConfig
 
 POWERCAP = Path("/sys/class/powercap")
 #: Below this much free space in the state dir a model update cannot be staged.
@@ -145,7 +144,7 @@ def check_models(config: AgentConfig) -> list[Finding]:
 
 
 def check_keys(config: AgentConfig) -> list[Finding]:
-    from .service import is_loopback
+    from agent.lifecycle.service import is_loopback
 
     if config.server.api_key:
         return [Finding(Level.OK, "api key", "set")]

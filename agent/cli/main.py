@@ -16,15 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent import __version__
+from agent.cli.demo import DEMO_MODELS, build_demo_bundles
+from agent.cli.hub import HubCliError, add_hub_commands, run_hub
+from agent.cli.models import fetch_command, rollback_command
+from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
+from agent.lifecycle.logs import setup_logging
 from runtime.bundle import read_bundle
 from runtime.errors import RuntimeLayerError
-
-from . import __version__
-from .config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
-from .demo import DEMO_MODELS, build_demo_bundles
-from .hub_cli import HubCliError, add_hub_commands, run_hub
-from .logs import setup_logging
-from .update_cli import fetch_command, rollback_command
 
 log = logging.getLogger("edgefleet")
 
@@ -77,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--config", type=Path, help="TOML config (for state_dir)")
     build.add_argument("--state-dir", help="where to put them (overrides the config)")
 
-    add_hub_commands(commands)  # `edgefleet hub …` (agent/hub_cli.py)
+    add_hub_commands(commands)  # `edgefleet hub …` (agent/cli/hub.py)
 
     doctor = commands.add_parser("doctor", help="check this machine and the config; say what to fix")
     doctor.add_argument("--config", type=Path, help="TOML config (default as for serve)")
@@ -170,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "hub":
             return run_hub(args)
         if args.command == "doctor":
-            from .doctor import run_doctor
+            from agent.cli.doctor import run_doctor
 
             return run_doctor(lambda: _load(args))
         config = _load(args)
@@ -181,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fetch_command(config)
         if args.command == "models":
             return _list_models(config, args.json)
-        from .service import ConfigRefused, ServeError, serve
+        from agent.lifecycle.service import ConfigRefused, ServeError, serve
 
         def reload_config() -> AgentConfig:
             try:

@@ -17,10 +17,9 @@ import grpc
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestPayloadError
 
+from agent.http.jsonio import json_response
+from agent.kserve.tensors import TensorError
 from runtime import errors as rt
-
-from .jsonio import json_response
-from .kserve.tensors import TensorError
 
 
 @dataclass

@@ -13,7 +13,7 @@ quotes the request's bytes, with a traceback in the log. Here:
   finished arriving in time (slowloris), with a 408;
 - ``max_connections`` answers connections past the cap with a 503 and closes them
   at once, so descriptors stay bounded and the agent keeps serving the others;
-- parser errors become the API's error JSON via `agent.errors.protocol_error`,
+- parser errors become the API's error JSON via `agent.http.errors.protocol_error`,
   logged as one rate-limited line without a traceback.
 
 Body read timeouts are the handlers' job (`agent.context.read_json`), since only they
@@ -31,9 +31,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from .config import ServerConfig
-from .errors import ApiError, error_response, protocol_error
-from .process import raise_open_file_limit, return_large_blocks_to_the_system
+from agent.config import ServerConfig
+from agent.http.errors import ApiError, error_response, protocol_error
+from agent.lifecycle.process import raise_open_file_limit, return_large_blocks_to_the_system
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from agent.context import LIVE, MODELS, read_json
+from agent.http.errors import ApiError, bad_request
+from agent.http.jsonio import dumps, json_response
+from agent.http.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
 from runtime.backend import Capability, GenerationResult, TextDelta
 from runtime.errors import ShuttingDownError
-from runtime.registry import ModelState, ModelStatus, ServedModel
+from runtime.registry import ModelState, ModelStatus
 from runtime.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
-
-from .context import LIVE, MODELS, read_json
-from .errors import ApiError, bad_request
-from .jsonio import dumps, json_response
-from .openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
+from runtime.served_model import ServedModel
 
 log = logging.getLogger(__name__)
 

@@ -35,16 +35,14 @@ from typing import Any
 
 from aiohttp import web
 
-from runtime.probe import probe  # the model's own smoke test, as signed updates run it
+from agent import __version__
+from agent.app import create_app, drain, reconcile_models, wait_until_loaded
+from agent.config import AgentConfig
+from agent.context import LIVE, MODELS
+from agent.http.server import start_server
+from agent.lifecycle.logs import setup_logging
+from agent.lifecycle.sdnotify import Notifier, watchdog_interval_s
 from runtime.registry import ModelRegistry, ModelState
-
-from . import __version__
-from .app import create_app, drain, reconcile_models, wait_until_loaded
-from .config import AgentConfig
-from .context import LIVE, MODELS
-from .http_server import start_server
-from .logs import setup_logging
-from .sdnotify import Notifier, watchdog_interval_s
 
 log = logging.getLogger("edgefleet")
 
@@ -165,7 +163,7 @@ class Service:
             self._status(f"checking {served.name} with a real request")
             started = time.monotonic()
             try:
-                await probe(served)
+                await served.probe()  # the model's own smoke test, as signed updates run it
             except Exception as exc:  # noqa: BLE001 - reported; the agent still serves the others
                 log.error("model %s loaded but did not answer: %s", served.name, exc, extra={"model": served.name})
             else:
