@@ -35,7 +35,7 @@ from agent.fleet.link import mqtt_ctx
 from agent.fleet.telemetry import telemetry_ctx
 from agent.fleet.updates import recovery_ctx, updates_ctx, with_managed_models
 from agent.http import openai_api, ops_api
-from agent.http.errors import ApiError, error_response, to_api_error
+from agent.http.errors import ApiError, error_response, one_credential, to_api_error
 from agent.http.server import shutdown_grace_s
 from agent.kserve import http_api as kserve_api
 from agent.kserve.grpc_server import grpc_ctx
@@ -99,7 +99,7 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     api_key = request.app[LIVE].config.server.api_key
     if (api_key and request.path not in PUBLIC_PATHS
-            and not api_key_matches(api_key, request.headers.get("Authorization"))):
+            and not api_key_matches(api_key, one_credential(request.headers.getall("Authorization", [])))):
         raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return await handler(request)

@@ -4,9 +4,13 @@ Loaded once at start-up and validated completely before anything starts, so a
 mistake is one clear line (``/etc/edgefleet/agent.toml: server.port: expected
 an integer, got "80a"``) rather than a failure later. Every key can be
 overridden by ``EDGEFLEET_<SECTION>__<KEY>`` (double underscore between
-levels), whose value is read as a TOML value when it parses as one and as a
-string otherwise. New subsystems (MQTT, hub, telemetry) add one dataclass and
-one field here; nothing else in the loader changes.
+levels) or, for a top-level key, ``EDGEFLEET_<KEY>``, whose value is read as a
+TOML value when it parses as one and as a string otherwise. Only names of that
+shape are read: other ``EDGEFLEET_*`` variables belong to other tools (the hub's
+``EDGEFLEET_HUB``, the package build's ``EDGEFLEET_WHEEL_CACHE``), while a
+mistyped section (``EDGEFLEET_SERVR__PORT``) is still an error. New subsystems
+(MQTT, hub, telemetry) add one dataclass and one field here; nothing else in
+the loader changes.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ class ServerConfig:
     header_timeout_s: float = 10.0
     #: A request's body must arrive within this long of its headers (408 past it).
     body_timeout_s: float = 60.0
+    #: A streamed response whose client reads nothing for this long (its buffers full) is
+    #: ended and its model slot freed, as when the client leaves.
+    write_timeout_s: float = 30.0
     #: Open connections at most; more are answered 503 and closed at once.
     max_connections: int = 256
     #: Longest request line and longest header line, in bytes (431 past it).
@@ -75,7 +82,8 @@ class ServerConfig:
             raise ValueError(f"grpc_port must differ from port ({self.port})")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
-        for name in ("drain_timeout_s", "keepalive_timeout_s", "header_timeout_s", "body_timeout_s"):
+        for name in ("drain_timeout_s", "keepalive_timeout_s", "header_timeout_s", "body_timeout_s",
+                     "write_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0")
         if self.max_connections < 1:
@@ -241,10 +249,21 @@ class AgentConfig:
         return dataclasses.replace(self, **changes)
 
 
+def is_config_override(key: str) -> bool:
+    """Whether environment variable `key` sets a config key: ``EDGEFLEET_<SECTION>__<KEY>``, or
+    ``EDGEFLEET_<KEY>`` for a top-level key. ``EDGEFLEET_CONFIG`` names the file, and the other
+    tools' variables (``EDGEFLEET_HUB``, ``EDGEFLEET_HUB_MQTT``, ``EDGEFLEET_WHEEL_CACHE``) have
+    neither shape, so they never reach the loader."""
+    if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        return False
+    name = key[len(ENV_PREFIX):]
+    return "__" in name or name.lower() in {f.name for f in dataclasses.fields(AgentConfig)}
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, raw in environ.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not is_config_override(key):
             continue
         path = key[len(ENV_PREFIX):].lower().split("__")
         try:

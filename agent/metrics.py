@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from runtime.registry import ModelRegistry, ModelState
 from runtime.sampler import Sampler
 from sync.mqtt import LinkStatus
-from sync.telemetry import OutboxStats
+from sync.telemetry import TelemetryPublisher
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -42,10 +42,10 @@ class Metrics:
     def watch(self, models: ModelRegistry) -> None:
         self.registry.register(_RegistryCollector(models))
 
-    def watch_telemetry(self, sampler: Sampler, outbox: Callable[[], OutboxStats | None],
+    def watch_telemetry(self, sampler: Sampler, publisher: Callable[[], TelemetryPublisher | None],
                         link: Callable[[], LinkStatus | None]) -> None:
         """System, energy, attribution, outbox and MQTT figures: what telemetry sends, at scrape time."""
-        self.registry.register(_TelemetryCollector(sampler, outbox, link))
+        self.registry.register(_TelemetryCollector(sampler, publisher, link))
 
 
 class _RegistryCollector(Collector):
@@ -132,29 +132,44 @@ class _RegistryCollector(Collector):
 
 
 class _TelemetryCollector(Collector):
-    def __init__(self, sampler: Sampler, outbox: Callable[[], OutboxStats | None],
+    def __init__(self, sampler: Sampler, publisher: Callable[[], TelemetryPublisher | None],
                  link: Callable[[], LinkStatus | None]) -> None:
         self._sampler = sampler
-        self._outbox = outbox
+        self._publisher = publisher
         self._link = link
 
     def collect(self) -> Iterator[Metric]:
         yield from self._system()
         yield from self._energy()
-        stats = self._outbox()
-        if stats is not None:
+        publisher = self._publisher()
+        if publisher is not None:
+            stats = publisher.last_stats
             yield GaugeMetricFamily("edgefleet_telemetry_outbox_records", "Telemetry records waiting for the broker",
                                     value=stats.queued)
             yield CounterMetricFamily("edgefleet_telemetry_outbox_dropped", "Records that fell off the outbox's bound",
                                       value=stats.dropped)
             yield CounterMetricFamily("edgefleet_telemetry_refused", "Records the broker refused",
                                       value=stats.refused)
+            yield CounterMetricFamily("edgefleet_telemetry_records_lost", "Records neither stored (the disk "
+                                      "refused the outbox) nor sent (the broker was away)",
+                                      value=publisher.records_lost)
+            yield GaugeMetricFamily("edgefleet_telemetry_storage_failing", "1 while the outbox cannot be written "
+                                    "(disk full, read-only): records go straight to the broker or are lost",
+                                    value=1 if publisher.storage.error is not None else 0)
         link = self._link()
         if link is not None:
             yield GaugeMetricFamily("edgefleet_mqtt_connected", "1 while connected to the broker",
                                     value=1 if link.connected else 0)
             yield CounterMetricFamily("edgefleet_mqtt_connects", "Successful connections to the broker",
                                       value=link.connects)
+            send = link.send
+            yield GaugeMetricFamily("edgefleet_mqtt_send_queue_messages", "Messages waiting in memory for the "
+                                    "broker (update reports)", value=send.queued)
+            yield GaugeMetricFamily("edgefleet_mqtt_send_queue_bytes", "Their bytes (at most "
+                                    "mqtt.send_queue_max_bytes)", value=send.queued_bytes)
+            yield CounterMetricFamily("edgefleet_mqtt_send_dropped_messages", "Messages dropped from the send "
+                                      "queue, oldest first, past its count or byte bound", value=send.dropped)
+            yield CounterMetricFamily("edgefleet_mqtt_send_dropped_bytes", "Their bytes", value=send.dropped_bytes)
 
     def _system(self) -> Iterator[Metric]:
         s = self._sampler.system
@@ -234,6 +249,13 @@ class _TelemetryCollector(Collector):
         host.add_metric(["active", e.method], a.active_j)
         host.add_metric(["idle", e.method], a.idle_j)
         yield host
+        active = CounterMetricFamily("edgefleet_active_energy_joules", "Active energy (above the idle baseline) "
+                                     "by whose CPU work it paid for: models (the agent's share while a model was "
+                                     "busy), agent (its share while none was), other (other processes)",
+                                     labels=["by", "method"])
+        for part, value in (("models", a.models_j), ("agent", a.agent_j), ("other", a.other_j)):
+            active.add_metric([part, e.method], value)
+        yield active
         if e.power_w is not None:
             yield _gauge("edgefleet_host_power_watts", "Power of the domains counted in the total",
                          e.method, e.power_w)
@@ -241,8 +263,9 @@ class _TelemetryCollector(Collector):
             yield GaugeMetricFamily("edgefleet_idle_power_watts", "The idle baseline used for attribution",
                                     value=a.idle_power_w)
         model = CounterMetricFamily("edgefleet_model_energy_joules", "Energy attributed to each model; "
-                                    "idle=excluded: its share of active energy, idle=included: plus the idle "
-                                    "baseline while it was busy", labels=["model", "idle", "method"])
+                                    "idle=excluded: its share of the active energy the agent's CPU time "
+                                    "explains, idle=included: plus the idle baseline while it was busy",
+                                    labels=["model", "idle", "method"])
         for name, m in sorted(a.models.items()):
             model.add_metric([name, "excluded", e.method], m.energy_j)
             model.add_metric([name, "included", e.method], m.energy_incl_idle_j)

@@ -125,9 +125,7 @@ install -D -m 0644 "$here/udev.rules" "$root/usr/lib/udev/rules.d/70-edgefleet-r
 install -D -m 0644 "$here/agent.toml" "$root/etc/edgefleet/agent.toml"
 mkdir -p "$root/usr/bin"
 ln -s "$prefix/venv/bin/edgefleet" "$root/usr/bin/edgefleet"
-for doc in operations.md configuration.md api.md; do
-  [ -f "$src/docs/$doc" ] && install -D -m 0644 "$src/docs/$doc" "$root/usr/share/doc/edgefleet/$doc"
-done
+"$here/install-docs.sh" "$src" "$root"   # every page: their links point at each other
 install -D -m 0644 /dev/stdin "$root/usr/share/doc/edgefleet/copyright" <<COPYRIGHT
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: edgefleet

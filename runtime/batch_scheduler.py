@@ -96,7 +96,7 @@ class ContinuousBatchScheduler(_BatchingScheduler):
                  stats: SchedulerStats | None = None) -> None:
         self._engine = engine  # before the thread starts
         super().__init__(name, max_pending, limits=limits, stats=stats)
-        self.parallel = engine.slots
+        self.rates.slots = engine.slots  # tokens priced from its steps, by width
 
     def _worker(self) -> None:
         engine = self._engine
@@ -122,14 +122,33 @@ class ContinuousBatchScheduler(_BatchingScheduler):
                     engine.add(job.request, job)
                 except BaseException as exc:  # noqa: BLE001 - the request's own error (400, 413, ...)
                     self._end(job, None, exc)
+            decoding = _DecodeTimer(self.stats)
             try:
-                finished = engine.step(self.stats.ran)
+                finished = engine.step(decoding)
+                if decoding.began is not None:  # Retry-After's price of a token
+                    self.rates.learn_step(time.monotonic() - decoding.began, decoding.sequences)
             except Exception as exc:  # a bug must fail the batch, not end the thread
                 log.exception("model %s: a batch step failed; failing its requests", self.name)
                 finished = engine.abort_all(f"the batch failed: {type(exc).__name__}: {exc}")
             for ctx, result, error in finished:
                 assert isinstance(ctx, Job)  # the engine's contexts are the jobs added above
                 self._end(ctx, result, error)
+
+
+class _DecodeTimer:
+    """The `ran` callback of one engine step: counts each decode call (the stats' execution
+    counts) and notes when the first began and how many sequences the calls decoded."""
+
+    def __init__(self, stats: SchedulerStats) -> None:
+        self._stats = stats
+        self.began: float | None = None
+        self.sequences = 0
+
+    def __call__(self, sequences: int) -> None:
+        if self.began is None:
+            self.began = time.monotonic()
+        self.sequences += sequences
+        self._stats.ran(sequences)
 
 
 class OnnxBatchScheduler(_BatchingScheduler):

@@ -12,6 +12,10 @@ Memory: a request runs as micro-batches that fit the model's memory budget
 tensors split along their batch dimension when every input and output has a free
 first dimension. The job's cancel flag is checked between micro-batches.
 
+onnxruntime's own log is switched off (severity FATAL, for the process and for each
+session): it wrote raw coloured lines to stderr, outside the agent's log, for errors it
+also raises to us, which we report in our words (a request's error, the agent's log).
+
 Giving memory back: sessions share one CPU arena registered for the process with
 ``arena_extend_strategy = kSameAsRequested`` (each allocation its own region),
 and runs whose working set is large ask for it to be shrunk afterwards (run option
@@ -94,6 +98,16 @@ def _register_shared_cpu_arena(ort: Any) -> None:
     ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, same_as_requested, -1, -1))
 
 
+#: onnxruntime's log severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+ORT_LOG_FATAL = 4
+
+
+@functools.cache
+def _quiet_default_logger(ort: Any) -> None:
+    """Once per process: onnxruntime's process-wide logger reports only fatal errors."""
+    ort.set_default_logger_severity(ORT_LOG_FATAL)
+
+
 def _use_shared_cpu_arena(ort: Any, session_options: Any) -> None:
     """Make the session allocate from the process's shared CPU arena, so that shrinking
     it after a large run frees what that run took."""
@@ -118,7 +132,9 @@ class OnnxBackend(BackendBase):
             machine.cpu, onnx_available_providers(), options.providers, machine.threads
         )
         log.info("loading %s (%s): %s", bundle.name, bundle.weights.name, "; ".join(placement.reasons))
+        _quiet_default_logger(ort)
         session_options = ort.SessionOptions()
+        session_options.log_severity_level = ORT_LOG_FATAL
         session_options.intra_op_num_threads = placement.intra_op_threads
         session_options.inter_op_num_threads = 1
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -135,6 +151,8 @@ class OnnxBackend(BackendBase):
         self._working_set = WorkingSetModel(options.bytes_per_token, options.bytes_per_token_pair)
         self._run_plain = ort.RunOptions()
         self._run_shrink = ort.RunOptions()
+        for run_options in (self._run_plain, self._run_shrink):
+            run_options.log_severity_level = ORT_LOG_FATAL
         arenas = "cpu:0;gpu:0" if "CUDAExecutionProvider" in self._session.get_providers() else "cpu:0"
         self._run_shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         self._pad_id = 0
@@ -181,7 +199,8 @@ class OnnxBackend(BackendBase):
     # --- raw tensors ---------------------------------------------------------
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> None:
-        """Refuse unknown names, missing inputs, wrong dtypes and wrong shapes."""
+        """Refuse unknown names, missing inputs, wrong dtypes, wrong shapes and empty tensors
+        (a zero-size dimension, which onnxruntime's kernels refuse in their own words)."""
         for name in inputs:
             if name not in self._inputs:
                 raise InvalidInputError(
@@ -202,6 +221,11 @@ class OnnxBackend(BackendBase):
                 raise InvalidInputError(
                     f"input '{name}' must have shape {list(spec.shape)} (-1: any), "
                     f"got {list(array.shape)}",
+                    param=name,
+                )
+            if 0 in array.shape:
+                raise InvalidInputError(
+                    f"input '{name}' has shape {list(array.shape)}: every dimension must be at least 1",
                     param=name,
                 )
 
@@ -235,7 +259,10 @@ class OnnxBackend(BackendBase):
             try:
                 outs = self._run(names, feeds, size * self._working_set.row_bytes(tokens, elements))
             except Exception as exc:  # values the declared shapes allow but the graph refuses
-                raise InvalidInputError(f"onnxruntime refused the inputs: {_first_line(exc)}") from exc
+                shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
+                log.info("onnxruntime refused inputs of shapes %s: %s", shapes, _first_line(exc))
+                raise InvalidInputError(f"the model cannot run on inputs of these shapes: {shapes} "
+                                        "(check that they agree with each other)") from exc
             if not parts and batchable and size < rows:  # the whole answer must fit too
                 projected = sum(r.nbytes for r in outs) * rows / max(size, 1)
                 if projected > budget:

@@ -1,7 +1,9 @@
 """Samples energy and system figures on a timer, for /metrics and telemetry alike.
 
-One task per agent: every `energy_interval_s` it reads the energy meter and
-accounts the window to the models busy in it (`Attribution`); every
+One task per agent: every `energy_interval_s` it reads the energy meter and the
+CPU seconds of the agent and of the whole machine (`CpuClock`), and accounts the
+window to the models busy in it, as far as the agent's CPU share explains it
+(`Attribution`); every
 `system_interval_s` it takes a psutil sample. Reads run in a worker thread (sysfs,
 /proc and NVML calls block); the snapshots it keeps are replaced whole, so
 readers on the loop thread see one consistent sample.
@@ -15,6 +17,8 @@ import logging
 import time
 
 from .energy import Attribution, AttributionSnapshot, EnergyMeter, EnergySnapshot
+from .energy.cpu_share import CpuClock, CpuWindow
+from .energy.meter import Window
 from .registry import ModelRegistry
 from .system import SystemMonitor, SystemSample
 
@@ -30,6 +34,7 @@ class Sampler:
         self.energy_interval_s = energy_interval_s
         self.system_interval_s = system_interval_s
         self.attribution = Attribution()
+        self.cpu = CpuClock()
         self.energy: EnergySnapshot | None = None
         self.system: SystemSample | None = None
         self._task: asyncio.Task[None] | None = None
@@ -50,10 +55,14 @@ class Sampler:
         await asyncio.to_thread(self.meter.close)
 
     async def sample_energy(self) -> None:
-        window = await asyncio.to_thread(self.meter.sample)
+        window, cpu = await asyncio.to_thread(self._read_window)
         # busy times are read on the loop thread, right after the window closed
-        self.attribution.window(window.seconds, window.joules, self.models.busy_seconds())
+        self.attribution.window(window.seconds, window.joules, self.models.busy_seconds(), cpu)
         self.energy = self.meter.snapshot()
+
+    def _read_window(self) -> tuple[Window, CpuWindow]:
+        """The energy and the CPU seconds of one window, read back to back (worker thread)."""
+        return self.meter.sample(), self.cpu.sample()
 
     async def _run(self) -> None:
         next_system = time.monotonic() + self.system_interval_s

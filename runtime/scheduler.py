@@ -16,8 +16,13 @@ limit (`ModelLimits.max_model_time_s`, counted from when the model starts on it)
 and agent shutdown (`shutdown`). All three raise the same cancel flag, which the
 backends check between tokens, prompt chunks and micro-batches; `Job.stop_reason`
 says which one it was, so the interface can say why (a finish_reason, a 503).
-Retry-After is the measured time to drain the queue: the running job's expected
-remainder plus the average measured job time for each one waiting.
+Retry-After is the time to drain the work admitted, from what that work is, not from how
+long recent jobs took (after a run of short chats, that said 2 s while long requests
+queued behind them took minutes): a generation's price is its prompt's size and its
+max_tokens at the model's measured speeds (`WorkRates`), other work's the measured
+average job. A continuous-batching worker measures its decode steps by how many
+sequences each decoded, so a token is priced at the speed the model has with as many
+running together as are admitted: its slots in parallel, as fast as they really are.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ import asyncio
 import collections
 import logging
 import math
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .backend import JobContext, ModelLimits
+from .backend import GenerationRequest, GenerationResult, JobContext, ModelLimits
 from .errors import ModelTimeExceededError, OverloadedError, ShuttingDownError, WorkStopped
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,107 @@ class SchedulerStats:
         """One backend run served `requests` requests (model thread)."""
         self.executions += 1
         self.executed += requests
+
+
+#: Decode steps of each batch width whose times price a token (`WorkRates`).
+STEP_WINDOW = 64
+#: Prompts shorter than this say nothing of the speed of reading one (the first token,
+#: and for a batch the step it joined, take most of their time).
+PROMPT_MIN_CHARS = 256
+
+
+def _average(old: float | None, new: float) -> float:
+    """An exponential average in which recent values weigh most."""
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
+def prompt_size(request: GenerationRequest) -> int:
+    """A prompt's size in characters (a token-id prompt counts 4 a token), the unit in which
+    `WorkRates` measures prompt reading: known before the model tokenizes anything."""
+    if request.messages is not None:
+        return sum(len(message.content) for message in request.messages)
+    if isinstance(request.prompt, list):
+        return 4 * len(request.prompt)
+    return len(request.prompt or "")
+
+
+@dataclass
+class WorkRates:
+    """A model's measured speeds, from which `ModelScheduler.drain_estimate_s` prices the
+    work admitted. Prices are in seconds of the model's time: a job that shares the model
+    with others (continuous batching) costs its share of each step, not the step.
+
+    Written on the loop thread when a job settles, except the step times, which under
+    continuous batching the model thread adds after each step (under `_steps_lock`)."""
+
+    #: Sequences a continuous-batching model decodes together at most; 0: jobs run one at
+    #: a time, and the price of a token comes from their own times (`token_s`).
+    slots: int = 0
+    #: Model seconds per generated token after the first, from jobs that ran alone.
+    token_s: float | None = None
+    #: Under continuous batching: the last `STEP_WINDOW` decode steps' seconds, by the
+    #: sequences each decoded. A token of a batch of n costs the median step of n over n:
+    #: the slots working in parallel, at the speed the model had with that many (rarely n
+    #: times one's). The median, because one step can take seconds that say nothing of
+    #: the next (the first after a model loads, pages read back after an idle spell).
+    _steps: dict[int, collections.deque[float]] = field(default_factory=dict, init=False, repr=False)
+    _steps_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    #: Seconds per prompt character until a generation's first text: reading the prompt
+    #: (measured on prompts of `PROMPT_MIN_CHARS` or more; unknown, prompts cost nothing).
+    prompt_char_s: float | None = None
+    #: Tokens that generations without a max_tokens produced.
+    open_tokens: float | None = None
+    #: Seconds of a whole job of any kind: the price of work with no typed request, and of
+    #: generations until one has been measured.
+    job_s: float | None = None
+
+    def learn(self, job: Job[Any], result: Any, busy: float) -> None:
+        """What a finished job (`busy` seconds of model time) says about the model's speed."""
+        whole = job.stop_reason is None
+        if whole and busy:
+            self.job_s = _average(self.job_s, busy)
+        request = job.request
+        if not (isinstance(request, GenerationRequest) and isinstance(result, GenerationResult)
+                and job.started_at is not None and job.first_emit_at is not None):
+            return
+        reading = max(0.0, job.first_emit_at - job.started_at)
+        if prompt_size(request) >= PROMPT_MIN_CHARS:  # a short prompt's time is its first token's
+            self.prompt_char_s = _average(self.prompt_char_s, reading / prompt_size(request))
+        if not self.slots and result.completion_tokens >= 2:
+            self.token_s = _average(self.token_s, max(0.0, busy - reading) / (result.completion_tokens - 1))
+        if whole and request.max_tokens is None:
+            self.open_tokens = _average(self.open_tokens, result.completion_tokens)
+
+    def learn_step(self, decode_s: float, sequences: int) -> None:
+        """One batched decode step: `sequences` tokens in `decode_s` seconds (model thread)."""
+        if sequences > 0:
+            with self._steps_lock:
+                self._steps.setdefault(sequences, collections.deque(maxlen=STEP_WINDOW)).append(decode_s)
+
+    def token_price_s(self, width: int) -> float | None:
+        """Model seconds per generated token while `width` sequences run together (None:
+        not measured yet): under continuous batching from the steps of the width measured
+        nearest to it, else from jobs."""
+        if not self.slots:
+            return self.token_s
+        with self._steps_lock:
+            if not self._steps:
+                return None
+            nearest = min(self._steps, key=lambda n: (abs(n - width), -n))
+            steps = list(self._steps[nearest])
+        return statistics.median(steps) / nearest
+
+    def price_s(self, request: Any, limits: ModelLimits, width: int = 1) -> float:
+        """Model seconds a job serving `request` is expected to take while `width` jobs run
+        together (at most the model-time limit): a generation's prompt and max_tokens at the
+        measured rates, other work the average job."""
+        token_s = self.token_price_s(width) if isinstance(request, GenerationRequest) else None
+        if isinstance(request, GenerationRequest) and token_s is not None:
+            tokens = request.max_tokens if request.max_tokens is not None else (self.open_tokens or 1.0)
+            price = (self.prompt_char_s or 0.0) * prompt_size(request) + tokens * token_s
+        else:
+            price = self.job_s if self.job_s is not None else 1.0
+        return min(price, limits.max_model_time_s)
 
 
 class Job(Generic[T]):
@@ -175,14 +282,11 @@ class ModelScheduler:
         self._running: list[Job[Any]] = []
         #: time.monotonic() since when at least one job has been running (None: idle).
         self._busy_since: float | None = None
-        #: Jobs that run at once at most (Retry-After divides the queue by it).
-        self.parallel = 1
         self._cv = threading.Condition()
         self._closing = False
         self._shutdown_at: float | None = None
-        #: Average measured time of a finished job (exponential, recent jobs weigh most);
-        #: None until one has finished.
-        self._avg_job_s: float | None = None
+        #: The model's measured speeds, for Retry-After (`drain_estimate_s`).
+        self.rates = WorkRates()
         self._thread = threading.Thread(
             target=self._worker, name=thread_name or f"model:{name}", daemon=True
         )
@@ -202,17 +306,25 @@ class ModelScheduler:
         return 0.0 if started is None else max(0.0, time.monotonic() - started)
 
     def drain_estimate_s(self) -> float:
-        """Seconds until the jobs admitted now are done, from measured job times: what is
-        left of the running job's expected time, plus one average job for each queued one."""
-        avg = self._avg_job_s if self._avg_job_s is not None else 1.0
+        """Seconds until the jobs admitted now are done: the price of each queued job
+        (`WorkRates.price_s`), plus what is left of the running ones' (at least a tenth).
+        Under continuous batching the jobs are priced at the width they will run at (all
+        admitted, up to the slots), each running one has used its share of the time since
+        it began, and what is left of each adds up; otherwise the running jobs are one run
+        (one job, or one ONNX batch) and what is left is the longest one's."""
         with self._cv:
-            queued = len(self._pending)
-            started = [job.started_at or time.monotonic() for job in self._running]
-        left = 0.0
-        if started:
-            elapsed = time.monotonic() - min(started)
-            left = max(avg - elapsed, 0.1 * avg)
-        return left + queued * avg / self.parallel
+            queued = [job.request for job in self._pending]
+            running = [(job.request, job.started_at) for job in self._running]
+        rates = self.rates
+        width = min(rates.slots, len(queued) + len(running)) if rates.slots else 1
+        share = len(running) if rates.slots else 1
+        now = time.monotonic()
+        left = []
+        for request, started in running:
+            price = rates.price_s(request, self.limits, width)
+            left.append(max(price - (now - (started or now)) / share, 0.1 * price))
+        running_s = sum(left) if rates.slots else max(left, default=0.0)
+        return running_s + sum(rates.price_s(request, self.limits, width) for request in queued)
 
     def retry_after_s(self) -> int:
         """A Retry-After for a refused request: the measured drain time, 1 to 600 s."""
@@ -320,9 +432,7 @@ class ModelScheduler:
                 period: float) -> None:
         stats = self.stats
         stats.busy_seconds += period
-        if busy and job.stop_reason is None:  # only whole jobs say how long a job takes
-            avg = self._avg_job_s
-            self._avg_job_s = busy if avg is None else 0.7 * avg + 0.3 * busy
+        self.rates.learn(job, result, busy)
         if job.stop_reason is not None or job._cancel.is_set():
             stats.cancelled += 1
         elif error is not None:

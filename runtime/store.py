@@ -23,6 +23,7 @@ Hashing and copying are blocking: async callers run them off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,8 @@ class HistoryEntry:
     event: str  # "activated", "confirmed", "rolled-back"
     at: float
     reason: str | None = None
+    #: "rolled-back" only: the version rolled back from (never gone back to by a later rollback)
+    from_version: str | None = None
 
 
 @dataclass
@@ -187,24 +190,38 @@ class ModelStore:
         target = self.blob_path(digest)
         if target.is_file():
             return digest
-        self.blobs.mkdir(parents=True, exist_ok=True)
         temp = self.blobs / f".tmp-{digest}-{os.getpid()}"
-        temp.unlink(missing_ok=True)
-        try:
-            os.link(source, temp)
-        except OSError:
-            shutil.copyfile(source, temp)
-        self.add_blob(temp, digest)
+        with self._no_partial_file(temp, f"cannot add {source.name} to the store"):
+            self.blobs.mkdir(parents=True, exist_ok=True)
+            temp.unlink(missing_ok=True)
+            try:
+                os.link(source, temp)
+            except OSError:
+                shutil.copyfile(source, temp)
+            self.add_blob(temp, digest)
         return digest
 
     def add_bytes(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         if not self.has_blob(digest):
-            self.blobs.mkdir(parents=True, exist_ok=True)
             temp = self.blobs / f".tmp-{digest}-{os.getpid()}"
-            temp.write_bytes(data)
-            self.add_blob(temp, digest)
+            with self._no_partial_file(temp, "cannot add a file to the store"):
+                self.blobs.mkdir(parents=True, exist_ok=True)
+                temp.write_bytes(data)
+                self.add_blob(temp, digest)
         return digest
+
+    @contextlib.contextmanager
+    def _no_partial_file(self, temp: Path, what: str) -> Iterator[None]:
+        """A copy that fails (a full disk) leaves no temp file behind, and says why in one line."""
+        try:
+            yield
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StoreError(f"{what} in {self.blobs}: {exc.strerror or exc}") from exc
+            raise
 
     def verify_blob(self, sha256: str) -> bool:
         """Re-hash a blob (after a crash, or when in doubt)."""
@@ -343,22 +360,35 @@ class ModelStore:
                 _append(record, HistoryEntry(version, "confirmed", time.time()))
                 self._write_state(records)
 
-    def roll_back(self, name: str, reason: str) -> str:
-        """Point `current` back at the version that served before (or the confirmed one);
-        returns it. The version rolled back from stays on disk until pruned."""
+    def roll_back(self, name: str, reason: str, skip: Collection[str] = ()) -> str:
+        """Serve again the last version that served well before the current one; returns it.
+
+        "Served well": it was confirmed, rolled back to, or served until a newer version
+        was activated over it; and it was not rolled back from since. So a second rollback
+        goes further back instead of bringing back the version just rolled back from.
+        `skip` names versions the caller will not have (sync/'s deny list). The version
+        rolled back from stays on disk until pruned."""
         with self._lock:
             records = self._read_state()
-            record = records.setdefault(name, ModelRecord())
+            record = records.get(name)
             current = self.current(name)
-            candidates = [v for v in (record.previous, record.confirmed) if v and v != current]
-            target = next((v for v in candidates if self.has_version(name, v)), None)
+            if record is None and current is None:
+                raise StoreError(f"There is no model named {name} in the model store.")
+            record = records.setdefault(name, ModelRecord())
+            target = next(
+                (v for v in served_well(record, current) if v not in skip and self.has_version(name, v)), None
+            )
             if target is None:
-                raise StoreError(f"{name}: no earlier version on disk to roll back to")
+                raise StoreError(
+                    f"{name} has no earlier version that served well left to go back to: {current or 'nothing'} "
+                    "is the last one (versions rolled back from, and versions denied until the hub publishes "
+                    "them anew, are not gone back to)."
+                )
             self._switch_link(name, target)
             record.previous = current
             record.current = target
             record.confirmed = target
-            _append(record, HistoryEntry(target, "rolled-back", time.time(), reason))
+            _append(record, HistoryEntry(target, "rolled-back", time.time(), reason, from_version=current))
             self._write_state(records)
             return target
 
@@ -469,6 +499,29 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+def served_well(record: ModelRecord, current: str | None) -> list[str]:
+    """Versions of one model that served well, most recent first, `current` left out: each
+    version confirmed, rolled back to, or activated (and so served until the next switch),
+    unless it was rolled back from after that. The confirmed and previous versions come
+    last, for histories cut at HISTORY_LIMIT."""
+    found: list[str] = []
+    rolled_back_from: set[str] = set()
+    history = record.history
+    for i in range(len(history) - 1, -1, -1):
+        entry = history[i]
+        if entry.event == "rolled-back":
+            source = entry.from_version or next(  # entries written before from_version was kept
+                (e.version for e in reversed(history[:i]) if e.version != entry.version), None)
+            if source is not None:
+                rolled_back_from.add(source)
+        if entry.version not in rolled_back_from and entry.version not in found:
+            found.append(entry.version)
+    for version in (record.confirmed, record.previous):
+        if version and version not in rolled_back_from and version not in found:
+            found.append(version)
+    return [v for v in found if v != current]
 
 
 def _append(record: ModelRecord, entry: HistoryEntry) -> None:

@@ -8,7 +8,9 @@
 - the deny list: versions that failed verification or their health check, not
   tried again until the desired state publishes that model's entry anew;
 - the last transition published per model, so the retained update topic can be
-  set right after a restart.
+  set right after a restart;
+- the model names the last accepted desired state lists, which serve besides the
+  config's ``[[models]]`` from the next start on, before the hub is reached.
 
 Written atomically (temp file, fsync, rename) at every transition, before the
 step it announces is taken.
@@ -58,6 +60,8 @@ class JournalData:
     deny: list[DenyEntry] = field(default_factory=list)
     #: model -> serial of its desired entry, as last seen
     entry_serials: dict[str, int] = field(default_factory=dict)
+    #: the model names the last accepted desired state lists: with [[models]], what serves
+    desired: list[str] = field(default_factory=list)
     last: dict[str, dict[str, Any]] = field(default_factory=dict)
     seq: int = 0
 
@@ -86,6 +90,8 @@ class Journal:
             jobs={k: JobRecord(**v) for k, v in raw.get("jobs", {}).items()},
             deny=[DenyEntry(**d) for d in raw.get("deny", [])],
             entry_serials={k: int(v) for k, v in raw.get("entry_serials", {}).items()},
+            # journals from before `desired` was kept: every name a desired state ever listed
+            desired=sorted(raw.get("desired", raw.get("entry_serials", {}))),
             last=dict(raw.get("last", {})),
             seq=int(raw.get("seq", 0)),
         )
@@ -109,6 +115,10 @@ class Journal:
         """The desired entry of `model` as published now: a newer one lifts its denials."""
         self.data.entry_serials[model] = serial
         self.data.deny = [d for d in self.data.deny if d.model != model or d.serial >= serial]
+
+    def accept_models(self, names: list[str]) -> None:
+        """The names the desired state accepted now lists (with [[models]], what serves)."""
+        self.data.desired = sorted(names)
 
     def accept_serials(self, group: int, device: int, targets_version: int) -> bool:
         """Record newly accepted desired serials; returns whether they changed."""

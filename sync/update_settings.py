@@ -31,6 +31,9 @@ class UpdateSettings:
     download_retries: int = 5
     #: A download that receives nothing for this long is cut and resumed.
     read_timeout_s: float = 30.0
+    #: One look at the hub (all of its TUF metadata and desired states) that takes longer is
+    #: given up as hub-unreachable, however steadily the bytes trickle in.
+    refresh_timeout_s: float = 120.0
     #: Versions kept on disk per model besides current, previous and the last confirmed.
     keep_versions: int = 2
     #: Free space that must remain after an update's downloads, in MB.
@@ -41,7 +44,8 @@ class UpdateSettings:
             url = urlparse(self.hub_url)
             if url.scheme not in ("http", "https") or not url.netloc:
                 raise ValueError(f"hub_url must be an http(s) URL, got {self.hub_url!r}")
-        for name in ("poll_interval_s", "health_check_interval_s", "job_timeout_s", "read_timeout_s"):
+        for name in ("poll_interval_s", "health_check_interval_s", "job_timeout_s", "read_timeout_s",
+                     "refresh_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0")
         for name in ("health_checks", "max_activation_attempts"):

@@ -25,6 +25,17 @@ continue where they stopped) or, after `max_activation_attempts`
 interruptions, ends rolled-back. A version that failed verification or its
 health check is denied until the hub publishes that model's desired entry anew.
 
+What serves is what the config's ``[[models]]`` lists plus what the hub's accepted
+desired state lists: a name the hub stops listing, which the config does not list,
+is unloaded. Nothing read from MQTT changes what serves: the cmd topic's only
+command is ``check-now``; a ``rollback`` there is refused with the reason. Operator
+rollback (`rollback`) is local, through the authenticated HTTP interface, and goes
+to the last version that served well before the current one.
+
+Every look at the hub has one deadline (`HubClient.refresh_async`,
+``updates.refresh_timeout_s``) and runs in a daemon thread that shutdown does not
+wait for.
+
 Talks to the runtime only through `ModelStore` and `ModelRegistry`.
 """
 
@@ -35,7 +46,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -53,6 +64,7 @@ from security.errors import (
     SecurityError,
     StaleDesiredState,
     TargetMismatch,
+    TrustRootError,
     WrongLength,
 )
 
@@ -89,6 +101,14 @@ class JobState(StrEnum):
     ROLLED_BACK = "rolled-back"
     REJECTED = "rejected"
 
+
+#: The answer to a `rollback` on the cmd topic. MQTT is a doorbell: anyone who may publish
+#: there (a shared broker account, a compromised broker) must not change what serves.
+ROLLBACK_REFUSED = (
+    "rollback is not accepted over MQTT, since nothing read from MQTT may change what a device serves "
+    "unless it is signed: roll a fleet back with `edgefleet hub publish --pin NAME=VERSION` (signed), "
+    "or one device with `edgefleet models rollback NAME` on that device"
+)
 
 TERMINAL = frozenset({JobState.ACTIVE, JobState.FAILED, JobState.ROLLED_BACK, JobState.REJECTED})
 #: steps after which `current` may point at the new version
@@ -142,7 +162,11 @@ class UpdateService:
         state_dir: Path,
         link: MqttLink | None = None,
         progress: Callable[[SignedFile], Progress | None] | None = None,
+        configured: Callable[[], Collection[str]] | None = None,
     ) -> None:
+        """`configured`: the names the config's ``[[models]]`` lists now (a reload changes
+        them); with it, a name the hub's desired state drops stops serving unless listed
+        there. Without it, nothing is ever unloaded here."""
         self.settings = settings
         self.store = store
         self.registry = registry
@@ -150,8 +174,10 @@ class UpdateService:
         self.topics = topics
         self.link = link
         self.journal = Journal(journal_path(state_dir))
-        self.reporter = Reporter(topics.update, self._publish_report if link else None)
+        self.reporter = Reporter(topics.update, self._publish_report if link else None,
+                                 queue=link.send_queue("update report") if link else None)
         self._progress = progress
+        self._configured = configured
         self._triggers: asyncio.Queue[Trigger] = asyncio.Queue()
         self._tasks: list[asyncio.Task[Any]] = []
         self._lock = asyncio.Lock()
@@ -202,26 +228,31 @@ class UpdateService:
         self.trigger("doorbell", doorbell, scope)
 
     async def _on_command(self, message: InboundMessage) -> None:
+        not_json = False
         try:
             body = message.json()
             command = body.get("command") if isinstance(body, dict) else None
         except ValueError:
-            command, body = None, None
+            command, not_json = None, True
         reply: dict[str, Any]
-        if command == "check-now":
-            outcome = await self.check_now()
-            reply = {"ok": True, "command": command, **outcome}
-        elif command == "rollback" and isinstance(body.get("model"), str):
+        if not_json:
+            reply = {"ok": False, "error": 'the command is not JSON; send {"command": "check-now"}'}
+        elif command == "check-now":
             try:
-                version = await self.rollback(body["model"], reason="rollback command")
-                reply = {"ok": True, "command": command, "model": body["model"], "version": version}
-            except (RuntimeLayerError, SyncError) as exc:
-                reply = {"ok": False, "command": command, "error": str(exc)}
+                outcome = await self.check_now()
+                reply = {"ok": True, "command": command, **outcome}
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not leave the asker without an answer
+                log.exception("check-now failed")
+                reply = {"ok": False, "command": command,
+                         "error": f"check-now failed on the device ({type(exc).__name__}); see the agent's log"}
+        elif command == "rollback":
+            log.warning("refused a rollback command from MQTT: what serves changes only by a signed desired "
+                        "state or on the device")
+            reply = {"ok": False, "command": command, "error": ROLLBACK_REFUSED}
         else:
-            reply = {
-                "ok": False,
-                "error": 'unknown command; use {"command": "check-now"} or {"command": "rollback", "model": NAME}',
-            }
+            reply = {"ok": False, "error": 'unknown command; use {"command": "check-now"}'}
         if message.response_topic and self.link is not None:
             try:
                 await self.link.reply(message, reply)
@@ -276,8 +307,8 @@ class UpdateService:
             reasons = sorted({t.reason for t in triggers})
             before = {"group": self.journal.data.group_serial, "device": self.journal.data.device_serial}
             try:
-                view = await asyncio.to_thread(self.hub.refresh)
-            except RefusedError as exc:
+                view = await self.hub.refresh_async()  # deadline: updates.refresh_timeout_s
+            except (RefusedError, TrustRootError) as exc:
                 self._reject(exc, force=any(t.reason in ("doorbell", "check-now") for t in triggers))
                 return {"outcome": "rejected", "code": exc.code, "message": str(exc)}
             except HubUnreachable as exc:
@@ -300,11 +331,31 @@ class UpdateService:
             self.journal.accept_serials(view.serial("group"), view.serial("device"), view.targets_version)
             for model in view.models.values():
                 self.journal.see_entry(model.name, self._entry_serial(view, model))
+            self.journal.accept_models(list(view.models))
             self.journal.save()
             results = {}
             for name in sorted(view.models):
                 results[name] = await self._reconcile_model(view, view.models[name])
+            for name in await self._unload_undesired(view):
+                results[name] = "unloaded"
             return {"outcome": "reconciled", "targets_version": view.targets_version, "models": results}
+
+    async def _unload_undesired(self, view: HubView) -> list[str]:
+        """What serves is what ``[[models]]`` lists plus what the hub's desired state lists: a
+        name the hub stopped listing, which the config does not list either, stops serving."""
+        if self._configured is None:
+            return []
+        keep = set(view.models) | set(self._configured())
+        dropped = []
+        for status in self.registry.statuses():
+            if status.name in keep:
+                continue
+            log.info("model %s: unloading, as neither [[models]] nor the hub's desired state lists it now",
+                     status.name, extra={"model": status.name})
+            with contextlib.suppress(RuntimeLayerError):
+                await self.registry.unload(status.name)
+            dropped.append(status.name)
+        return dropped
 
     @staticmethod
     def _entry_serial(view: HubView, model: DesiredModel) -> int:
@@ -353,9 +404,11 @@ class UpdateService:
             self._end(job, JobState.ACTIVE)  # the agent stopped between confirming and saying so
             return JobState.ACTIVE.value
         if current == version and job is None:
-            with contextlib.suppress(RuntimeLayerError):
-                served = self.registry.get(name)
-                if served.version != version:  # on disk but not serving (a failed start-up load)
+            known = {status.name for status in self.registry.statuses()}
+            with contextlib.suppress(RuntimeLayerError):  # the registry logs a failed load and shows it
+                # not served yet (the hub lists a stored name anew), or on disk but not serving (a failed
+                # start-up load): load it; an idle-unloaded one is known and left to its next request
+                if name not in known or self.registry.get(name).version != version:
                     await self.registry.load(self.store.bundle(name))
             return "up-to-date"
         denied = self.journal.denied(name, version)
@@ -480,7 +533,10 @@ class UpdateService:
             raise OtherReleaseRefused(f"{desired.name}: the signed model.toml is not that of version {desired.version}")
 
     async def _roll_back_serving(self, name: str, reason: str) -> str:
-        target = await asyncio.to_thread(self.store.roll_back, name, reason)
+        """Serve the last version of `name` that served well before this one (runtime/store.py
+        `roll_back`), never one denied now."""
+        denied = {d.version for d in self.journal.data.deny if d.model == name}
+        target = await asyncio.to_thread(self.store.roll_back, name, reason, denied)
         bundle = self.store.bundle(name, target)
         await self.registry.rollback(name, reason, bundle=bundle)
         return target
@@ -496,8 +552,10 @@ class UpdateService:
     # ---- operator rollback ---------------------------------------------------------------
 
     async def rollback(self, name: str, reason: str) -> str:
-        """Serve the previous version of `name` again (`models rollback`, the rollback command);
-        the version rolled back from is denied until the hub publishes that model anew."""
+        """Serve again the last version of `name` that served well before the current one
+        (`edgefleet models rollback`, through the local HTTP interface); the version rolled
+        back from is denied until the hub publishes that model anew. Raises `StoreError` (a
+        sentence) when there is no such model or no such version."""
         async with self._lock:
             current = self.store.current(name)
             target = await self._roll_back_serving(name, reason)

@@ -128,6 +128,29 @@ async def test_kserve_errors_use_v2_json_and_the_agent_keeps_serving(agent, case
     await assert_still_serving(agent)
 
 
+def _empty(tensor: dict) -> dict:
+    return {**tensor, "shape": [1, 0], "data": []}
+
+
+async def test_tensors_the_model_cannot_run_are_400_in_our_words_and_onnxruntime_stays_quiet(agent, capfd):
+    """A zero-size tensor is refused before the model runs; shapes that disagree with each other
+    are refused by onnxruntime. Neither answer quotes onnxruntime's source or node names, and
+    onnxruntime writes nothing of its own to stderr (the agent's log is the one place to look)."""
+    cases = [({"inputs": [_empty(IDS), _empty(MASK), _empty(TYPES)]}, "input 'input_ids' has shape [1, 0]"),
+             ({"inputs": [_empty(IDS), MASK, TYPES]}, "input 'input_ids' has shape [1, 0]"),
+             ({"inputs": [IDS, {**MASK, "shape": [1, 2], "data": [1, 1]}, TYPES]}, "input_ids [1, 3], "
+              "attention_mask [1, 2], token_type_ids [1, 3]")]
+    for body, fragment in cases:
+        status, got, _ = await agent.post(f"/v2/models/{EMBED}/infer", json=body)
+        assert status == 400, got
+        assert fragment in got["error"], got
+        for internal in ("onnxruntime_src", "ONNXRuntimeError", "Node", "node", "Status Message"):
+            assert internal not in got["error"], got
+    await assert_still_serving(agent)
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err, err
+
+
 async def test_kserve_unknown_model_is_404_in_v2_json(agent):
     status, got, _ = await agent.post("/v2/models/nope/infer", json={"inputs": [IDS]})
     assert status == 404 and "nope" in got["error"]

@@ -115,3 +115,20 @@ def test_port_in_use_is_a_clear_error(state_dir):
         result = run("serve", "--state-dir", str(state_dir), "--port", str(port), env={"EDGEFLEET_CONFIG": ""})
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+    # one line that says what to do, without asyncio's own sentence around the reason
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("edgefleet:")]
+    assert line.endswith(f"cannot listen on 127.0.0.1:{port}: address already in use (stop what uses it, "
+                         "or choose another server.port / --port)"), line
+
+
+def test_the_hubs_and_the_builds_variables_do_not_break_the_agents_commands(tmp_path):
+    """`hub …` reads EDGEFLEET_HUB and EDGEFLEET_HUB_MQTT, build-deb.sh EDGEFLEET_WHEEL_CACHE; an
+    operator's shell has them set when they run the agent's commands too."""
+    config = tmp_path / "agent.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    env = {"EDGEFLEET_HUB": str(tmp_path / "hub"), "EDGEFLEET_HUB_MQTT": "127.0.0.1:1883",
+           "EDGEFLEET_WHEEL_CACHE": str(tmp_path / "wheels"), "EDGEFLEET_CONFIG": ""}
+    listing = run("models", "list", "--config", str(config), env=env)
+    assert listing.returncode == 0 and "no models configured" in listing.stdout, listing.stderr
+    doctor = run("doctor", "--config", str(config), env=env)
+    assert "[ok  ] config: valid" in doctor.stdout and "unknown key" not in doctor.stdout, doctor.stdout

@@ -95,3 +95,18 @@ def test_the_default_device_id_is_a_valid_topic_level():
     from sync.mqtt.settings import ID_RE, default_device_id
 
     assert ID_RE.match(default_device_id())
+
+
+def test_other_tools_variables_are_not_config_overrides(tmp_path):
+    """The hub's EDGEFLEET_HUB / EDGEFLEET_HUB_MQTT and the package build's EDGEFLEET_WHEEL_CACHE
+    live in the same shell as the agent; they are not config keys and must not break it."""
+    others = {"EDGEFLEET_HUB": "/srv/edgefleet-hub", "EDGEFLEET_HUB_MQTT": "broker.example:1883",
+              "EDGEFLEET_WHEEL_CACHE": "/tmp/wheels", "EDGEFLEET_TEST_ARM64": "1"}
+    config = load_config(None, environ={**others, "EDGEFLEET_SERVER__PORT": "9100",
+                                        "EDGEFLEET_STATE_DIR": "/srv/ef", "EDGEFLEET_LOG_LEVEL": "debug"})
+    assert config.server.port == 9100 and config.state_dir == "/srv/ef" and config.log_level == "debug"
+
+
+def test_a_mistyped_section_override_is_still_an_error():
+    with pytest.raises(ConfigError, match="unknown key servr"):
+        load_config(None, environ={"EDGEFLEET_SERVR__PORT": "9100"})

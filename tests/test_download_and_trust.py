@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import stat
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from security.errors import KeyStoreError, SignatureRefused, TrustRootError
 from security.keys import KeyStore
 from security.trust import parse_trust_root, rotated, sign_root
 from sync.downloader import Downloader, DownloadStats, Fetch
+from sync.errors import HubUnreachable
 from sync.hub.repository import HubRepository
 from sync.hub.server import hub_app
 from sync.tuf_client import HubClient
@@ -197,3 +199,37 @@ def test_a_threshold_above_the_key_count_is_refused_at_rotation(served_hub) -> N
     repo, _ = served_hub
     with pytest.raises(TrustRootError, match="threshold"):
         repo.rotate_key("root", revoke=list(repo.root().roles["root"].keyids), count=1)
+
+
+# ---- metadata over a bad network: every failure is hub-unreachable, every look has a deadline -----------
+
+
+@pytest.fixture
+async def mirrored_hub(tmp_path: Path) -> AsyncIterator[tuple[HubRepository, Mirror]]:
+    repo = HubRepository.create(tmp_path / "hub")
+    async with Mirror(repo.dir / "repository") as mirror:
+        yield repo, mirror
+
+
+async def test_metadata_cut_mid_file_is_hub_unreachable_with_its_cause(mirrored_hub, tmp_path: Path) -> None:
+    repo, mirror = mirrored_hub
+    mirror.on("timestamp.json", cut_after=100)  # the connection drops 100 bytes into the file
+    client = HubClient(tmp_path / "tuf", mirror.url, (repo.dir / "trust-root.json").read_bytes(), "lab", "dev-1")
+    with pytest.raises(HubUnreachable, match=r"timestamp\.json") as caught:
+        await asyncio.to_thread(client.refresh)
+    assert "IncompleteRead" in str(caught.value) or "ended" in str(caught.value), caught.value
+    view = await asyncio.to_thread(client.refresh)  # the next look, on a good connection, goes through
+    assert view.targets_version >= 1
+
+
+async def test_metadata_trickled_a_byte_a_second_is_given_up_at_the_refresh_deadline(
+    mirrored_hub, tmp_path: Path
+) -> None:
+    repo, mirror = mirrored_hub
+    mirror.on("timestamp.json", throttle_bps=1)  # every byte arrives well inside the read timeout
+    client = HubClient(tmp_path / "tuf", mirror.url, (repo.dir / "trust-root.json").read_bytes(), "lab", "dev-1",
+                       timeout_s=5, refresh_timeout_s=2)
+    started = time.monotonic()
+    with pytest.raises(HubUnreachable, match="2s"):
+        await client.refresh_async()
+    assert time.monotonic() - started < 15  # not the ~25 minutes the file takes at 1 byte/s

@@ -210,6 +210,40 @@ def test_the_api_key_is_checked_from_metadata(client: grpcclient.InferenceServer
     assert client.infer(EMBED, triton_inputs(FEEDS), headers=AUTH).as_numpy(OUTPUT).shape == (2, 5, 384)
 
 
+def test_bytes_that_are_not_a_message_get_invalid_argument_after_the_key_check(agent: AgentProcess) -> None:
+    """Garbage sent as a request: UNAUTHENTICATED without the key (the key is checked first),
+    INVALID_ARGUMENT with it, in our words (no Python exception named), one log line a call."""
+    garbage = b"\xff\xff\xff\xff\x0f"  # field 0 and wire type 7: no protobuf parser reads this
+    before = agent.log().count("is not a valid inference.ModelInferRequest")
+    with grpc.insecure_channel(agent.grpc) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        for metadata in ((), (("authorization", "Bearer wrong-key-0000"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                infer(garbage, metadata=metadata, timeout=30)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                infer(garbage, metadata=tuple(AUTH.items()), timeout=30)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "not a valid inference.ModelInferRequest" in info.value.details()
+            assert "Error" not in info.value.details() and "Exception" not in info.value.details()
+        # the service still serves real requests on the same channel
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ModelInfer(typed_request(FEEDS), metadata=tuple(AUTH.items())).outputs[0].name == OUTPUT
+    log = agent.log()
+    assert log.count("is not a valid inference.ModelInferRequest") - before == 3, log[-3000:]
+    assert "Traceback" not in log and "DecodeError" not in log, log[-3000:]
+
+
+def test_two_authorization_entries_are_refused(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    for second in (f"Bearer {KEY}", "Bearer wrong-key-0000"):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(typed_request(FEEDS), metadata=(("authorization", f"Bearer {KEY}"),
+                                                            ("authorization", second)))
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "2 Authorization headers" in info.value.details()
+
+
 def test_grpc_calls_are_counted_in_metrics(agent: AgentProcess, client: grpcclient.InferenceServerClient) -> None:
     import urllib.request
 

@@ -196,3 +196,18 @@ async def test_sighup_applies_new_key_and_models_and_refuses_a_broken_config(tmp
         assert "Traceback" not in agent.log()
     finally:
         agent.stop()
+
+
+async def test_an_agent_with_no_models_says_how_to_add_one(tmp_path: Path) -> None:
+    """A fresh install (a .deb, a container) starts with nothing to serve: the log says what to do."""
+    config = write_config(tmp_path / "agent.toml", tmp_path / "state", free_port(), [])
+    agent = ServiceProcess(config, tmp_path)
+    try:
+        await agent.notify.wait_for("READY", "1", timeout=30)
+        log = agent.log()
+        assert "no models to serve: add [[models]] entries naming bundles under" in log, log
+        assert str(tmp_path / "state" / "models") in log and "[updates]" in log
+        agent.signal(signal.SIGTERM)
+        assert await agent.wait_exit(15) == 0
+    finally:
+        agent.stop()

@@ -1,8 +1,9 @@
 """Signed updates end to end: `edgefleet hub publish` rings the doorbell on a real mosquitto;
 a running agent refreshes through TUF from the real `hub serve` app, downloads, verifies,
 stages, probes, activates and serves the new version of a real demo model while four
-clients keep asking; `hub status` shows it; an operator rolls back; a version that fails
-its probe is rolled back on its own; a broker restart does not lose an update."""
+clients keep asking; `hub status` shows it; an operator rolls back on the device (the cmd topic
+refuses to); a version that fails its probe is rolled back on its own; a broker restart does
+not lose an update."""
 
 from __future__ import annotations
 
@@ -188,11 +189,15 @@ async def test_operator_rollback_from_the_cli_sticks_until_a_newer_desired_state
     assert reply.correlation_data == b"c1"
     assert answer["ok"] is True and answer["models"][EMBED] == "denied", answer
     assert await served_version(agent, EMBED) == "int8-1.0.0"
-    # and a rollback by command, with nothing earlier left to go back to, says why
-    watcher.publish(CMD_TOPIC, json.dumps({"command": "rollback", "model": CHAT}), response_topic="test/replies/2")
+    # a rollback on the cmd topic is refused (MQTT is not signed): the answer says what to use
+    watcher.publish(CMD_TOPIC, json.dumps({"command": "rollback", "model": EMBED}), response_topic="test/replies/2")
     (reply,) = await watcher.wait("test/replies/2")
     answer = json.loads(reply.payload)
-    assert answer["ok"] is False and "no earlier version" in answer["error"]
+    assert answer["ok"] is False and "hub publish --pin" in answer["error"], answer
+    assert await served_version(agent, EMBED) == "int8-1.0.0"
+    # and the CLI, with nothing earlier left to go back to, says why in one line
+    code, out = await cli("models", "rollback", CHAT, "--config", str(config))
+    assert code == 1 and out.count("\n") == 1 and "no earlier version that served well" in out, out
     assert (
         await agent.post(
             "/v1/chat/completions",

@@ -265,6 +265,17 @@ async def test_expired_metadata_is_rejected(agent, hub, watcher, log, env_dir) -
     hub.do_timestamp(force=True)
 
 
+async def test_metadata_cut_mid_file_gets_a_hub_unreachable_reply(agent, mirror, watcher, log, env_dir) -> None:
+    """A connection dropped in the middle of timestamp.json (urllib3's IncompleteRead) is the
+    network failing, not a verdict: check-now still answers, naming the cause."""
+    mirror.on("timestamp.json", cut_after=100)
+    reply = await check_now(watcher)
+    assert reply["ok"] is True and reply["outcome"] == "hub-unreachable", reply
+    assert "timestamp.json" in reply["message"] and "IncompleteRead" in reply["message"], reply
+    await old_version_serves(agent, env_dir)
+    assert (await check_now(watcher))["outcome"] == "reconciled"  # the next look goes through
+
+
 # ---- desired states this device must not act on ----------------------------------------------------------
 
 
@@ -398,3 +409,32 @@ async def test_after_all_that_a_good_release_still_installs(agent, hub, watcher,
     status, meta = await agent.get(f"/v2/models/{EMBED}")
     assert status == 200 and meta["versions"] == ["good"]
     assert message["device"] == DEVICE
+
+
+# ---- commands: MQTT may ask the device to look, never change what serves -----------------------------
+
+
+async def test_a_rollback_command_from_anyone_on_the_broker_changes_nothing(agent, hub, watcher, log, env_dir) -> None:
+    """An attacker who can publish on the device's cmd topic (a shared broker account, a
+    compromised broker) sends `rollback`: the device keeps serving the hub's signed version,
+    does not deny it, and answers why (fleet rollback is a signed pin; local rollback is on
+    the device)."""
+    result = publish_release(hub, EMBED, release(env_dir, "signed"))
+    seq = log.last_seq()
+    ring(watcher, result.doorbell)
+    assert (await log.until(seq, {"active", "failed", "rolled-back"}, EMBED))["state"] == "active"
+    store = ModelStore(env_dir / "state")
+    assert store.record(EMBED).previous is not None  # there is something a rollback could go back to
+    seq = log.last_seq()
+    topic = f"test/replies/attacker-{seq}"
+    watcher.publish(CMD_TOPIC, json.dumps({"command": "rollback", "model": EMBED}), response_topic=topic)
+    (reply,) = await watcher.wait(topic, timeout_s=30)
+    answer = json.loads(reply.payload)
+    assert answer["ok"] is False and answer["command"] == "rollback", answer
+    assert "hub publish --pin" in answer["error"] and "edgefleet models rollback" in answer["error"], answer
+    status, meta = await agent.get(f"/v2/models/{EMBED}")
+    assert status == 200 and meta["versions"] == ["signed"], meta
+    assert store.current(EMBED) == "signed"
+    assert agent.app[UPDATES].journal.denied(EMBED, "signed") is None  # the hub's signed version stays allowed
+    assert (await check_now(watcher))["models"][EMBED] == "up-to-date"
+    assert not [m for m in log.since(seq) if m["model"] == EMBED]  # no rolled-back transition either

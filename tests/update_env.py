@@ -73,7 +73,7 @@ def make_release(
 
 @dataclass
 class Behaviour:
-    throttle_bps: int | None = None
+    throttle_bps: int | None = None  # bytes per second, in pieces of at most that many bytes (1: trickle)
     cut_after: int | None = None  # bytes of body, first request only
     endless: bool = False
     serve_instead: Path | None = None
@@ -148,7 +148,7 @@ class Mirror:
         if not behaviour.endless:
             response.content_length = len(data) - start
         await response.prepare(request)
-        chunk = 64 * 1024
+        chunk = min(64 * 1024, behaviour.throttle_bps or 64 * 1024)  # throttle_bps=1: a byte at a time
         offset = start
         while True:
             piece = (
@@ -169,7 +169,10 @@ class Mirror:
                 while request.transport is not None and not request.transport.is_closing():
                     await asyncio.sleep(0.05)  # silence until the client gives up
                 return response
-            await response.write(piece)
+            try:
+                await response.write(piece)
+            except ConnectionResetError:  # the client gave up (a deadline, a shutdown): so do we
+                return response
             self.sent[rel] = self.sent.get(rel, 0) + len(piece)
             offset += len(piece)
             if behaviour.throttle_bps:

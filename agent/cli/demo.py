@@ -137,8 +137,17 @@ def demo_put_there(store: ModelStore, demo: DemoModel, version: str) -> bool:
 
 
 def build_demo_bundles(models_dir: Path) -> list[ModelBundle]:
-    """Build the demo bundles into `models_dir` (``<state_dir>/models``; the store is its parent)."""
-    store = ModelStore(Path(models_dir).parent)
-    store.ensure_layout()
-    store.recover()
-    return [build_bundle(store, demo) for demo in DEMO_MODELS]
+    """Build the demo bundles into `models_dir` (``<state_dir>/models``; the store is its parent).
+
+    A disk that refuses the copy (full, read-only) is a `StoreError` naming the state dir and
+    the reason; the store removes its partial files (`ModelStore.add_file`), so a full disk
+    is not left fuller."""
+    state_dir = Path(models_dir).parent
+    store = ModelStore(state_dir)
+    try:
+        store.ensure_layout()
+        store.recover()
+        return [build_bundle(store, demo) for demo in DEMO_MODELS]
+    except OSError as exc:
+        raise StoreError(f"cannot build the demo bundles in {state_dir}: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename else "")) from exc

@@ -4,7 +4,8 @@ Each check is a function returning `Finding`s, reading the machine through
 paths it is given (``/sys/class/powercap``, the state dir), so a test can point
 it at a fake sysfs tree. The decisions themselves (which llama.cpp path, which
 onnxruntime providers) come from runtime/devices.py, the same code the agent
-runs at load; doctor only reports them. Exit status: 0 when nothing failed
+runs at load; doctor only reports them. The checks that go over the network
+(ports, the MQTT broker, the hub) are in agent/cli/doctor_network.py. Exit status: 0 when nothing failed
 (warnings are allowed), 1 otherwise.
 """
 
@@ -14,11 +15,11 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
+from agent.cli.doctor_network import check_mqtt, check_ports, check_updates
+from agent.cli.findings import Finding, Level
 from agent.config import AgentConfig
 from runtime.bundle import read_bundle
 from runtime.errors import RuntimeLayerError
@@ -27,20 +28,6 @@ POWERCAP = Path("/sys/class/powercap")
 #: Below this much free space in the state dir a model update cannot be staged.
 DISK_FAIL_BYTES = 512 * 1024 * 1024
 DISK_WARN_BYTES = 4 * 1024 * 1024 * 1024
-
-
-class Level(StrEnum):
-    OK = "ok"
-    WARN = "warn"
-    FAIL = "FAIL"
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: Level
-    check: str
-    detail: str
-    fix: str = ""
 
 
 def check_cpu() -> list[Finding]:
@@ -107,14 +94,27 @@ def check_energy(powercap: Path = POWERCAP) -> list[Finding]:
 
 
 def check_state_dir(state_dir: Path) -> list[Finding]:
-    if not state_dir.is_dir():
-        return [Finding(Level.FAIL, "state dir", f"{state_dir} does not exist",
-                        f"create it (mkdir -p {state_dir}) or set state_dir in the config")]
+    """The checks `serve` makes before it starts (runtime/state_lock.py), said as findings; a state
+    dir that does not exist yet is fine when the agent can make it at its first start."""
+    from runtime.state_lock import StateDirError, holder
+    from runtime.state_lock import check_state_dir as usable
+
+    try:
+        usable(state_dir)
+    except StateDirError as exc:
+        detail, _, fix = str(exc).partition("; ")
+        return [Finding(Level.FAIL, "state dir", detail.removeprefix("state dir "),
+                        fix or "set state_dir to a directory the agent's user owns")]
     findings = []
-    if not os.access(state_dir, os.W_OK):
-        findings.append(Finding(Level.FAIL, "state dir", f"{state_dir} is not writable by this user",
-                                f"chown it to the agent's user (chown -R edgefleet: {state_dir})"))
-    free = shutil.disk_usage(state_dir).free
+    if not state_dir.exists():
+        findings.append(Finding(Level.OK, "state dir", f"{state_dir} does not exist yet; the agent makes it "
+                                "at its first start"))
+    else:
+        held = holder(state_dir)
+        running = f", in use by the running agent (pid {held[0]})" if held and held[0] else ""
+        findings.append(Finding(Level.OK, "state dir", f"{state_dir}: readable and writable{running}"))
+    existing = next(p for p in (state_dir, *state_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
     text = f"{free / 2**30:.1f} GiB free in {state_dir}"
     if free < DISK_FAIL_BYTES:
         findings.append(Finding(Level.FAIL, "disk", text, "free space: a model update needs room to stage"))
@@ -123,6 +123,31 @@ def check_state_dir(state_dir: Path) -> list[Finding]:
     else:
         findings.append(Finding(Level.OK, "disk", text))
     return findings
+
+
+def check_telemetry_outbox(state_dir: Path) -> list[Finding]:
+    """Telemetry records lost while the disk refused the outbox (kept in the outbox itself);
+    nothing while there is no outbox (no [mqtt], or never started)."""
+    from sync.telemetry import Outbox, OutboxStorageError
+
+    try:
+        if not (state_dir / "outbox" / "telemetry.sqlite3").is_file():
+            return []
+    except OSError:  # a state dir it cannot read: the state dir check says so
+        return []
+    outbox = Outbox(state_dir / "outbox")
+    try:
+        stats = outbox.stats()
+    except OutboxStorageError as exc:
+        return [Finding(Level.WARN, "telemetry", f"cannot read the outbox: {exc}",
+                        "run doctor as the agent's user, and keep free space in the state dir")]
+    finally:
+        outbox.close()
+    if stats.lost:
+        return [Finding(Level.WARN, "telemetry", f"{stats.lost} telemetry records were lost: the disk refused the "
+                        f"outbox while the broker was away ({stats.queued} waiting now)",
+                        f"keep free space in {state_dir}; edgefleet_telemetry_records_lost_total counts them")]
+    return [Finding(Level.OK, "telemetry", f"{stats.queued} records waiting for the broker, none lost")]
 
 
 def check_models(config: AgentConfig) -> list[Finding]:
@@ -137,6 +162,9 @@ def check_models(config: AgentConfig) -> list[Finding]:
         except RuntimeLayerError as exc:
             findings.append(Finding(Level.FAIL, f"model {entry.name}", str(exc),
                                     f"put the bundle at {path} (see docs/configuration.md, Model bundles)"))
+        except OSError as exc:  # a folder the agent's user may not read
+            findings.append(Finding(Level.FAIL, f"model {entry.name}", f"cannot read {exc.filename or path}: "
+                                    f"{exc.strerror}", "give the state dir to the user the agent runs as"))
         else:
             findings.append(Finding(Level.OK, f"model {entry.name}",
                                     f"{bundle.manifest.format} {bundle.version}, {bundle.size_bytes() / 1e6:.0f} MB"))
@@ -163,8 +191,12 @@ def diagnose(load_config: Callable[[], AgentConfig], powercap: Path = POWERCAP) 
         return [*findings, Finding(Level.FAIL, "config", str(exc), "fix the config file; the message names the key")]
     findings.append(Finding(Level.OK, "config", "valid"))
     findings += check_keys(config)
+    findings += check_ports(config)
     findings += check_state_dir(Path(config.state_dir))
+    findings += check_telemetry_outbox(Path(config.state_dir))
     findings += check_models(config)
+    findings += check_mqtt(config.mqtt)
+    findings += check_updates(config)
     return findings
 
 

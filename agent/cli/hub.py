@@ -64,7 +64,8 @@ def add_hub_commands(commands: Any) -> None:
                      help="run an already published version (a fleet-wide rollback)")
     pub.add_argument("--remove", action="append", default=[], metavar="NAME", help="drop a model from the state")
     add_mqtt_args(pub)
-    pub.add_argument("--no-doorbell", action="store_true", help="sign only; agents find it at their next poll")
+    pub.add_argument("--no-doorbell", action="store_true",
+                     help="sign only; connected agents take it at their next reconnect, restart or check-now")
 
     serve = sub.add_parser("serve", help="serve the repository over HTTP (Range requests supported)")
     add_hub_dir(serve)
@@ -120,6 +121,17 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
+def _found_when(prefix: str) -> str:
+    """When agents find a release nobody rang the doorbell for: an agent connected to MQTT
+    does not poll, so say what does make it look (and promise no periodic check)."""
+    return (
+        "agents connected to MQTT take this release when they next reconnect to the broker or restart, "
+        f'or at once when asked: publish {{"command": "check-now"}} to {prefix}/devices/<id>/cmd '
+        "(`edgefleet models fetch` on a device downloads it ahead; the agent installs it at its next "
+        "restart or check-now); agents not connected to MQTT look every updates.poll_interval_s"
+    )
+
+
 def run_hub(args: argparse.Namespace) -> int:
     try:
         return _run(args)
@@ -159,22 +171,25 @@ def _run(args: argparse.Namespace) -> int:
         result = publish(repo, scope, target, bundles, _pairs(args.pin, "--pin"), args.remove)
         models = ", ".join(f"{n}={v}" for n, v in sorted(result.models.items()))
         print(f"published {scope} {target} serial {result.serial} (targets v{result.targets_version}): {models}")
-        if not args.no_doorbell:
-            topic = result.doorbell_topic(args.topic_prefix)
-            broker = _broker(args)
-            try:
-                ring_doorbell(broker, topic, result.doorbell)
-                print(f"doorbell rung on {topic}")
-            except SyncError as exc:
-                print(f"doorbell not rung ({exc}); agents will find the release at their next poll")
+        if args.no_doorbell:
+            print(f"doorbell not rung (--no-doorbell); {_found_when(args.topic_prefix)}")
+            return 0
+        topic = result.doorbell_topic(args.topic_prefix)
+        broker = _broker(args)
+        try:
+            ring_doorbell(broker, topic, result.doorbell)
+            print(f"doorbell rung on {topic}")
+        except SyncError as exc:
+            print(f"doorbell not rung ({exc}); {_found_when(args.topic_prefix)}")
         return 0
     if command == "serve":
         from sync.hub.server import serve_hub
 
         repo = HubRepository(args.dir)
         repo.settings  # noqa: B018 - refuses a directory that is not a hub
-        print(f"serving {repo.dir / 'repository'} on http://{args.host}:{args.port}/")
-        serve_hub(repo.dir / "repository", args.host, args.port)
+        serve_hub(repo.dir / "repository", args.host, args.port,
+                  announce=f"serving {repo.dir / 'repository'} on http://{args.host}:{args.port}/ (devices: "
+                           f"[updates] hub_url = \"http://<this machine>:{args.port}\")")
         return 0
     if command == "refresh":
         done = HubRepository(args.dir).refresh(force=args.force)

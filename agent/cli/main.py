@@ -1,7 +1,13 @@
 """The `edgefleet` command: serve, list models, build the demo bundles.
 
-Errors the user can fix (bad config, missing bundle, busy port) print one line
-on stderr and exit non-zero; they never show a traceback.
+Errors the user can fix (bad config, missing bundle, busy port, a state dir it
+cannot use or another process holds) print one line on stderr and exit
+non-zero; they never show a traceback.
+
+Commands that write the state dir hold its OS lock (runtime/state_lock.py)
+while they write: `serve` for its whole life, `demo build`, `models fetch`,
+`--demo` while it builds, and the offline half of `models rollback`. So a second
+agent, or one of these beside a running agent, is refused with the holder's PID.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEnt
 from agent.lifecycle.logs import setup_logging
 from runtime.bundle import read_bundle
 from runtime.errors import RuntimeLayerError
+from runtime.state_lock import StateDirLock
 
 log = logging.getLogger("edgefleet")
 
@@ -63,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="list the configured bundles on disk")
     add_config(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    rollback = models_commands.add_parser("rollback", help="serve the previous version of a model again")
+    rollback = models_commands.add_parser("rollback",
+                                          help="serve again the last version that served well before this one")
     add_config(rollback)
     rollback.add_argument("name", help="the model to roll back")
     fetch = models_commands.add_parser("fetch", help="download and verify what the hub says this device "
@@ -120,14 +128,23 @@ def _load(args: argparse.Namespace) -> AgentConfig:
             raise CliError(f"--grpc-port must be 0..65535 and differ from the HTTP port, got {grpc_port}",
                            code=2)
         server = dataclasses.replace(server, grpc_port=grpc_port)
-    config = config.with_overrides(server=server)
-    if getattr(args, "demo", False):
-        setup_logging(config.log_level)  # what the demo replaces or keeps is logged
+    return config.with_overrides(server=server)
+
+
+def _with_demo(args: argparse.Namespace, config: AgentConfig, locked: bool = False) -> AgentConfig:
+    """With --demo: build the demo bundles into the state dir (under its lock, unless this
+    process holds it already) and serve them beside the configured models."""
+    if not getattr(args, "demo", False):
+        return config
+    setup_logging(config.log_level)  # what the demo replaces or keeps is logged
+    if locked:
         build_demo_bundles(Path(config.state_dir) / "models")
-        known = {m.name for m in config.models}
-        extra = [ModelEntry(name=d.name) for d in DEMO_MODELS if d.name not in known]
-        config = config.with_overrides(models=[*config.models, *extra])
-    return config
+    else:
+        with StateDirLock(config.state_dir, f"{args.command} --demo"):
+            build_demo_bundles(Path(config.state_dir) / "models")
+    known = {m.name for m in config.models}
+    extra = [ModelEntry(name=d.name) for d in DEMO_MODELS if d.name not in known]
+    return config.with_overrides(models=[*config.models, *extra])
 
 
 def _list_models(config: AgentConfig, as_json: bool) -> int:
@@ -157,13 +174,34 @@ def _list_models(config: AgentConfig, as_json: bool) -> int:
     return 1 if any(r["error"] for r in rows) else 0
 
 
+def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
+    """`serve`: hold the state dir from before anything in it is read until the process ends."""
+    from agent.lifecycle.service import ConfigRefused, ServeError, serve
+
+    def reload_config() -> AgentConfig:
+        try:
+            return _with_demo(args, _load(args), locked=True)
+        except CliError as exc:
+            raise ConfigRefused(str(exc)) from None
+
+    with StateDirLock(config.state_dir, "serve"):
+        config = _with_demo(args, config, locked=True)
+        try:
+            serve(config, reload_config)
+        except ServeError as exc:
+            raise CliError(str(exc)) from None
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
             config = _load(args)
             setup_logging(config.log_level)
-            for bundle in build_demo_bundles(Path(config.state_dir) / "models"):
+            with StateDirLock(config.state_dir, "demo build"):
+                bundles = build_demo_bundles(Path(config.state_dir) / "models")
+            for bundle in bundles:
                 print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
             return 0
         if args.command == "hub":
@@ -175,24 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _load(args)
         setup_logging(config.log_level)
         if args.command == "models" and args.models_command == "rollback":
-            return rollback_command(config, args.name)
+            return rollback_command(_with_demo(args, config), args.name)
         if args.command == "models" and args.models_command == "fetch":
-            return fetch_command(config)
+            with StateDirLock(config.state_dir, "models fetch"):
+                return fetch_command(_with_demo(args, config, locked=True))
         if args.command == "models":
-            return _list_models(config, args.json)
-        from agent.lifecycle.service import ConfigRefused, ServeError, serve
-
-        def reload_config() -> AgentConfig:
-            try:
-                return _load(args)
-            except CliError as exc:
-                raise ConfigRefused(str(exc)) from None
-
-        try:
-            serve(config, reload_config)
-        except ServeError as exc:
-            raise CliError(str(exc)) from None
-        return 0
+            return _list_models(_with_demo(args, config), args.json)
+        return _serve(args, config)
     except (CliError, HubCliError) as exc:
         print(f"edgefleet: {exc}", file=sys.stderr)
         return exc.code

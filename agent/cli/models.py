@@ -1,10 +1,11 @@
 """`edgefleet models rollback NAME` and `edgefleet models fetch`: signed updates from the CLI.
 
-`rollback` asks the running agent (its local HTTP endpoint) to serve the previous
-version again, which switches at once when that version is still loaded; with
-no agent running it switches `current` on disk, so the next start serves the
-previous version. Either way the version rolled back from is not installed
-again until the hub publishes a newer desired state.
+`rollback` asks the running agent (its local HTTP endpoint) to serve again the last
+version that served well before the current one, which switches at once when that
+version is still loaded; with no agent running it switches `current` on disk, so
+the next start serves it. Either way the version rolled back from is not installed
+again until the hub publishes a newer desired state, and a second rollback goes
+further back rather than to it. Errors are one line.
 
 `fetch` does the download half of an update in the foreground, with a progress
 bar (tqdm): refresh the hub's metadata through TUF, then fetch and verify every
@@ -24,6 +25,7 @@ from agent.cli.hub import HubCliError
 from agent.config import AgentConfig
 from agent.fleet.updates import offline_rollback
 from runtime.errors import RuntimeLayerError
+from runtime.state_lock import StateDirLock
 from runtime.store import ModelStore
 from security.errors import SecurityError
 from sync.downloader import Downloader, Fetch
@@ -47,18 +49,34 @@ def rollback_command(config: AgentConfig, name: str) -> int:
     answer = asyncio.run(ask_agent())
     if answer is None:
         try:
-            version = offline_rollback(config, name)
+            with StateDirLock(config.state_dir, f"models rollback {name}"):  # refused while an agent holds it
+                version = offline_rollback(config, name)
         except RuntimeLayerError as exc:
-            raise HubCliError(f"cannot roll {name} back: {exc}") from None
+            raise HubCliError(f"cannot roll {name} back: {_clause(str(exc))}") from None
         print(f"{name}: current is now {version} (no agent was running; it serves {version} when it starts)")
         return 0
     status, body = answer
     if status != 200:
-        error = body.get("error") if isinstance(body, dict) else None
-        message = error.get("message") if isinstance(error, dict) else body
-        raise HubCliError(f"the agent refused: {message}")
+        raise HubCliError(f"cannot roll {name} back: {_error_message(status, body)}")
     print(f"{name}: rolled back, serving {body.get('version')}")
     return 0
+
+
+def _error_message(status: int, body: object) -> str:
+    """The sentence in an error answer, KServe v2 (``{"error": "..."}``) or OpenAI style
+    (``{"error": {"message": "..."}}``); never the raw body."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    if not isinstance(error, str) or not error.strip():
+        return f"the agent answered HTTP {status} without an error message."
+    return _clause(error)
+
+
+def _clause(text: str) -> str:
+    """A sentence as the rest of a CLI line: one line, lower-case first word (not "HTTP")."""
+    text = " ".join(text.split())
+    return text[:1].lower() + text[1:] if text[1:2].islower() else text
 
 
 def fetch_command(config: AgentConfig) -> int:
@@ -68,7 +86,8 @@ def fetch_command(config: AgentConfig) -> int:
     try:
         trust_root = Path(settings.trust_root).read_bytes()
         hub = HubClient(Path(config.state_dir) / "tuf", settings.hub_url, trust_root, config.mqtt.group,
-                        config.mqtt.device_id, timeout_s=int(settings.read_timeout_s))
+                        config.mqtt.device_id, timeout_s=settings.read_timeout_s,
+                        refresh_timeout_s=settings.refresh_timeout_s)
         view = hub.refresh()
     except OSError as exc:
         raise HubCliError(f"updates.trust_root {settings.trust_root}: {exc.strerror}") from None

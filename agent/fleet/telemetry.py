@@ -26,7 +26,7 @@ from agent.fleet.link import boot_id
 from runtime.energy.meter import default_meter
 from runtime.sampler import Sampler
 from runtime.system import SystemMonitor
-from sync.telemetry import Outbox, OutboxStats, RecordHeader, TelemetryPublisher, build_record
+from sync.telemetry import Outbox, OutboxStats, RecordHeader, StorageHealth, TelemetryPublisher, build_record
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,21 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     await sampler.start()
     app[SAMPLER] = sampler
     publisher: TelemetryPublisher | None = None
-    outbox_stats: list[OutboxStats | None] = [None]  # refreshed by each record, read by /metrics
     link = app.get(MQTT)
     if link is not None:
-        outbox = await asyncio.to_thread(Outbox, Path(config.state_dir) / "outbox", settings.outbox_max_records)
+        # opened on first use: a full disk at start-up is reported by the publisher, never fatal
+        outbox = Outbox(Path(config.state_dir) / "outbox", settings.outbox_max_records)
         header = RecordHeader(config.mqtt.device_id, config.mqtt.group, __version__, boot_id(), run_id,
                               started, settings.interval_s)
 
-        def build(seq: int, stats: OutboxStats, published: int) -> dict[str, Any]:
-            outbox_stats[0] = stats
+        def build(seq: int, stats: OutboxStats, published: int, storage: StorageHealth) -> dict[str, Any]:
             return build_record(seq, header, time.time(), models, sampler.system, sampler.energy,
-                                sampler.attributed(), stats, link.status, published)
+                                sampler.attributed(), stats, link.status, published, storage)
 
         publisher = TelemetryPublisher(link, outbox, build, settings.interval_s)
         await publisher.start()
         app[PUBLISHER] = publisher
-    app[METRICS].watch_telemetry(sampler, lambda: outbox_stats[0], lambda: link.status if link else None)
+    app[METRICS].watch_telemetry(sampler, lambda: publisher, lambda: link.status if link else None)
     try:
         yield
     finally:

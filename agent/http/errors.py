@@ -60,6 +60,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+def one_credential(values: list[str]) -> str | None:
+    """The request's one Authorization value (None: none sent); a 400 when it sent several,
+    whose order proxies and servers read differently (the first, the last, or joined)."""
+    if len(values) > 1:
+        raise ApiError(400, f"The request has {len(values)} Authorization headers; send exactly one",
+                       code="duplicate_authorization", close=True)
+    return values[0] if values else None
+
+
 def to_api_error(exc: BaseException) -> ApiError:
     """Map any exception a handler let through onto an HTTP error."""
     if isinstance(exc, ApiError):

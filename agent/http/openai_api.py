@@ -10,6 +10,10 @@ proper 400s and not a broken stream.
 A generation the runtime stopped early says why in `finish_reason`: "length" when
 it reached the per-request model-time limit (as llama.cpp's server does for its
 time limit), "shutdown" when the agent stopped it at the drain deadline.
+
+A stream whose client reads nothing for ``server.write_timeout_s`` (a send still
+waiting on full buffers) is ended as if the client had left: the connection is
+aborted and the generation cancelled, so its model slot goes to the next request.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from agent.context import LIVE, MODELS, read_json
+from agent.context import LIVE, MODELS
+from agent.http.bodies import read_json
 from agent.http.errors import ApiError, bad_request
 from agent.http.jsonio import dumps, json_response
 from agent.http.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
@@ -190,8 +195,12 @@ async def _stream(
         return dumps({**header, "choices": [choice]})
 
     response: web.StreamResponse | None = None
+    # How long a send may wait for a client that reads nothing (aiohttp-sse then aborts the
+    # connection and raises TimeoutError; on Linux it also sets the socket's TCP_USER_TIMEOUT,
+    # so the kernel ends a connection whose window stays shut that long).
+    timeout_s = request.app[LIVE].config.server.write_timeout_s
     try:
-        async with sse_response(request, sep="\n", allow_all_methods=True,
+        async with sse_response(request, sep="\n", allow_all_methods=True, send_timeout=timeout_s,
                                 headers={"X-Accel-Buffering": "no"}) as sse:
             response = sse
             if chat:
@@ -213,6 +222,10 @@ async def _stream(
     except ConnectionError:
         # The client left between two chunks; the caller's finally stops the model.
         log.debug("client of %s left mid-stream", ident)
+    except TimeoutError:
+        # The client read nothing for server.write_timeout_s: ended as if it had left.
+        log.info("ended a stream to %s: the client read nothing for %gs (server.write_timeout_s)",
+                 request.remote, timeout_s)
     return response if response is not None else web.Response(status=499)
 
 

@@ -8,11 +8,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent.context import LIVE, METRICS, MODELS
+from agent.fleet.telemetry import PUBLISHER
 from agent.http.errors import ApiError
 from agent.http.jsonio import json_response
 from runtime.bundle import read_bundle
 from runtime.registry import ModelStatus
 from security.api_keys import api_key_matches
+from sync.telemetry import TelemetryPublisher
 
 
 def setup(app: web.Application) -> None:
@@ -43,11 +45,20 @@ async def readyz(request: web.Request) -> web.Response:
     ready = models.all_ready() and not request.app[LIVE].draining
     api_key = request.app[LIVE].config.server.api_key
     detail = not api_key or api_key_matches(api_key, request.headers.get("Authorization"))
-    return json_response(
-        {"status": "ready" if ready else "not ready",
-         "models": [_status_json(s, detail) for s in models.statuses()]},
-        status=200 if ready else 503,
-    )
+    body: dict[str, object] = {"status": "ready" if ready else "not ready",
+                               "models": [_status_json(s, detail) for s in models.statuses()]}
+    publisher = request.app.get(PUBLISHER)
+    if publisher is not None:  # a telemetry problem is shown, but does not make the agent unready
+        body["telemetry"] = _telemetry_json(publisher, detail)
+    return json_response(body, status=200 if ready else 503)
+
+
+def _telemetry_json(publisher: TelemetryPublisher, detail: bool) -> dict[str, object]:
+    failing = publisher.storage.error is not None
+    out: dict[str, object] = {"storage": "failing" if failing else "ok", "records_lost": publisher.records_lost}
+    if failing and detail:  # the reason names a path on disk
+        out["reason"] = publisher.storage.error
+    return out
 
 
 async def metrics(request: web.Request) -> web.Response:

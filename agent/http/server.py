@@ -14,10 +14,16 @@ quotes the request's bytes, with a traceback in the log. Here:
 - ``max_connections`` answers connections past the cap with a 503 and closes them
   at once, so descriptors stay bounded and the agent keeps serving the others;
 - parser errors become the API's error JSON via `agent.http.errors.protocol_error`,
-  logged as one rate-limited line without a traceback.
+  logged as one rate-limited line without a traceback;
+- a response that closes the connection while the request's body is still arriving (a
+  413 for a body over the limit, a 415, a 408) is sent, and the connection closed at
+  once: aiohttp would otherwise read and discard the rest of the body first, so a
+  client sending 100 MB uploaded all of it before it could see the 413.
 
-Body read timeouts are the handlers' job (`agent.context.read_json`), since only they
-read bodies. What the server does at shutdown is agent/app.py's (`on_shutdown`).
+Request bodies are read, decoded and timed by the handlers (agent/http/bodies.py), since
+only they read bodies: aiohttp's own decoding is off (``auto_decompress``), because it
+does not check that a gzip body is complete. What the server does at shutdown is
+agent/app.py's (`on_shutdown`).
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class GuardedRequestHandler(RequestHandler):
             max_line_size=config.max_header_bytes,
             max_field_size=config.max_header_bytes,
             lingering_time=min(LINGERING_TIME_S, config.body_timeout_s),
+            auto_decompress=False,  # agent/http/bodies.py decodes, and checks the end
             **kwargs,
         )
         self._header_timeout_s = config.header_timeout_s
@@ -98,7 +105,14 @@ class GuardedRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_header_timer()
+        if isinstance(exc, TimeoutError):  # ETIMEDOUT; for a stream see agent/http/openai_api.py
+            log.info("closed a connection from %s whose client read and acknowledged nothing in time "
+                     "(streams: server.write_timeout_s)", self._peer())
         super().connection_lost(exc)
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else "a client"
 
     def _header_timed_out(self, request_count: int) -> None:
         self._header_timer = None
@@ -118,6 +132,17 @@ class GuardedRequestHandler(RequestHandler):
         if self.transport is not None:
             self.transport.write(raw)
         self.force_close()
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """Send the response; when it closes the connection before the request's body has
+        all arrived, close now instead of reading the rest of the body (aiohttp's lingering)."""
+        result = await super().finish_response(request, resp, start_time)
+        if not resp.keep_alive and not request.content.is_eof() and self.transport is not None:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()  # the answer, then FIN: the client reads it whole
+            self.force_close()
+        return result
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
         """aiohttp logs a traceback when discarding the rest of a body it cannot decode

@@ -11,6 +11,12 @@ server) is ready is decided by agent/kserve/models.py, errors become gRPC status
 `security.api_keys` against the live config (a SIGHUP changes it for both),
 and every call counts as in flight for the shutdown drain.
 
+Request bytes are parsed by our own deserializers (`handlers`), which never raise:
+bytes that are not the method's message become an `Undecodable` that `_call`
+refuses with INVALID_ARGUMENT after the API-key check, in one log line. (With
+the generated ones, grpcio answered UNKNOWN naming protobuf's DecodeError, before
+any key was checked, and logged a traceback for every such call.)
+
 Inputs come as typed `contents` or as `raw_input_contents` (all inputs, in input
 order); outputs always go back as `raw_output_contents`, as Triton's server
 does, which every v2 client reads. Health calls (ServerLive, ServerReady) need
@@ -24,6 +30,7 @@ import errno
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -32,7 +39,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.context import CONFIG, LIVE, METRICS
-from agent.http.errors import ApiError, bad_request, grpc_status, to_api_error
+from agent.http.errors import ApiError, bad_request, grpc_status, one_credential, to_api_error
 from agent.kserve.models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
 from agent.kserve.tensors import TensorError, bounded_count, check_header, from_raw, from_values, to_raw, v2_datatype
 from runtime.served_model import ServedModel
@@ -56,18 +63,52 @@ GRPC_PORT = web.AppKey("grpc_port", int)
 Reply = TypeVar("Reply")
 
 
-def _proto() -> tuple[Any, Any]:
-    """The generated modules, imported on first use: a process that never serves gRPC
-    (or a test process holding tritonclient's own copy of these messages) never loads them."""
+def _proto() -> Any:
+    """The generated messages, imported on first use: a process that never serves gRPC
+    (or a test process holding tritonclient's own copy of these messages) never loads them.
+    The generated service code is not used: `handlers` builds the handlers."""
     from agent.kserve.proto import open_inference_grpc_pb2 as pb
-    from agent.kserve.proto import open_inference_grpc_pb2_grpc as pb_grpc
 
-    return pb, pb_grpc
+    return pb
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
-    return {key.lower(): value for key, value in (context.invocation_metadata() or ())
-            if isinstance(value, str)}
+@dataclass(frozen=True)
+class Undecodable:
+    """What a request deserializer gives for bytes that are not its message."""
+
+    #: The message's full protobuf name, e.g. ``inference.ModelInferRequest``.
+    message: str
+
+
+def _lenient(message_class: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that gives an `Undecodable` instead of raising."""
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_class.FromString(raw)
+        except Exception:  # noqa: BLE001 - DecodeError, or worse: either way not a request
+            return Undecodable(message_class.DESCRIPTOR.full_name)
+    return parse
+
+
+def handlers(service: InferenceService) -> dict[str, grpc.RpcMethodHandler]:
+    """The RPC handlers of `service`, one per method of the proto's service, with `_lenient`
+    request deserializers (what the generated ``add_..._to_server`` builds, but with
+    FromString that raises)."""
+    pb = service.pb
+    out = {}
+    for method in pb.DESCRIPTOR.services_by_name[SERVICE.rsplit(".", 1)[1]].methods:
+        out[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(service, method.name),
+            request_deserializer=_lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    return out
+
+
+def _credential(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's one ``authorization`` metadata value (INVALID_ARGUMENT when it has several)."""
+    return one_credential([value for key, value in (context.invocation_metadata() or ())
+                           if key.lower() == "authorization" and isinstance(value, str)])
 
 
 class InferenceService:
@@ -75,9 +116,9 @@ class InferenceService:
 
     def __init__(self, app: web.Application) -> None:
         self.app = app
-        self.pb, _ = _proto()
+        self.pb = _proto()
 
-    async def _call(self, method: str, context: grpc.aio.ServicerContext,
+    async def _call(self, method: str, request: Any, context: grpc.aio.ServicerContext,
                     work: Callable[[], Awaitable[Reply]]) -> Reply:
         live = self.app[LIVE]
         started = time.perf_counter()
@@ -86,12 +127,15 @@ class InferenceService:
             try:
                 if method not in PUBLIC_METHODS:
                     api_key = live.config.server.api_key
-                    if api_key and not api_key_matches(api_key, _metadata(context).get("authorization")):
+                    if api_key and not api_key_matches(api_key, _credential(context)):
                         raise ApiError(401, "Incorrect or missing API key: send metadata "
                                        "'authorization: Bearer <key>'")
                     if live.draining:
                         raise ApiError(503, "The agent is shutting down and takes no new requests; "
                                        "retry shortly", headers={"Retry-After": "5"})
+                if isinstance(request, Undecodable):
+                    log.info("gRPC %s: refused a request that is not a valid %s", method, request.message)
+                    raise bad_request(f"The request is not a valid {request.message} message")
                 with live.admitted():
                     return await work()
             except Exception as exc:  # mapped in one place (agent/http/errors.py), as for HTTP
@@ -116,23 +160,23 @@ class InferenceService:
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
             return self.pb.ServerLiveResponse(live=True)
-        return await self._call("ServerLive", context, work)
+        return await self._call("ServerLive", request, context, work)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
             ready = server_ready(self.app)
             return self.pb.ServerReadyResponse(ready=ready)
-        return await self._call("ServerReady", context, work)
+        return await self._call("ServerReady", request, context, work)
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
             return self.pb.ModelReadyResponse(ready=model_ready(self.app, request.name, request.version))
-        return await self._call("ModelReady", context, work)
+        return await self._call("ModelReady", request, context, work)
 
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
             return self.pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=[])
-        return await self._call("ServerMetadata", context, work)
+        return await self._call("ServerMetadata", request, context, work)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
@@ -142,7 +186,7 @@ class InferenceService:
                 name=served.name, versions=[served.version], platform=served.info.platform,
                 inputs=[meta(**vars(t)) for t in tensor_metadata(served.info.inputs)],
                 outputs=[meta(**vars(t)) for t in tensor_metadata(served.info.outputs)])
-        return await self._call("ModelMetadata", context, work)
+        return await self._call("ModelMetadata", request, context, work)
 
     # --- inference ---------------------------------------------------------------
 
@@ -155,7 +199,7 @@ class InferenceService:
                 raise bad_request("an output is requested more than once")
             results = await served.infer(inputs, names)
             return self._response(request, served, results)
-        return await self._call("ModelInfer", context, work)
+        return await self._call("ModelInfer", request, context, work)
 
     def _response(self, request: Any, served: ServedModel, results: dict[str, np.ndarray]) -> Any:
         tensor = self.pb.ModelInferResponse.InferOutputTensor
@@ -210,13 +254,14 @@ async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
     if config.grpc_port is None:
         yield
         return
-    _, pb_grpc = _proto()
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", config.max_body_bytes),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 0),
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)
+    service_handlers = handlers(InferenceService(app))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, service_handlers),))
+    server.add_registered_method_handlers(SERVICE, service_handlers)
     address = f"{config.host}:{config.grpc_port}"
     try:
         port = server.add_insecure_port(address)

@@ -27,7 +27,8 @@ from aiohttp import web
 
 from agent import __version__
 from agent.context import CONFIG
-from agent.http.errors import ApiError, bad_request
+from agent.http.bodies import read_body
+from agent.http.errors import bad_request
 from agent.http.jsonio import OPTIONS, json_response, loads
 from agent.kserve.models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
 from agent.kserve.tensors import (
@@ -94,12 +95,8 @@ async def model_ready_status(request: web.Request) -> web.Response:
 
 
 async def _read_body(request: web.Request) -> bytes:
-    """The whole (decompressed) body, refused early with 413 when it says it is too large."""
-    limit = request.app[CONFIG].server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"Request body too large: {request.content_length} bytes, "
-                       f"the limit is {limit}", code="request_too_large")
-    raw = await request.read()  # aiohttp enforces client_max_size while reading
+    """The whole decoded body (agent/http/bodies.py: 408, 413, 415 as for the OpenAI API)."""
+    raw = await read_body(request)
     if not raw:
         raise bad_request("The request body is empty; send a JSON object")
     return raw

@@ -12,9 +12,11 @@ Repeated messages are rate-limited: an attacker (or a broken client in a loop)
 can make the agent log the same line thousands of times a second (accept errors
 when descriptors run out, refused connections, malformed requests). On a device
 with a small disk and no operator, that log is itself the outage.
-`RateLimitFilter` lets each distinct message (logger, level, format string)
-through `burst` times per `interval_s`, drops the rest, and says how many it
-dropped on the next line it lets through.
+`RateLimitFilter` lets each distinct line (logger, level, the message with its
+arguments) through `burst` times per `interval_s`, and each format string at most
+ten times that, whatever its arguments; it drops the rest and says how many it
+dropped on the next line it lets through. Keying on the arguments matters: a
+flood of one refusal must not hide the first refusal of another code or model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra=``.
@@ -65,34 +68,63 @@ class LogfmtFormatter(logging.Formatter):
         return line
 
 
-class RateLimitFilter(logging.Filter):
-    """At most `burst` records per distinct message per `interval_s`; the rest are counted."""
+@dataclass
+class _Window:
+    """Records let through and dropped since `start`; `owed`: drops of past windows not yet said."""
 
-    def __init__(self, burst: int = 10, interval_s: float = 60.0) -> None:
+    start: float
+    passed: int = 0
+    dropped: int = 0
+    owed: int = 0
+
+
+class RateLimitFilter(logging.Filter):
+    """At most `burst` records of each kind per `interval_s`, and at most `template_burst` per
+    format string (whatever its arguments); the rest are counted.
+
+    A kind is what the line says (logger, level, the formatted message): ten ``update refused``
+    lines of one code do not hide the first refusal of another code or model. The per-template
+    cap is there because arguments can come from outside (a serial in a forged doorbell, a
+    client's address): an attacker who varies them still cannot flood the log."""
+
+    def __init__(self, burst: int = 10, interval_s: float = 60.0, template_burst: int | None = None) -> None:
         super().__init__()
         self.burst = burst
         self.interval_s = interval_s
-        #: message key -> [window start, records let through in it, records dropped]
-        self._windows: dict[tuple[str, int, str], list[float]] = {}
+        self.template_burst = template_burst if template_burst is not None else 10 * burst
+        self._kinds: dict[tuple[str, int, str, str], _Window] = {}
+        self._templates: dict[tuple[str, int, str], _Window] = {}
+
+    def _window(self, table: dict[Any, _Window], key: Any, now: float) -> _Window:
+        window = table.get(key)
+        if window is None:
+            window = table[key] = _Window(now)
+            if len(table) > 10_000:  # bounded: forget the oldest windows
+                for old in sorted(table, key=lambda k: table[k].start)[:5_000]:
+                    del table[old]
+        elif now - window.start >= self.interval_s:
+            window.owed += window.dropped
+            window.start, window.passed, window.dropped = now, 0, 0
+        return window
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, record.levelno, str(record.msg))
+        template = (record.name, record.levelno, str(record.msg))
         now = time.monotonic()
-        window = self._windows.get(key)
-        if window is None or now - window[0] >= self.interval_s:
-            dropped = int(window[2]) if window is not None else 0
-            self._windows[key] = [now, 1, 0]
-            if len(self._windows) > 10_000:  # bounded: forget the oldest windows
-                for old in sorted(self._windows, key=lambda k: self._windows[k][0])[:5_000]:
-                    del self._windows[old]
-            if dropped:
-                record.msg = f"{record.msg} ({dropped} similar messages suppressed)"
-            return True
-        if window[1] < self.burst:
-            window[1] += 1
-            return True
-        window[2] += 1
-        return False
+        kind = self._window(self._kinds, (*template, record.getMessage()), now)
+        shared = self._window(self._templates, template, now)
+        if kind.passed >= self.burst:
+            kind.dropped += 1
+            return False
+        if shared.passed >= self.template_burst:
+            shared.dropped += 1
+            return False
+        kind.passed += 1
+        shared.passed += 1
+        suppressed = kind.owed + shared.owed
+        kind.owed = shared.owed = 0
+        if suppressed:
+            record.msg = f"{record.msg} ({suppressed} similar messages suppressed)"
+        return True
 
 
 def stream_is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> bool:

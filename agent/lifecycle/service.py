@@ -28,9 +28,11 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -38,7 +40,7 @@ from aiohttp import web
 from agent import __version__
 from agent.app import create_app, drain, reconcile_models, wait_until_loaded
 from agent.config import AgentConfig
-from agent.context import LIVE, MODELS
+from agent.context import CHECKED, LIVE, MODELS
 from agent.http.server import start_server
 from agent.lifecycle.logs import setup_logging
 from agent.lifecycle.sdnotify import Notifier, watchdog_interval_s
@@ -53,6 +55,14 @@ class ServeError(Exception):
 
 class ConfigRefused(Exception):
     """A reload's config cannot be used; the message says why."""
+
+
+def bind_reason(exc: OSError) -> str:
+    """Why a bind failed, in the words of strerror ("address already in use"): asyncio wraps
+    them in a sentence of its own that quotes the address again."""
+    if exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return exc.strerror or str(exc)
 
 
 def is_loopback(host: str) -> bool:
@@ -98,6 +108,7 @@ class Service:
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.app = create_app(config)
+        self.app[CHECKED] = asyncio.Event()  # set after the start-up check; signed updates wait for it
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -119,7 +130,10 @@ class Service:
             runner = await start_server(self.app, config.server)
         except OSError as exc:  # the HTTP port, or the gRPC port (named in `filename`)
             where = exc.filename or f"{config.server.host}:{config.server.port}"
-            raise ServeError(f"cannot listen on {where}: {exc.strerror}") from None
+            option = "server.grpc_port / --grpc-port" if exc.filename else "server.port / --port"
+            reason = exc.strerror if exc.filename else bind_reason(exc)
+            raise ServeError(f"cannot listen on {where}: {reason} (stop what uses it, "
+                             f"or choose another {option})") from None
         log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host, config.server.port,
                  extra={"host": config.server.host, "port": config.server.port})
         if not config.server.api_key and not is_loopback(config.server.host):
@@ -148,9 +162,16 @@ class Service:
 
     async def _become_ready(self) -> None:
         models = self.app[MODELS]
+        if not self.config.models and not self.config.updates.enabled:
+            log.warning("no models to serve: add [[models]] entries naming bundles under %s (or set "
+                        "EDGEFLEET_MODELS='[{name = \"NAME\"}]'), or set [updates] to take them from a hub; "
+                        "see docs/operations.md", Path(self.config.state_dir) / "models")
         self._status(f"loading {len(self.config.models)} model(s)")
-        await wait_until_loaded(self.app)
-        await self._probe_all(models)
+        await wait_until_loaded(self.app)  # never raises: what failed is shown as failed
+        try:
+            await self._probe_all(models)
+        finally:
+            self.app[CHECKED].set()
         if self.app[LIVE].draining:  # SIGTERM came while loading: never say READY after STOPPING
             return
         self.notifier.send(READY=1, STATUS=self._serving_line(models))

@@ -67,7 +67,8 @@ class HubSettings:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise HubError(
-                f"{path.parent} is not a hub (no hub.json): run `edgefleet hub init {path.parent}`"
+                f"{path.parent} is not a hub (no hub.json): run `edgefleet hub init --hub {path.parent}`, "
+                f"or give the hub's directory with --hub"
             ) from None
         except (OSError, ValueError) as exc:
             raise HubError(f"{path}: unreadable ({exc})") from None

@@ -50,6 +50,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from security.tls import client_context
 
 from ..errors import LinkClosedError, NotConnectedError, PublishRefusedError, SubscribeRefusedError, SyncError
+from .send_queue import SendQueue, SendQueueStats
 from .settings import MqttSettings
 from .topics import Topics
 
@@ -98,6 +99,8 @@ class LinkStatus:
     last_error: str | None = None
     #: inbound messages dropped because a handler fell more than HANDLER_QUEUE_LIMIT behind
     dropped_inbound: int = 0
+    #: outbound messages waiting in the send queues (`MqttLink.send_queue`), and what they dropped
+    send: SendQueueStats = field(default_factory=SendQueueStats)
 
 
 Handler = Callable[[InboundMessage], Awaitable[None]]
@@ -301,6 +304,13 @@ class MqttLink:
     async def publish_state(self) -> None:
         """Publish the retained birth message again (e.g. after the served versions changed)."""
         await self.publish(self.topics.state, self._state_payload(True), retain=True)
+
+    def send_queue(self, name: str) -> SendQueue:
+        """A queue for messages that wait in memory for the broker (the caller sends them in
+        order), bounded by ``send_queue_max_messages`` and ``send_queue_max_bytes``; its
+        figures and drops add up in `status.send`."""
+        return SendQueue(self.settings.send_queue_max_messages, self.settings.send_queue_max_bytes, name,
+                         self.status.send)
 
     def add_connect_hook(self, hook: ConnectHook) -> None:
         """Call `hook` after every connect (subscriptions restored, birth sent); also now if connected."""

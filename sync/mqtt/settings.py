@@ -54,6 +54,11 @@ class MqttSettings:
     #: paho's reconnect backoff: first wait, doubled per failed attempt up to the max.
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 60.0
+    #: What may wait in memory for the broker while it is away (update reports; each telemetry
+    #: batch): at most this many bytes and this many messages; past either the oldest are
+    #: dropped and counted (edgefleet_mqtt_send_dropped_*).
+    send_queue_max_bytes: int = 1024 * 1024
+    send_queue_max_messages: int = 1000
 
     def __post_init__(self) -> None:
         if self.host is not None and not self.host.strip():
@@ -74,6 +79,10 @@ class MqttSettings:
             raise ValueError("session_expiry_s must be 0..4294967295")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
             raise ValueError("reconnect_min_s must be > 0 and at most reconnect_max_s")
+        if not 1024 <= self.send_queue_max_bytes <= 1 << 30:
+            raise ValueError("send_queue_max_bytes must be 1024..1073741824")
+        if not 1 <= self.send_queue_max_messages <= 1_000_000:
+            raise ValueError("send_queue_max_messages must be 1..1000000")
         if self.password is not None and self.password_file is not None:
             raise ValueError("set password or password_file, not both")
         if (self.password is not None or self.password_file is not None) and self.username is None:

@@ -9,14 +9,23 @@ newest record still holds every joule — and each one that falls is counted in
 `dropped`, kept on disk and reported in the next records.
 
 Every call is blocking file I/O: the publisher runs them on the outbox's own
-single worker thread, which also serializes them.
+single worker thread, which also serializes them. A call the disk refuses (full,
+read-only, I/O error) raises `OutboxStorageError` with SQLite's reason; the
+database is opened on first use and again after such a failure, so an outbox
+that could not even be created at start-up works once there is room. Records
+the publisher could neither store nor send are added to `lost` once storing
+works again, so the count survives restarts like `dropped`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import SyncError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
@@ -32,19 +41,48 @@ class OutboxStats:
     #: records the broker refused (PUBACK failure), dropped and counted
     refused: int
     last_seq: int
+    #: records that could be neither stored nor sent (a full disk with the broker away), ever
+    lost: int = 0
+
+
+class OutboxStorageError(SyncError):
+    """The outbox cannot be read or written (disk full, read-only, I/O error); says why."""
 
 
 class Outbox:
     def __init__(self, directory: Path, max_records: int = 10_000) -> None:
         if max_records < 1:
             raise ValueError("max_records must be at least 1")
-        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         self.path = directory / "telemetry.sqlite3"
         self.max_records = max_records
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
-        self._db.executescript(SCHEMA)
+        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+                db.executescript(SCHEMA)
+            except BaseException:
+                db.close()
+                raise
+            self._conn = db
+        return self._conn
+
+    @contextlib.contextmanager
+    def _storage(self) -> Iterator[None]:
+        """Map the disk's refusals to one error that names the file and SQLite's reason."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+                self.close()  # reopened at the next call
+            raise OutboxStorageError(f"{self.path}: {reason}") from exc
 
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -56,12 +94,13 @@ class Outbox:
 
     def next_seq(self) -> int:
         """The sequence number the next record will get (1 for a new outbox)."""
-        return self._meta("last_seq") + 1
+        with self._storage():
+            return self._meta("last_seq") + 1
 
     def append(self, seq: int, payload: bytes) -> int:
         """Store a record under `seq` (from `next_seq`), dropping the oldest past the bound;
         returns how many fell off now."""
-        with self._db:
+        with self._storage(), self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("INSERT INTO records(seq, payload) VALUES(?, ?)", (seq, payload))
             self._set_meta("last_seq", seq)
@@ -73,25 +112,37 @@ class Outbox:
                 self._set_meta("dropped", self._meta("dropped") + excess)
             return max(0, excess)
 
-    def peek(self, limit: int) -> list[tuple[int, bytes]]:
-        """The oldest `limit` records, in order."""
-        return [(int(seq), bytes(payload)) for seq, payload in
-                self._db.execute("SELECT seq, payload FROM records ORDER BY seq LIMIT ?", (limit,))]
+    def peek(self, limit: int, after: int = 0) -> list[tuple[int, bytes]]:
+        """The oldest `limit` records with a seq above `after`, in order."""
+        with self._storage():
+            return [(int(seq), bytes(payload)) for seq, payload in self._db.execute(
+                "SELECT seq, payload FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))]
 
     def remove_through(self, seq: int) -> None:
         """Forget every record up to and including `seq` (the broker has them)."""
-        self._db.execute("DELETE FROM records WHERE seq <= ?", (seq,))
+        with self._storage():
+            self._db.execute("DELETE FROM records WHERE seq <= ?", (seq,))
 
     def refuse(self, seq: int) -> None:
         """Drop one record the broker refused, and count it."""
-        with self._db:
+        with self._storage(), self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM records WHERE seq = ?", (seq,))
             self._set_meta("refused", self._meta("refused") + 1)
 
+    def add_lost(self, count: int) -> None:
+        """Count records that could be neither stored nor sent (kept on disk like `dropped`)."""
+        with self._storage(), self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._set_meta("lost", self._meta("lost") + count)
+
     def stats(self) -> OutboxStats:
-        (count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
-        return OutboxStats(int(count), self._meta("dropped"), self._meta("refused"), self._meta("last_seq"))
+        with self._storage():
+            (count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+            return OutboxStats(int(count), self._meta("dropped"), self._meta("refused"), self._meta("last_seq"),
+                               self._meta("lost"))
 
     def close(self) -> None:
-        self._db.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -21,6 +21,7 @@ from runtime.system import SystemSample
 
 from ..mqtt import LinkStatus
 from .outbox import OutboxStats
+from .publisher import StorageHealth
 
 SCHEMA = "edgefleet.telemetry/1"
 
@@ -89,6 +90,8 @@ def energy_fields(e: EnergySnapshot, a: AttributionSnapshot) -> dict[str, Any]:
             "total_j": _r(a.total_j), "active_j": _r(a.active_j), "idle_j": _r(a.idle_j),
             "idle_power_w": _r(a.idle_power_w), "idle_power_learnt": a.idle_power_learnt,
             "attributed_s": _r(a.attributed_s, 1), "unattributed_s": _r(a.unattributed_s, 1),
+            "models_j": _r(a.models_j), "agent_j": _r(a.agent_j), "other_j": _r(a.other_j),
+            "agent_cpu_share": _r(a.agent_cpu_s / a.busy_cpu_s, 4) if a.busy_cpu_s > 0 else None,
         },
     }
 
@@ -138,7 +141,7 @@ def model_fields(models: ModelRegistry, attribution: AttributionSnapshot | None)
 def build_record(seq: int, header: RecordHeader, time_s: float, models: ModelRegistry,
                  system: SystemSample | None, energy: EnergySnapshot | None,
                  attribution: AttributionSnapshot | None, outbox: OutboxStats,
-                 link: LinkStatus | None, published: int) -> dict[str, Any]:
+                 link: LinkStatus | None, published: int, storage: StorageHealth | None = None) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "seq": seq,
@@ -155,6 +158,9 @@ def build_record(seq: int, header: RecordHeader, time_s: float, models: ModelReg
         "models": model_fields(models, attribution),
         "telemetry": {"outbox_queued": outbox.queued, "outbox_dropped": outbox.dropped,
                       "outbox_refused": outbox.refused, "published": published,
+                      "storage_error": storage.error if storage else None,
+                      "records_lost": storage.lost(outbox) if storage else outbox.lost,
                       "mqtt_connects": link.connects if link else 0,
-                      "mqtt_disconnects": link.disconnects if link else 0},
+                      "mqtt_disconnects": link.disconnects if link else 0,
+                      "mqtt_send_dropped": link.send.dropped if link else 0},
     }
