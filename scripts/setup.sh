@@ -2,7 +2,8 @@
 # Set up .venv in this checkout: edgefleet, its dependencies, and the demo weights.
 #   scripts/setup.sh          what the agent needs
 #   scripts/setup.sh --test   plus pytest, pytest-asyncio, the openai client and the
-#                             Debian tools the tests drive (curl, mosquitto, systemd-analyze;
+#                             Debian tools the tests drive (curl, mosquitto, systemd-analyze,
+#                             podman, buildah, debootstrap;
 #                             with EDGEFLEET_TEST_ARM64=1 also the arm64 cross tools and qemu)
 # llama-cpp-python compiles from source on the first install (about 8 minutes on
 # 2 cores); pip keeps the wheel in its cache, so later installs take seconds.
@@ -32,6 +33,8 @@ debian_packages() {
 if [ -n "$extras" ]; then
   debian_packages curl:curl mosquitto:mosquitto mosquitto_passwd:mosquitto \
     systemd-analyze:systemd systemd-tmpfiles:systemd
+  # the container image test (tests/test_container_image.py): built from scratch, run by podman
+  debian_packages podman:podman buildah:buildah debootstrap:debootstrap runc:runc
   if [ "${EDGEFLEET_TEST_ARM64:-}" = 1 ]; then  # the opt-in arm64 package test (tests/test_arm64_package.py)
     debian_packages aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
       cmake:cmake file:file qemu-aarch64-static:qemu-user-static debootstrap:debootstrap
