@@ -383,7 +383,7 @@ class GgufBackend(BackendBase):
                     finish_reason = "stop"
                     break
                 generated += 1
-                piece = text.push(self._piece(token))
+                piece = text.push(self.piece(token))
                 if piece:
                     ctx.emit(TextDelta(piece))
                 if text.stopped:
@@ -460,18 +460,14 @@ class GgufBackend(BackendBase):
         """The bundle's n_batch (not the tokenizing wrapper's, whose context is tiny)."""
         return self._options.n_batch
 
-    def is_eog(self, token: int) -> bool:
-        """Whether `token` ends a generation (end of turn, end of text)."""
-        import llama_cpp
-
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+    @property
+    def vocab(self) -> Any:
+        """llama.cpp's vocabulary handle (end-of-generation tokens are asked of it)."""
+        return self._vocab
 
     def piece(self, token: int) -> bytes:
-        """The bytes `token` stands for (special tokens as empty text, as in generation)."""
-        return self._piece(token)
-
-    def _piece(self, token: int) -> bytes:
-        """The bytes of one token, as llama-cpp-python's detokenize produces them."""
+        """The bytes of one token, as llama-cpp-python's detokenize produces them (special
+        tokens as empty text, as in generation)."""
         size = self._token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
         if size < 0:  # longer than the buffer: grow it once and retry
             self._piece_buf = ctypes.create_string_buffer(-size)

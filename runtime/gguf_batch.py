@@ -73,7 +73,8 @@ class BatchModel(Protocol):
     @property
     def n_batch(self) -> int: ...
     def prepare(self, request: GenerationRequest, ctx: JobContext) -> PreparedPrompt: ...
-    def is_eog(self, token: int) -> bool: ...
+    @property
+    def vocab(self) -> Any: ...
     def piece(self, token: int) -> bytes: ...
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,8 @@ class BatchEngine:
         self._seqs: list[_Sequence] = []
         self._get_logits = llama_cpp.llama_get_logits_ith
         self._sample = llama_cpp.llama_sampler_sample
+        # bound once: each runs per generated token
+        self._eog, self._vocab, self._piece = llama_cpp.llama_vocab_is_eog, backend.vocab, backend.piece
         self._row_type = ctypes.c_float * self._n_vocab
         self._closed = False
         #: Whether llama.cpp computes a decode row to the same bits whatever else is in the
@@ -646,10 +649,10 @@ class BatchEngine:
         else:
             token = self._sample(seq.sampler.sampler, self._ctx, index)
         seq.pending = None
-        if self._backend.is_eog(token):
+        if self._eog(self._vocab, token):
             return self._finish(seq, "stop")
         seq.generated += 1
-        piece = seq.text.push(self._backend.piece(token))
+        piece = seq.text.push(self._piece(token))
         if piece:
             seq.ctx.emit(TextDelta(piece))
         if seq.text.stopped:

@@ -187,9 +187,15 @@ def _run(args: argparse.Namespace) -> int:
 
         repo = HubRepository(args.dir)
         repo.settings  # noqa: B018 - refuses a directory that is not a hub
-        serve_hub(repo.dir / "repository", args.host, args.port,
-                  announce=f"serving {repo.dir / 'repository'} on http://{args.host}:{args.port}/ (devices: "
-                           f"[updates] hub_url = \"http://<this machine>:{args.port}\")")
+        from agent.http.server import bind_reason
+
+        try:
+            serve_hub(repo.dir / "repository", args.host, args.port,
+                      announce=f"serving {repo.dir / 'repository'} on http://{args.host}:{args.port}/ (devices: "
+                               f"[updates] hub_url = \"http://<this machine>:{args.port}\")")
+        except OSError as exc:  # the bind, before anything is served
+            raise HubCliError(f"cannot listen on {args.host}:{args.port}: {bind_reason(exc)} (stop what uses it, "
+                              "or choose another --port / --host)") from None
         return 0
     if command == "refresh":
         done = HubRepository(args.dir).refresh(force=args.force)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 
 import orjson
@@ -214,3 +215,11 @@ async def start_server(app: web.Application, config: ServerConfig) -> web.AppRun
         await runner.cleanup()
         raise
     return runner
+
+
+def bind_reason(exc: OSError) -> str:
+    """Why a bind failed, in the words of strerror ("address already in use"): asyncio wraps
+    them in a sentence of its own that quotes the address again."""
+    if exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return exc.strerror or str(exc)

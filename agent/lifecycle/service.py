@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -41,7 +40,7 @@ from agent import __version__
 from agent.app import create_app, drain, reconcile_models, wait_until_loaded
 from agent.config import AgentConfig
 from agent.context import CHECKED, LIVE, MODELS
-from agent.http.server import start_server
+from agent.http.server import bind_reason, start_server
 from agent.lifecycle.logs import setup_logging
 from agent.lifecycle.sdnotify import Notifier, watchdog_interval_s
 from runtime.registry import ModelRegistry, ModelState
@@ -55,14 +54,6 @@ class ServeError(Exception):
 
 class ConfigRefused(Exception):
     """A reload's config cannot be used; the message says why."""
-
-
-def bind_reason(exc: OSError) -> str:
-    """Why a bind failed, in the words of strerror ("address already in use"): asyncio wraps
-    them in a sentence of its own that quotes the address again."""
-    if exc.errno and exc.errno > 0:
-        return os.strerror(exc.errno).lower()
-    return exc.strerror or str(exc)
 
 
 def is_loopback(host: str) -> bool:

@@ -9,12 +9,9 @@ bucket serving the same directory does the same job.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from aiohttp import web
-
-from sync.errors import HubError
 
 
 def hub_app(repository_dir: Path) -> web.Application:
@@ -25,16 +22,10 @@ def hub_app(repository_dir: Path) -> web.Application:
 
 def serve_hub(repository_dir: Path, host: str, port: int, announce: str | None = None) -> None:
     """Serve until interrupted (blocking), printing `announce` once the port listens. A port that
-    cannot be bound is a HubError naming it."""
+    cannot be bound raises the bind's OSError (the CLI says it in one line)."""
 
     def listening(_: str) -> None:  # aiohttp's own banner is replaced by ours
         if announce:
             print(announce, flush=True)
 
-    try:
-        web.run_app(hub_app(repository_dir), host=host, port=port, print=listening)
-    except OSError as exc:  # raised by the bind, before anything is served
-        # asyncio's bind error wraps the reason in its own sentence; say it plainly
-        reason = os.strerror(exc.errno).lower() if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
-        raise HubError(f"cannot listen on {host}:{port}: {reason} (stop what uses it, or choose another "
-                       f"--port / --host)") from None
+    web.run_app(hub_app(repository_dir), host=host, port=port, print=listening)
