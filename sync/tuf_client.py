@@ -106,9 +106,7 @@ class DeadlineFetcher(Urllib3Fetcher):
             response = self._proxy_env.request(
                 "GET", url, preload_content=False, timeout=urllib3.Timeout(connect=timeout, read=timeout)
             )
-        except urllib3.exceptions.MaxRetryError as exc:
-            raise tuf_errors.DownloadError(f"{url}: {_describe(exc)}") from exc
-        except TRANSPORT_ERRORS as exc:
+        except TRANSPORT_ERRORS as exc:  # MaxRetryError included: _describe says what is under it
             raise tuf_errors.DownloadError(f"{url}: {_describe(exc)}") from exc
         if response.status >= 400:
             response.close()
