@@ -32,6 +32,7 @@ from agent.config import AgentConfig
 from agent.context import CONFIG, LIVE, LOADER, METRICS, MODELS, LiveState
 from agent.fleet import updates as updates_api
 from agent.fleet.link import mqtt_ctx
+from agent.fleet.reported import reported_ctx
 from agent.fleet.telemetry import telemetry_ctx
 from agent.fleet.updates import recovery_ctx, updates_ctx, with_managed_models
 from agent.http import openai_api, ops_api
@@ -247,7 +248,8 @@ def create_app(config: AgentConfig) -> web.Application:
     app.cleanup_ctx.append(grpc_ctx)  # after the registry: serves it
     app.cleanup_ctx.append(mqtt_ctx)  # after the registry: says offline before the models unload
     app.cleanup_ctx.append(telemetry_ctx)  # sampler, idle unload, telemetry over the link
-    app.cleanup_ctx.append(updates_ctx)  # after the link: doorbells, commands; stopped first
+    app.cleanup_ctx.append(updates_ctx)  # after the link: doorbells, commands
+    app.cleanup_ctx.append(reported_ctx)  # after the update service, which it reports on; stopped first
     app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)

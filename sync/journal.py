@@ -62,6 +62,9 @@ class JournalData:
     entry_serials: dict[str, int] = field(default_factory=dict)
     #: the model names the last accepted desired state lists: with [[models]], what serves
     desired: list[str] = field(default_factory=list)
+    #: model -> what the last accepted desired state says of it for this device (version,
+    #: origin, rollout, serial): the reported state shows it after a restart, before a refresh
+    desired_entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     last: dict[str, dict[str, Any]] = field(default_factory=dict)
     seq: int = 0
 
@@ -92,6 +95,7 @@ class Journal:
             entry_serials={k: int(v) for k, v in raw.get("entry_serials", {}).items()},
             # journals from before `desired` was kept: every name a desired state ever listed
             desired=sorted(raw.get("desired", raw.get("entry_serials", {}))),
+            desired_entries={k: dict(v) for k, v in raw.get("desired_entries", {}).items() if isinstance(v, dict)},
             last=dict(raw.get("last", {})),
             seq=int(raw.get("seq", 0)),
         )

@@ -219,7 +219,7 @@ class HubClient:
                 targets_version = self._trusted_targets_version()
                 group = self._desired(updater, "group", self.group)
                 device = self._desired(updater, "device", self.device_id)
-                models = effective_models(group, device)
+                models = effective_models(group, device, self.device_id)
                 files = {}
                 for model in models.values():
                     for target_path in model.files.values():

@@ -21,6 +21,12 @@ class UpdateSettings:
     trust_root: str = "/etc/edgefleet/root.json"
     #: How often to look at the hub while the MQTT doorbell cannot ring (MQTT off or disconnected).
     poll_interval_s: float = 300.0
+    #: How often to look at the hub while connected too, so one lost doorbell (or a release
+    #: published without one) cannot stall a device for longer (Mender polls every 30 min).
+    check_interval_s: float = 1800.0
+    #: Each wait is drawn from interval x [1 - jitter, 1 + jitter], so a fleet that started (or
+    #: reconnected) together does not look at the hub together.
+    check_jitter: float = 0.2
     #: Real inferences a new version must answer after it starts serving, and their spacing.
     health_checks: int = 3
     health_check_interval_s: float = 1.0
@@ -44,8 +50,10 @@ class UpdateSettings:
             url = urlparse(self.hub_url)
             if url.scheme not in ("http", "https") or not url.netloc:
                 raise ValueError(f"hub_url must be an http(s) URL, got {self.hub_url!r}")
-        for name in ("poll_interval_s", "health_check_interval_s", "job_timeout_s", "read_timeout_s",
-                     "refresh_timeout_s"):
+        if not 0 <= self.check_jitter < 1:
+            raise ValueError("check_jitter must be at least 0 and below 1")
+        for name in ("poll_interval_s", "check_interval_s", "health_check_interval_s", "job_timeout_s",
+                     "read_timeout_s", "refresh_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0")
         for name in ("health_checks", "max_activation_attempts"):
@@ -58,3 +66,9 @@ class UpdateSettings:
     @property
     def enabled(self) -> bool:
         return self.hub_url is not None
+
+    def next_wait(self, connected: bool, draw: float) -> float:
+        """Seconds until the next look at the hub on the timer; `draw` is uniform in [0, 1)."""
+        if not connected:
+            return self.poll_interval_s
+        return self.check_interval_s * (1 - self.check_jitter + 2 * self.check_jitter * draw)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Collection
@@ -82,6 +83,7 @@ from .journal import JobRecord, Journal
 from .mqtt import InboundMessage, MqttLink, Topics
 from .reporter import Reporter
 from .tuf_client import HubClient, HubView, SignedFile
+from .update_health import Health, UpdateHealth
 from .update_settings import UpdateSettings
 
 log = logging.getLogger(__name__)
@@ -186,6 +188,20 @@ class UpdateService:
         self._in_job = False
         self.download_stats: dict[str, DownloadStats] = {}
         self.reconciled = asyncio.Event()
+        self.health = UpdateHealth()
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (on the loop) after every job transition and every look at the hub:
+        the reported state (agent/fleet/reported.py) follows without polling."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:  # a listener's bug must not stop an update
+                log.exception("update listener failed")
 
     # ---- start-up and shutdown ----------------------------------------------------------
 
@@ -280,12 +296,16 @@ class UpdateService:
     # ---- the loop ----------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """One reconcile per burst of triggers; with none, a look on the timer: every
+        `poll_interval_s` while MQTT cannot ring, every `check_interval_s` (jittered) while it
+        can, so one lost doorbell delays a device by one interval at most."""
         while True:
-            timeout = None if self.link is not None and self.link.connected else self.settings.poll_interval_s
+            connected = self.link is not None and self.link.connected
+            timeout = self.settings.next_wait(connected, random.random())
             try:
                 first = await asyncio.wait_for(self._triggers.get(), timeout)
             except TimeoutError:
-                first = Trigger("poll")
+                first = Trigger("check" if connected else "poll")
             batch = [first]
             while not self._triggers.empty():
                 batch.append(self._triggers.get_nowait())
@@ -309,11 +329,16 @@ class UpdateService:
             try:
                 view = await self.hub.refresh_async()  # deadline: updates.refresh_timeout_s
             except (RefusedError, TrustRootError) as exc:
+                health = Health.TRUST_ROOT_UNREADABLE if isinstance(exc, TrustRootError) else Health.REFUSED
+                self.health.checked(health, exc.code, str(exc))
                 self._reject(exc, force=any(t.reason in ("doorbell", "check-now") for t in triggers))
                 return {"outcome": "rejected", "code": exc.code, "message": str(exc)}
             except HubUnreachable as exc:
                 log.warning("hub not reachable (%s): %s", ", ".join(reasons), exc)
+                self.health.checked(Health.HUB_UNREACHABLE, HubUnreachable.code, str(exc))
+                self._notify()
                 return {"outcome": "hub-unreachable", "message": str(exc)}
+            self.health.checked(Health.OK)
             self._last_rejection = None
             for t in triggers:
                 if t.doorbell is not None and t.scope is not None:
@@ -329,6 +354,7 @@ class UpdateService:
                     )
                     return {"outcome": "rejected", "code": StaleDesiredState.code}
             self.journal.accept_serials(view.serial("group"), view.serial("device"), view.targets_version)
+            self.journal.data.desired_entries = {name: desired_entry(model) for name, model in view.models.items()}
             for model in view.models.values():
                 self.journal.see_entry(model.name, self._entry_serial(view, model))
             self.journal.accept_models(list(view.models))
@@ -338,6 +364,7 @@ class UpdateService:
                 results[name] = await self._reconcile_model(view, view.models[name])
             for name in await self._unload_undesired(view):
                 results[name] = "unloaded"
+            self._notify()
             return {"outcome": "reconciled", "targets_version": view.targets_version, "models": results}
 
     async def _unload_undesired(self, view: HubView) -> list[str]:
@@ -613,6 +640,28 @@ class UpdateService:
         if state in TERMINAL or state is JobState.QUEUED:
             log.info("update %s: %s %s -> %s", payload["job"], payload["model"], payload["version"], state.value)
         self.reporter.report(payload)
+        if state is JobState.REJECTED and job is None:
+            self.health.set(Health.REFUSED, code, message)
+        self._notify()
+
+    def reported(self) -> dict[str, Any]:
+        """The update side of the reported state (edgefleet.reported/1, docs/mqtt.md)."""
+        data = self.journal.data
+        terminal = {name: last for name, last in data.last.items() if last.get("state") in TERMINAL}
+        last_job = max(terminal.values(), key=lambda m: m.get("seq", 0), default=None)
+        return {
+            "updates": {
+                **self.health.to_json(),
+                "check_interval_s": self.settings.check_interval_s,
+                "accepted_serial": data.serial_key,
+                "targets_version": data.targets_version,
+            },
+            "desired": dict(data.desired_entries),
+            "jobs": {name: job.state for name, job in data.jobs.items()},
+            "jobs_last": {name: _job_summary(last) for name, last in terminal.items()},
+            "last_job": _job_summary(last_job) if last_job else None,
+            "denied": [{"model": d.model, "version": d.version, "code": d.code} for d in data.deny],
+        }
 
     def status(self) -> dict[str, Any]:
         data = self.journal.data
@@ -623,6 +672,17 @@ class UpdateService:
             "deny": [{"model": d.model, "version": d.version, "code": d.code} for d in data.deny],
             "reports_pending": self.reporter.pending,
         }
+
+
+def desired_entry(model: DesiredModel) -> dict[str, Any]:
+    """What the reported state says of one desired model: its version and where it came from."""
+    return {"version": model.version, "origin": model.origin,
+            "rollout": model.rollout.id if model.rollout is not None else None, "serial": model.serial}
+
+
+def _job_summary(payload: dict[str, Any]) -> dict[str, Any]:
+    keys = ("job", "model", "version", "from_version", "state", "code", "message", "at")
+    return {key: payload.get(key) for key in keys}
 
 
 def _partial_size(path: Path) -> int:

@@ -238,10 +238,10 @@ async def test_the_agent_says_online_with_its_models_and_offline_at_shutdown(mqt
 async def test_a_model_change_during_a_state_publish_is_published_after_it(mqtt_broker):
     """A status change that lands while the retained state is being published (its payload
     already built) must not be lost: the fleet would see "loading" for a model that is ready."""
-    from agent.fleet.link import _StateRepublisher
+    from agent.fleet.link import Republisher
 
     model = {"state": "loading"}
-    republisher: _StateRepublisher | None = None
+    republisher: Republisher | None = None
     publishing = False
 
     def fields() -> dict[str, object]:
@@ -257,7 +257,7 @@ async def test_a_model_change_during_a_state_publish_is_published_after_it(mqtt_
     try:
         await link.wait_connected(10)
         with Watcher(mqtt_broker, link.topics.state) as watcher:
-            republisher = _StateRepublisher(link)
+            republisher = Republisher(link, link.publish_state, "state")
             publishing = True
             republisher.soon()
             await _until(lambda: any(json.loads(m.payload)["models"]["chat"]["state"] == "ready"

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     app[MQTT] = link
-    republish = _StateRepublisher(link)
+    republish = Republisher(link, link.publish_state, "state")
     if MODELS in app:
         app[MODELS].subscribe(republish.on_event)
     try:
@@ -75,15 +75,19 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
         await link.stop()
 
 
-class _StateRepublisher:
-    """Publishes the retained state again when a model's status changes, a burst at a time.
+class Republisher:
+    """Publishes a retained message again when what it says changes, a burst at a time.
 
     A change that arrives while a publish is under way (its state already read) gets a
     publish of its own after it: otherwise a model that turns ready during the publish of
-    its "loading" would be announced as loading until the next change."""
+    its "loading" would be announced as loading until the next change. While the broker
+    is away nothing is sent; whoever owns the message publishes it again after the
+    connect (the birth does; the reported state registers a connect hook)."""
 
-    def __init__(self, link: MqttLink) -> None:
+    def __init__(self, link: MqttLink, publish: Callable[[], Awaitable[None]], what: str) -> None:
         self._link = link
+        self._publish_now = publish
+        self._what = what
         self._task: asyncio.Task[None] | None = None
         self._dirty = False
 
@@ -94,7 +98,7 @@ class _StateRepublisher:
     def soon(self) -> None:
         self._dirty = True
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._publish(), name="mqtt-state-republish")
+            self._task = asyncio.create_task(self._publish(), name=f"mqtt-{self._what}-republish")
 
     async def _publish(self) -> None:
         while self._dirty:
@@ -102,9 +106,9 @@ class _StateRepublisher:
             self._dirty = False  # changes from here on are not in this publish's state
             if self._link.connected:
                 try:
-                    await self._link.publish_state()
+                    await self._publish_now()
                 except SyncError as exc:
-                    log.warning("mqtt: state not republished: %s", exc)
+                    log.warning("mqtt: %s not republished: %s", self._what, exc)
 
     async def close(self) -> None:
         if self._task is not None:

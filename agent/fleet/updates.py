@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 UPDATES = web.AppKey("updates", UpdateService)
 STORE = web.AppKey("store", ModelStore)
+#: why the update service did not start (code, message): the reported state says so
+UPDATES_PROBLEM = web.AppKey("updates_problem", tuple)
 
 
 def with_managed_models(config: AgentConfig) -> AgentConfig:
@@ -103,6 +105,7 @@ async def updates_ctx(app: web.Application) -> AsyncIterator[None]:
         service = build_service(config, app[STORE], app)
     except (SecurityError, SyncError) as exc:
         log.error("updates: not started: %s", exc)
+        app[UPDATES_PROBLEM] = (exc.code, str(exc))
         yield
         return
     app[UPDATES] = service

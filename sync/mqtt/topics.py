@@ -41,6 +41,11 @@ class Topics:
         return f"{self.device}/update"
 
     @property
+    def reported(self) -> str:
+        """Retained, agent -> hub: what the device runs beside what it was told to run."""
+        return f"{self.device}/reported"
+
+    @property
     def telemetry(self) -> str:
         """Agent -> hub: metrics and energy, QoS 1, store-and-forward."""
         return f"{self.device}/telemetry"
