@@ -27,6 +27,10 @@ class UpdateSettings:
     #: Each wait is drawn from interval x [1 - jitter, 1 + jitter], so a fleet that started (or
     #: reconnected) together does not look at the hub together.
     check_jitter: float = 0.2
+    #: After a look at the hub or a download that failed for a cause that may pass (the hub or
+    #: the link away, a full disk, a timeout), look again this soon, doubling per failure up to
+    #: the check interval (Mender's RetryPollIntervalSeconds), jittered the same way.
+    retry_min_s: float = 30.0
     #: Real inferences a new version must answer after it starts serving, and their spacing.
     health_checks: int = 3
     health_check_interval_s: float = 1.0
@@ -52,7 +56,7 @@ class UpdateSettings:
                 raise ValueError(f"hub_url must be an http(s) URL, got {self.hub_url!r}")
         if not 0 <= self.check_jitter < 1:
             raise ValueError("check_jitter must be at least 0 and below 1")
-        for name in ("poll_interval_s", "check_interval_s", "health_check_interval_s", "job_timeout_s",
+        for name in ("poll_interval_s", "check_interval_s", "retry_min_s", "health_check_interval_s", "job_timeout_s",
                      "read_timeout_s", "refresh_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be more than 0")
@@ -67,8 +71,12 @@ class UpdateSettings:
     def enabled(self) -> bool:
         return self.hub_url is not None
 
-    def next_wait(self, connected: bool, draw: float) -> float:
-        """Seconds until the next look at the hub on the timer; `draw` is uniform in [0, 1)."""
-        if not connected:
-            return self.poll_interval_s
-        return self.check_interval_s * (1 - self.check_jitter + 2 * self.check_jitter * draw)
+    def next_wait(self, connected: bool, draw: float, failures: int = 0) -> float:
+        """Seconds until the next look at the hub on the timer, after `failures` looks or jobs in
+        a row that failed for a cause that may pass; `draw` is uniform in [0, 1)."""
+        interval = self.check_interval_s if connected else self.poll_interval_s
+        if failures:
+            interval = min(interval, self.retry_min_s * 2 ** min(failures - 1, 30))
+        if not connected and not failures:
+            return interval
+        return interval * (1 - self.check_jitter + 2 * self.check_jitter * draw)

@@ -113,6 +113,8 @@ ROLLBACK_REFUSED = (
 )
 
 TERMINAL = frozenset({JobState.ACTIVE, JobState.FAILED, JobState.ROLLED_BACK, JobState.REJECTED})
+#: failures whose cause may pass by itself: the timer looks again soon (`retry_min_s`, doubling)
+RETRYABLE = frozenset({"hub-unreachable", "download", "disk-full", "timeout"})
 #: steps after which `current` may point at the new version
 SWITCHING = frozenset({JobState.ACTIVATING.value, JobState.HEALTH_CHECK.value})
 
@@ -190,6 +192,9 @@ class UpdateService:
         self.reconciled = asyncio.Event()
         self.health = UpdateHealth()
         self._listeners: list[Callable[[], None]] = []
+        #: looks at the hub in a row that ended with a cause that may pass (RETRYABLE)
+        self._failures = 0
+        self._retry = False
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` (on the loop) after every job transition and every look at the hub:
@@ -298,10 +303,11 @@ class UpdateService:
     async def _loop(self) -> None:
         """One reconcile per burst of triggers; with none, a look on the timer: every
         `poll_interval_s` while MQTT cannot ring, every `check_interval_s` (jittered) while it
-        can, so one lost doorbell delays a device by one interval at most."""
+        can, so one lost doorbell delays a device by one interval at most. After a failure that
+        may pass (the hub or the link away mid-download), sooner: `retry_min_s`, doubling."""
         while True:
             connected = self.link is not None and self.link.connected
-            timeout = self.settings.next_wait(connected, random.random())
+            timeout = self.settings.next_wait(connected, random.random(), self._failures)
             try:
                 first = await asyncio.wait_for(self._triggers.get(), timeout)
             except TimeoutError:
@@ -309,6 +315,7 @@ class UpdateService:
             batch = [first]
             while not self._triggers.empty():
                 batch.append(self._triggers.get_nowait())
+            self._retry = False
             try:
                 await self.reconcile(batch)
             except asyncio.CancelledError:
@@ -316,6 +323,7 @@ class UpdateService:
             except Exception:  # a bug here must not stop updates for good
                 log.exception("update reconcile failed")
             finally:
+                self._failures = self._failures + 1 if self._retry else 0
                 self.reconciled.set()
 
     async def check_now(self) -> dict[str, Any]:
@@ -336,6 +344,7 @@ class UpdateService:
             except HubUnreachable as exc:
                 log.warning("hub not reachable (%s): %s", ", ".join(reasons), exc)
                 self.health.checked(Health.HUB_UNREACHABLE, HubUnreachable.code, str(exc))
+                self._retry = True
                 self._notify()
                 return {"outcome": "hub-unreachable", "message": str(exc)}
             self.health.checked(Health.OK)
@@ -605,6 +614,8 @@ class UpdateService:
         return self._end(job, state, exc.code, str(exc))
 
     def _end(self, job: JobRecord, state: JobState, code: str | None = None, message: str | None = None) -> JobState:
+        if state is JobState.FAILED and code in RETRYABLE:
+            self._retry = True
         if code is not None:
             log.error("update %s %s %s: %s (%s)", job.model, job.version, state.value, message, code)
         self._transition(job, state, code=code, message=message)

@@ -140,8 +140,10 @@ async def test_a_device_reports_desired_beside_active_and_takes_an_undoorbelled_
         release = make_release(env_dir / "state" / "models" / EMBED / "current", env_dir / "rel-2", "2",
                                onnx_note="release 2")
         publish_release(hub, EMBED, release)
-        done = await reported_until(watcher, lambda r: r["models"][EMBED]["active"] == "2", timeout_s=90)
-        assert done["models"][EMBED]["job"] is None
+        # serving from the switch on, under its health check; then the job is done
+        await reported_until(watcher, lambda r: r["models"][EMBED]["active"] == "2", timeout_s=90)
+        done = await reported_until(watcher, lambda r: r["models"][EMBED]["job"] is None
+                                    and r["models"][EMBED]["active"] == "2", timeout_s=30)
         assert done["models"][EMBED]["desired"]["version"] == "2"
         assert done["last_job"]["state"] == "active" and done["last_job"]["version"] == "2"
         assert done["last_job"]["from_version"] == V1
@@ -188,12 +190,12 @@ async def test_a_device_rolls_forward_in_its_rollout_share_and_back_on_a_signed_
         assert back["models"][EMBED]["desired"]["origin"] == "pin"
 
 
-async def test_a_hub_nobody_answers_for_is_reported_unreachable_since_when_and_clears(
+async def test_a_hub_nobody_answers_for_is_reported_unreachable_since_when_and_retried_soon(
     env_dir: Path, hub: HubRepository, broker: MosquittoBroker, watcher: Watcher
 ) -> None:
     port = free_port()
     config = agent_config(env_dir / "state", f"http://127.0.0.1:{port}", hub.dir / "trust-root.json", broker,
-                          (EMBED,), check_interval_s=1.0, check_jitter=0.0, poll=1.0)
+                          (EMBED,), check_interval_s=3600.0, retry_min_s=0.5, check_jitter=0.0, poll=3600.0)
     async with start_agent(config) as agent:
         down = await reported_until(watcher, lambda r: r["updates"]["health"] == "hub-unreachable")
         assert f"127.0.0.1:{port}" in down["updates"]["message"], down["updates"]
@@ -206,9 +208,10 @@ async def test_a_hub_nobody_answers_for_is_reported_unreachable_since_when_and_c
         seen = mark(watcher)
         later = await reported_until(watcher, lambda r: r["updates"]["last_check"] > since + 1.5, after=seen)
         assert later["updates"]["health"] == "hub-unreachable" and later["updates"]["since"] == since
+        # the hub comes back: retried within the backoff (0.5 s doubling), not the hour's check
         seen = mark(watcher)
         async with Mirror(hub.dir / "repository", port=port):
-            ok = await reported_until(watcher, lambda r: r["updates"]["health"] == "ok", after=seen)
+            ok = await reported_until(watcher, lambda r: r["updates"]["health"] == "ok", after=seen, timeout_s=30)
         assert ok["updates"]["since"] > since and ok["updates"]["last_success"] >= ok["updates"]["since"]
 
 
