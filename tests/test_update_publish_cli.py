@@ -36,6 +36,7 @@ def says_when_agents_find_it(out: str) -> None:
     assert "next poll" not in out, out
     assert "reconnect" in out and "check-now" in out and "edgefleet/v1/devices/<id>/cmd" in out, out
     assert "restart" in out and "poll_interval_s" in out and "not connected" in out, out
+    assert "check_interval_s" in out, out  # connected agents look on their timer too
 
 
 def test_no_doorbell_says_exactly_when_agents_will_find_the_release(env: Path) -> None:

@@ -5,9 +5,13 @@
     serve            the repository over HTTP with Range (one machine; any static server will do)
     refresh          re-sign what is about to expire (run it from a timer)
     rotate-key ROLE  new keys for a role; the new root is signed by old and new root keys
-    status           devices, their versions and update states, read from MQTT alone
+    status           per device: desired vs active per model, and what is wrong (offline, behind,
+                     failing, refused, unreachable, disabled, unexpected)
+    rollout …        staged rollouts: start, status, pause, resume, abort (agent/cli/hub_rollout.py)
+    control          the rollout controller, long-running (sync/hub/controller.py)
 
-Every command but status works on one hub directory: --hub DIR, else $EDGEFLEET_HUB, else ./hub.
+Every command works on one hub directory: --hub DIR, else $EDGEFLEET_HUB, else ./hub; `status`
+works without one too (then "desired" is what each device reports it was told).
 
 Errors are one line on stderr and a non-zero exit, as for the agent's own commands.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ from security.desired import Scope
 from security.errors import SecurityError
 from security.keys import ROLES
 from sync.errors import SyncError
-from sync.hub.mqtt_tools import Broker, fleet_status, follow_updates, ring_doorbell
+from sync.hub.mqtt_tools import Broker, follow_updates, ring_doorbell
 from sync.hub.publish import BundleSource, publish
 from sync.hub.repository import HubRepository, HubSettings
 
@@ -83,14 +88,21 @@ def add_hub_commands(commands: Any) -> None:
                         help="key ids (or prefixes) to revoke (default: every current key of the role)")
     rotate.add_argument("--count", type=int, help="new keys to add (default: as many as are revoked)")
 
-    status = sub.add_parser("status", help="devices, versions and update states, read from MQTT")
+    status = sub.add_parser("status", help="per device: desired vs active versions, and what is wrong")
     add_mqtt_args(status)
+    status.add_argument("--hub", dest="dir", type=Path, default=None,
+                        help=f"the hub directory: desired versions from its signed states (default ${HUB_ENV}, "
+                             "else ./hub if it is a hub, else what devices report)")
     status.add_argument("--wait", type=float, default=1.0, help="seconds to collect retained messages")
     status.add_argument("--json", action="store_true")
     status.add_argument("--follow", type=float, metavar="SECONDS",
                         help="then print update transitions as they arrive, for SECONDS (0: until interrupted)")
     status.add_argument("--until", metavar="STATE", help="with --follow: stop at the first transition into STATE "
                         "(e.g. active); exit 1 if none came")
+
+    from agent.cli.hub_rollout import add_rollout_commands
+
+    add_rollout_commands(sub, add_hub_dir, add_mqtt_args)
 
 
 def add_hub_dir(parser: argparse.ArgumentParser) -> None:
@@ -122,13 +134,14 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 
 def _found_when(prefix: str) -> str:
-    """When agents find a release nobody rang the doorbell for: an agent connected to MQTT
-    does not poll, so say what does make it look (and promise no periodic check)."""
+    """When agents find a release nobody rang the doorbell for: at their timer check, or
+    sooner when something makes them look."""
     return (
-        "agents connected to MQTT take this release when they next reconnect to the broker or restart, "
+        "agents connected to MQTT take this release at their next timer check (updates.check_interval_s, "
+        "30 min by default), when they next reconnect to the broker or restart, "
         f'or at once when asked: publish {{"command": "check-now"}} to {prefix}/devices/<id>/cmd '
-        "(`edgefleet models fetch` on a device downloads it ahead; the agent installs it at its next "
-        "restart or check-now); agents not connected to MQTT look every updates.poll_interval_s"
+        "(`edgefleet models fetch` on a device downloads it ahead); agents not connected to MQTT look every "
+        "updates.poll_interval_s"
     )
 
 
@@ -222,21 +235,90 @@ def _run(args: argparse.Namespace) -> int:
         reached = follow_updates(_broker(args), args.topic_prefix, args.follow, args.until, emit)
         return 0 if reached or args.until is None else 1
     if command == "status":
-        rows = fleet_status(_broker(args), args.topic_prefix, args.wait)
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return 0
-        if not rows:
-            print("no device has reported")
-            return 0
-        print(f"{'DEVICE':20} {'GROUP':12} {'ONLINE':6}  {'LAST UPDATE':44} MODELS")
-        for row in rows:
-            update = row["update"] or {}
-            state = " ".join(str(x) for x in (update.get("state"), update.get("model"), update.get("version")) if x)
-            if update.get("code"):
-                state += f" ({update['code']})"
-            online = {True: "yes", False: "no"}.get(row["online"], "?")
-            models = ", ".join(f"{n}={v}" for n, v in sorted(row["models"].items()))
-            print(f"{row['device']:20} {row['group'] or '-':12} {online:6}  {state or '-':44} {models}")
-        return 0
+        return _status(args)
+    if command in ("rollout", "control"):
+        from agent.cli import hub_rollout
+
+        if command == "control":
+            return hub_rollout.run_control(args, _broker(args))
+        return hub_rollout.run_rollout(args, _broker, HubCliError)
     raise HubCliError(f"unknown hub command {command}", code=2)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sync.hub.controller import collect_fleet
+    from sync.hub.rollouts.store import RolloutStore
+    from sync.hub.status import device_rows
+
+    hub_dir = args.dir or (Path(os.environ[HUB_ENV]) if os.environ.get(HUB_ENV) else None)
+    if hub_dir is None and (Path("hub") / "hub.json").exists():
+        hub_dir = Path("hub")
+    fleet = collect_fleet(_broker(args), args.topic_prefix, args.wait)
+    now = time.time()
+    desired = presence = None
+    if hub_dir is not None:
+        desired = _hub_desired(HubRepository(hub_dir), fleet)
+        presence = RolloutStore(hub_dir).presence()
+    rows = device_rows(fleet, now, desired, presence)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no device has reported")
+        return 0
+    print(f"{'DEVICE':20} {'GROUP':12} {'ONLINE':6} {'LAST UPDATE':30} {'MODELS (desired -> active)':40} FLAGS")
+    for row in rows:
+        update = row["update"] or {}
+        state = " ".join(str(x) for x in (update.get("state"), update.get("model"), update.get("version")) if x)
+        if update.get("code"):
+            state += f" ({update['code']})"
+        online = {True: "yes", False: "no"}.get(row["online"], "?")
+        models = []
+        for name in sorted(set(row["models"]) | set(row["desired"])):
+            want = (row["desired"].get(name) or {}).get("version")
+            active = row["models"].get(name)
+            models.append(f"{name}={active}" if want in (None, active) else f"{name}={want}->{active or '-'}")
+        print(f"{row['device']:20} {row['group'] or '-':12} {online:6} {state or '-':30} {', '.join(models):40} "
+              f"{_flags(row['flags'], now)}")
+    return 0
+
+
+def _hub_desired(repo: HubRepository, fleet: Any) -> Any:
+    from security.desired import NAME_RE, desired_path
+    from sync.hub.publish import current_desired
+    from sync.hub.status import hub_desired
+
+    published = repo.targets().targets  # once: only devices with a state of their own are read
+    groups = {v.group for v in fleet.devices.values() if v.group}
+    return hub_desired({g: current_desired(repo, "group", g) for g in groups},
+                       {d: current_desired(repo, "device", d) for d in fleet.devices
+                        if NAME_RE.match(d) and desired_path("device", d) in published})
+
+
+def _flags(flags: dict[str, Any], now: float) -> str:
+    words = []
+    for name, value in flags.items():
+        if name == "offline":
+            ago = value.get("for_s")
+            if ago is None and value.get("last_heard_device_clock"):
+                ago = now - value["last_heard_device_clock"]
+            words.append(f"offline {_ago(ago)}" if ago is not None else "offline")
+        elif name == "unreachable":
+            words.append(f"unreachable since {_ago(now - value['since'])}" if value.get("since") else "unreachable")
+        elif name in ("failing", "unexpected"):
+            words.append(f"{name} " + ",".join(f"{v['model']}" + (f" ({v.get('code')})" if v.get("code") else "")
+                                                 for v in value))
+        elif name == "refused":
+            words.append(f"refused ({value.get('code')})")
+        elif name == "behind":
+            words.append("behind " + ",".join(value))
+        else:
+            words.append(name)
+    return "; ".join(words) or "ok"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
