@@ -35,6 +35,9 @@ if [ -n "$extras" ]; then
     systemd-analyze:systemd systemd-tmpfiles:systemd
   # the container image test (tests/test_container_image.py): built from scratch, run by podman
   debian_packages podman:podman buildah:buildah debootstrap:debootstrap runc:runc
+  debian_packages rabbitmq-server:rabbitmq-server  # the MQTT 3.1.1 broker (tests/test_mqtt_brokers.py)
+  # promtool checks and unit-tests the shipped rules (tests/test_prometheus_rules.py)
+  debian_packages promtool:prometheus
   if [ "${EDGEFLEET_TEST_ARM64:-}" = 1 ]; then  # the opt-in arm64 package test (tests/test_arm64_package.py)
     debian_packages aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
       cmake:cmake file:file qemu-aarch64-static:qemu-user-static debootstrap:debootstrap

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -36,10 +37,13 @@ def free_port() -> int:
 
 
 class MosquittoBroker:
-    """One mosquitto process; `extra_config` lines go into its config (TLS, passwords...)."""
+    """One mosquitto process; `extra_config` lines go into its config (TLS, passwords, a bridge...).
+    With `persistence_dir` it keeps sessions, queued and retained messages there across restarts."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "",
+                 persistence_dir: Path | None = None) -> None:
         self.workdir = workdir
+        self.persistence_dir = persistence_dir
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.extra_config = extra_config
@@ -60,7 +64,11 @@ class MosquittoBroker:
         conf = self.workdir / f"mosquitto-{self.port}.conf"
         # As root, mosquitto would switch to the "mosquitto" user, who cannot read pytest's tmp dirs.
         user = "user root\n" if os.geteuid() == 0 else ""
-        conf.write_text(f"persistence false\n{user}log_dest stderr\nlog_type error\nlog_type warning\n{listener}\n")
+        persistence = "persistence false\n"
+        if self.persistence_dir is not None:
+            self.persistence_dir.mkdir(parents=True, exist_ok=True)
+            persistence = f"persistence true\npersistence_location {self.persistence_dir}/\n"
+        conf.write_text(f"{persistence}{user}log_dest stderr\nlog_type error\nlog_type warning\n{listener}\n")
         log = open(self.log_path, "ab")  # noqa: SIM115 - the process keeps it
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=log, stderr=log)
         log.close()
@@ -101,6 +109,13 @@ class MosquittoBroker:
         self.start()
 
 
+class BrokerAddress(Protocol):
+    """Where a test broker listens (mosquitto here, RabbitMQ in tests/rabbitmq_broker.py)."""
+
+    host: str
+    port: int
+
+
 @dataclass(frozen=True)
 class Received:
     topic: str
@@ -113,14 +128,17 @@ class Received:
 class Watcher:
     """A paho client on its own thread that records what arrives (what an operator would see)."""
 
-    def __init__(self, broker: MosquittoBroker, *topics: str, client_id: str | None = None,
-                 username: str | None = None, password: str | None = None) -> None:
+    def __init__(self, broker: BrokerAddress, *topics: str, client_id: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> None:
+        """`protocol`: MQTT 5 unless told (MQTTv311 for a 3.1.1-only broker, which
+        carries no response topic or correlation data)."""
         self.broker = broker
         self.messages: list[Received] = []
         self._cv = threading.Condition()
         self._topics = topics
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"watcher-{time.monotonic_ns()}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+                                  protocol=protocol)
         if username is not None:
             self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message

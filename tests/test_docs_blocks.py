@@ -552,6 +552,19 @@ def walkthrough_step(block: Block, request: pytest.FixtureRequest) -> None:
     assert outcome is None, outcome
 
 
+def check_prometheus_config(block: Block, request: pytest.FixtureRequest) -> None:
+    """operations.md's prometheus.yml, with the shipped rules file, through `promtool check config`."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt install prometheus)")
+    tmp = request.getfixturevalue("tmp_path")
+    rules = REPO / "packaging" / "prometheus" / "edgefleet-rules.yml"
+    (tmp / "prometheus.yml").write_text(block.text.replace("/etc/prometheus/edgefleet-rules.yml", str(rules)))
+    checked = subprocess.run([promtool, "check", "config", str(tmp / "prometheus.yml")], capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 # ---- which block runs how --------------------------------------------------------------------
 
 Runner = Callable[[Block, pytest.FixtureRequest], None]
@@ -589,6 +602,7 @@ HOW: dict[tuple[str, str], Runner | str] = {
     ("docs/configuration.md", 'state_dir = "/var/lib/edgefleet"'): check_keys_reference,
     ("docs/configuration.md", "[mqtt]"): check_agent_config,
     ("docs/configuration.md", "[telemetry]"): check_agent_config,
+    ("docs/configuration.md", "[alerts]"): check_agent_config,
     ("docs/configuration.md", "[[models]]"): check_agent_config,
     ("docs/configuration.md", "[updates]"): check_agent_config,
     ("docs/configuration.md", "EDGEFLEET_SERVER__PORT=9000"): run_env_overrides,
@@ -618,12 +632,17 @@ HOW: dict[tuple[str, str], Runner | str] = {
     ("docs/operations.md", "packaging/smoke-arm64.sh"): "qemu and debootstrap; "
         "EDGEFLEET_TEST_ARM64=1 tests/test_arm64_package.py",
     ("docs/operations.md", "edgefleet hub"): walkthrough_step,
+    ("docs/operations.md", "# a staged rollout"): "a controller, a hub and a fleet that takes minutes; "
+        "tests/test_rollout.py runs `hub control`, `hub rollout start|status|pause|resume|abort` with real agents",
     ("docs/operations.md", "sudo apt install debootstrap buildah podman"): PODMAN,
     ("docs/operations.md", "services:"): "Docker Compose is not installed here; tests/test_container_image.py runs "
         "the image with the same volume, read-only root, tmpfs and stop timeout through podman",
     ("docs/operations.md", "apiVersion: apps/v1"): "no Kubernetes here; tests/test_container_image.py checks the "
         "image's user (10001), volume and /readyz, /healthz that this Deployment relies on",
     ("docs/operations.md", "[mqtt]"): walkthrough_step,
+    ("docs/operations.md", "# /etc/mosquitto/conf.d/edgefleet-bridge.conf"):
+        "run as the site broker's config by tests/test_mqtt_bridge.py",
+    ("docs/operations.md", "# prometheus.yml"): check_prometheus_config,
     # the other pages
     ("docs/architecture.md", ""): "a diagram",
     ("docs/security.md", '{"schema": "edgefleet.desired/1"'): check_desired_state,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import EMBED, free_port
 from mqtt_broker import MosquittoBroker, Watcher
+from paho.mqtt.enums import MQTTProtocolVersion
 from service_process import ServiceProcess, write_config
 from update_env import GROUP, create_hub, embedding_state, make_release
 
@@ -391,15 +392,19 @@ AGENTS = ("press-1", "press-2", "press-3", "press-4")
 
 
 class Fleet:
-    """Four agents (the embedding model only), `hub serve` and `hub control`, all real processes."""
+    """Four agents (the embedding model only), `hub serve` and `hub control`, all real processes.
+    `broker`: a mosquitto, or anything of its shape (tests/rabbitmq_broker.py, with `protocol`
+    MQTTv311 for the watcher)."""
 
-    def __init__(self, root: Path, broker: MosquittoBroker) -> None:
+    def __init__(self, root: Path, broker: Any, devices: tuple[str, ...] = AGENTS,
+                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> None:
         self.root, self.broker = root, broker
         self.hub = root / "hub"
+        self.devices = devices
         self.procs: list[subprocess.Popen[bytes]] = []
         self.agents: dict[str, ServiceProcess] = {}
         self.watcher = Watcher(broker, f"{PREFIX}/devices/+/reported", f"{PREFIX}/devices/+/update",
-                               f"{PREFIX}/groups/+/desired")
+                               f"{PREFIX}/groups/+/desired", protocol=protocol)
 
     def start(self) -> None:
         embedding_state(self.root / "seed")
@@ -409,7 +414,7 @@ class Fleet:
         self.procs.append(self._spawn("control", ["hub", "control", "--hub", str(self.hub), "--mqtt", self.mqtt,
                                                   "--interval", "0.5s"]))
         self.watcher.__enter__()
-        for device in AGENTS:
+        for device in self.devices:
             home = embedding_state(self.root / device)
             extra = (f'[mqtt]\nhost = "{self.broker.host}"\nport = {self.broker.port}\ndevice_id = "{device}"\n'
                      f'group = "{GROUP}"\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n'
@@ -418,7 +423,7 @@ class Fleet:
             config = write_config(home / "agent.toml", home / "state", free_port(), [EMBED], extra=extra)
             (home / "log").mkdir()
             self.agents[device] = ServiceProcess(config, home / "log")
-        for device in AGENTS:
+        for device in self.devices:
             self.until(lambda d=device: self.active(d) == V1, f"{device} serving {V1}", 180)
 
     @property

@@ -1,13 +1,15 @@
 """The rollout controller: `edgefleet hub control`, a long-running process beside the hub.
 
 It subscribes to every device's retained ``state``, ``reported`` and ``update``
-topics, keeps the fleet view in memory (sync/hub/rollouts/fleet.py), and evaluates
+topics, keeps the fleet view in memory (sync/hub/fleet.py), and evaluates
 each running rollout every `interval_s` and shortly after messages arrive. When a
 step is done it signs the next one (or completes, or aborts) through
 sync/hub/rollouts/actions.py and rings the group's doorbell. What it knows of a
 rollout lives in the rollout's record, so a restarted controller (or machine)
 picks up where it was: the fleet view is rebuilt from the retained messages at
-connect.
+connect. Each rollout's status is published, retained, on ``{prefix}/rollouts/{id}``
+whenever it changes, and all of them again after every connect
+(sync/hub/rollouts/topic.py), for the fleet view page and the webhooks.
 
 paho's network thread only hands messages to the asyncio loop
 (`call_soon_threadsafe`); file work and signing run in a worker thread
@@ -31,13 +33,14 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from ..errors import HubError
+from ..errors import HubError, HubUnreachable
 from .fleet import DeviceView, FleetView
-from .mqtt_tools import Broker
+from .mqtt_tools import Broker, negotiate_protocol
 from .publish import PublishResult
 from .repository import HubRepository
 from .rollouts import actions
 from .rollouts.store import RolloutStore
+from .rollouts.topic import RolloutPublisher, rollout_message, rollout_topic
 
 log = logging.getLogger("edgefleet.hub.controller")
 #: after a message, evaluate this soon (a burst of messages shares one evaluation)
@@ -63,7 +66,7 @@ class Controller:
         self.fleet = FleetView(self.prefix)
         self.store = RolloutStore(self.repo.dir)
         self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edgefleet-hub-controller-{id(self):x}",
-                                   protocol=MQTTProtocolVersion.MQTTv5)
+                                   protocol=broker_protocol(self.broker))
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -74,6 +77,9 @@ class Controller:
         self._logged_ignored = 0
         self._connected_at = 0.0
         self._presence: dict[str, Any] | None = None
+        self._rollouts = RolloutPublisher()
+        #: set at every connect, read by the worker thread: publish every rollout again
+        self._republish = True
 
     # ---- paho's thread: hand over, nothing else -------------------------------------------
 
@@ -99,6 +105,7 @@ class Controller:
     def _connected(self, up: bool) -> None:
         if up and not self.connected:
             self._connected_at = time.monotonic()
+            self._republish = True
         if up != self.connected:
             log.info("MQTT broker %s:%d %s", self.broker.host, self.broker.port, "connected" if up else "lost")
         self.connected = up
@@ -179,7 +186,22 @@ class Controller:
         if presence != self._presence:
             self._presence = presence
             self.store.save_presence(presence)
+        self._publish_rollouts()
         return results
+
+    def _publish_rollouts(self) -> None:
+        """Every rollout whose status changed (by this controller or by the CLI), retained on
+        ``{prefix}/rollouts/{id}`` (sync/hub/rollouts/topic.py); all of them after a connect."""
+        if not self.connected:
+            return
+        if self._republish:
+            self._republish = False
+            self._rollouts.forget()
+        for rollout_id, body in self._rollouts.changed(self.store.all()):
+            info = self._client.publish(rollout_topic(self.prefix, rollout_id), rollout_message(body, self.clock()),
+                                        qos=1, retain=True)
+            if info.rc == paho.MQTT_ERR_SUCCESS:
+                self._rollouts.sent(rollout_id, body)
 
     def _ring(self, result: PublishResult) -> None:
         topic = result.doorbell_topic(self.prefix)
@@ -211,16 +233,23 @@ def run_controller(repo: HubRepository, broker: Broker, prefix: str, interval_s:
     asyncio.run(main())
 
 
+def broker_protocol(broker: Broker) -> MQTTProtocolVersion:
+    """The MQTT version to speak to `broker` (MQTT 5 unless it only takes 3.1.1, as RabbitMQ's
+    plugin does); MQTT 5 while it cannot be reached, as paho then keeps trying."""
+    try:
+        return negotiate_protocol(broker, timeout_s=5.0)
+    except HubUnreachable:
+        return MQTTProtocolVersion.MQTTv311 if broker.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
+
+
 def collect_fleet(broker: Broker, prefix: str, wait_s: float, clock: Callable[[], float] = time.time) -> FleetView:
     """The fleet view from the retained state, reported and update messages that arrive
     within `wait_s` (what `hub status` shows)."""
     import threading
 
-    from ..errors import HubUnreachable
-
     fleet = FleetView(prefix)
     lock = threading.Lock()
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=broker_protocol(broker))
 
     def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         for kind in ("state", "reported", "update"):

@@ -2,7 +2,9 @@
 
 The hub CLI runs for a second, so it uses paho-mqtt's one-shot helpers and a
 short-lived client rather than the agent's long-lived link. Both only touch
-topics the agents also use (sync/mqtt/topics.py).
+topics the agents also use (sync/mqtt/topics.py). Like the agent, they speak MQTT 5
+and fall back to 3.1.1 when the broker refuses MQTT 5 (``Broker.protocol``); none
+of them needs an MQTT 5 property.
 """
 
 from __future__ import annotations
@@ -17,14 +19,22 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from ..errors import HubUnreachable
+from ..mqtt.protocol import PROTOCOLS, UNSUPPORTED_PROTOCOL_VERSION, V5, V311
 
 
 @dataclass(frozen=True)
 class Broker:
     host: str
     port: int = 1883
+    #: "5", "3.1.1", or "auto": MQTT 5, then 3.1.1 when the broker refuses MQTT 5
+    protocol: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f'MQTT protocol must be "5", "3.1.1" or "auto", got {self.protocol!r}')
 
     @classmethod
     def parse(cls, text: str) -> Broker:
@@ -38,31 +48,78 @@ class Broker:
 def ring_doorbell(broker: Broker, topic: str, payload: bytes, timeout_s: float = 10.0) -> None:
     """Publish a retained doorbell (QoS 1, waits for the broker's ack): agents that connect
     later still hear it."""
-    client = _client()
-    with _connected(client, broker):
+    with _connected(broker) as client:
         info = client.publish(topic, payload, qos=1, retain=True)
         info.wait_for_publish(timeout_s)
         if not info.is_published():
             raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: no ack within {timeout_s:g}s")
 
 
-def _client() -> paho.Client:
-    return paho.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+OnConnect = Callable[[paho.Client], None]
+OnMessage = Callable[[paho.Client, Any, paho.MQTTMessage], None]
 
 
 @contextlib.contextmanager
-def _connected(client: paho.Client, broker: Broker) -> Iterator[None]:
-    """`client` connected to `broker`, its network thread running, for the block."""
+def _connected(broker: Broker, on_connect: OnConnect | None = None, on_message: OnMessage | None = None,
+               timeout_s: float = 10.0) -> Iterator[paho.Client]:
+    """A client connected to `broker` (its CONNACK received), its network thread running, for
+    the block; `on_connect` runs after every connect (subscribe there)."""
+    versions = {"5": [V5], "3.1.1": [V311], "auto": [V5, V311]}[broker.protocol]
+    for version in versions:
+        client, refused = _connect(broker, version, on_connect, on_message, timeout_s)
+        if client is not None:
+            break
+        if version != versions[-1] and (refused is None or refused.value == UNSUPPORTED_PROTOCOL_VERSION):
+            continue  # the broker refused MQTT 5 (or closed the connection at its CONNECT): try 3.1.1
+        raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port} refused the connection: "
+                             f"{'it closed the connection at the CONNECT' if refused is None else refused}")
+    assert client is not None
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _connect(broker: Broker, version: MQTTProtocolVersion, on_connect: OnConnect | None,
+             on_message: OnMessage | None, timeout_s: float) -> tuple[paho.Client | None, ReasonCode | None]:
+    """(the connected client, None), or (None, the CONNACK's failure reason, None if the broker
+    closed the connection without one)."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=version)
+    answered = threading.Event()
+    reasons: list[ReasonCode] = []
+
+    def connected(client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, props: Any) -> None:
+        reasons.append(reason)
+        answered.set()
+        if not reason.is_failure and on_connect is not None:
+            on_connect(client)
+
+    client.on_connect = connected
+    client.on_disconnect = lambda *args: answered.set()
+    if on_message is not None:
+        client.on_message = on_message
     try:
         client.connect(broker.host, broker.port)
     except OSError as exc:
         raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: {exc}") from None
     client.loop_start()
-    try:
-        yield
-    finally:
-        client.disconnect()
-        client.loop_stop()
+    answered.wait(timeout_s)
+    if reasons and not reasons[0].is_failure:
+        return client, None
+    client.disconnect()
+    client.loop_stop()
+    if not answered.is_set():
+        raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: no answer to the CONNECT within "
+                             f"{timeout_s:g}s")
+    return None, reasons[0] if reasons else None
+
+
+def negotiate_protocol(broker: Broker, timeout_s: float = 10.0) -> MQTTProtocolVersion:
+    """The MQTT version `broker` takes (per `broker.protocol`: with "auto", 5 unless it refuses
+    it), for a long-lived hub client that builds its own paho client. Raises `HubUnreachable`."""
+    with _connected(broker, timeout_s=timeout_s) as client:
+        return client.protocol
 
 
 def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0) -> dict[str, Any]:
@@ -70,9 +127,8 @@ def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0)
     ones arrive at once)."""
     received: dict[str, Any] = {}
     lock = threading.Lock()
-    client = _client()
 
-    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def on_connect(client: paho.Client) -> None:
         for topic_filter in topic_filters:
             client.subscribe(topic_filter, qos=1)
 
@@ -84,9 +140,7 @@ def read_retained(broker: Broker, topic_filters: list[str], wait_s: float = 1.0)
         with lock:
             received[msg.topic] = body
 
-    client.on_connect = on_connect
-    client.on_message = on_message
-    with _connected(client, broker):
+    with _connected(broker, on_connect, on_message):
         time.sleep(wait_s)
     with lock:
         return dict(received)
@@ -97,9 +151,8 @@ def follow_updates(broker: Broker, prefix: str, seconds: float, until: str | Non
     """Call `emit` with each update transition as it arrives (not the retained ones) for
     `seconds` (0: until interrupted) or until one reaches state `until`; returns whether it did."""
     done = threading.Event()
-    client = _client()
 
-    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+    def on_connect(client: paho.Client) -> None:
         client.subscribe(f"{prefix}/devices/+/update", qos=1)
 
     def on_message(client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
@@ -114,9 +167,7 @@ def follow_updates(broker: Broker, prefix: str, seconds: float, until: str | Non
             if until is not None and body.get("state") == until:
                 done.set()
 
-    client.on_connect = on_connect
-    client.on_message = on_message
-    with _connected(client, broker):
+    with _connected(broker, on_connect, on_message):
         return done.wait(seconds or None)
 
 

@@ -1,7 +1,9 @@
 """The agent's one MQTT connection, owned by the asyncio side.
 
-`MqttLink` owns a single paho-mqtt 2.x client (MQTT 5). It is the only module
-that touches paho; telemetry, signed updates and commands all go through it.
+`MqttLink` owns a single paho-mqtt 2.x client (MQTT 5, or 3.1.1 where the broker
+speaks only that: ``[mqtt] protocol``, chosen by sync/mqtt/protocol.py). It is the
+only module that touches paho; telemetry, signed updates and commands all go
+through it.
 
 Threads: paho runs its own network thread (`loop_start`). That is deliberate:
 paho's reconnect with exponential backoff (`reconnect_delay_set`) lives only in
@@ -28,12 +30,20 @@ What it guarantees:
   subscription, in arrival order;
 - connect / disconnect hooks, so consumers reconcile level-triggered after a
   reconnect; MQTT 5 response topic + correlation data for command replies.
+
+On an MQTT 3.1.1 broker the same guarantees hold with what 3.1.1 has (a session
+kept with clean_session off, no expiry); MQTT 5 properties are not sent, and a
+command names its reply topic and correlation in its JSON instead (docs/mqtt.md,
+"MQTT 3.1.1 brokers"). With ``protocol = "auto"`` a refusal of MQTT 5 before the
+first connect replaces the paho client by a 3.1.1 one; messages already handed
+to the old one are handed to the new one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -50,6 +60,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from security.tls import client_context
 
 from ..errors import LinkClosedError, NotConnectedError, PublishRefusedError, SubscribeRefusedError, SyncError
+from .protocol import V5, ProtocolChoice, reply_fields_from_body
 from .send_queue import SendQueue, SendQueueStats
 from .settings import MqttSettings
 from .topics import Topics
@@ -75,6 +86,9 @@ class InboundMessage:
     correlation_data: bytes | None = None
     content_type: str | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+    #: the response topic and correlation came from the command's JSON (the 3.1.1 fallback),
+    #: so the reply carries the correlation in its JSON too
+    reply_in_body: bool = False
 
     def json(self) -> Any:
         """The payload parsed as JSON (raises ValueError when it is not)."""
@@ -94,6 +108,8 @@ class LinkStatus:
     """For /metrics, telemetry and `doctor`: how the link is doing."""
 
     connected: bool = False
+    #: the MQTT version in use ("5" or "3.1.1"); with protocol = "auto", the one being tried
+    protocol: str = "5"
     connects: int = 0
     disconnects: int = 0
     last_error: str | None = None
@@ -106,6 +122,16 @@ class LinkStatus:
 Handler = Callable[[InboundMessage], Awaitable[None]]
 ConnectHook = Callable[[ConnectInfo], Awaitable[None]]
 DisconnectHook = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """A QoS 1 message until its PUBACK: what is handed again to a replacement client."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
 
 
 @dataclass
@@ -127,7 +153,7 @@ def encode_payload(payload: Payload) -> bytes:
 
 
 class MqttLink:
-    """One MQTT 5 client for the whole agent; start and stop it with the app."""
+    """One MQTT client (5, or 3.1.1) for the whole agent; start and stop it with the app."""
 
     def __init__(
         self,
@@ -144,12 +170,14 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._connected = asyncio.Event()
-        self._acks: dict[int, tuple[str, asyncio.Future[None]]] = {}
+        self._acks: dict[int, tuple[_Outgoing, asyncio.Future[None]]] = {}
         self._subacks: dict[int, tuple[str, asyncio.Future[None]]] = {}
         self._subscriptions: dict[str, _Subscription] = {}
         self._connect_hooks: list[ConnectHook] = []
         self._disconnect_hooks: list[DisconnectHook] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._protocol = ProtocolChoice(str(settings.protocol))
+        self.status.protocol = self._protocol.name
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -159,10 +187,19 @@ class MqttLink:
             raise RuntimeError("MqttLink.start called twice")
         self._loop = asyncio.get_running_loop()
         s = self.settings
+        self._client = self._new_client(self._protocol.version)
+        self._client.loop_start()
+        log.info("mqtt: connecting to %s:%d as %s (group %s)", s.host, s.broker_port, s.device_id, s.group)
+
+    def _new_client(self, version: MQTTProtocolVersion) -> paho.Client:
+        """A paho client for `version`, configured and connecting (its thread not yet started)."""
+        s = self.settings
+        v5 = version == V5
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=version,
+            clean_session=None if v5 else False,  # 3.1.1: a persistent session, kept until we say otherwise
         )
         if s.tls:
             client.tls_set_context(client_context(s.ca_file, s.cert_file, s.key_file))
@@ -176,13 +213,14 @@ class MqttLink:
         client.on_publish = self._paho_publish
         client.on_subscribe = self._paho_subscribe
         client.on_message = self._paho_message
-        connect_props = Properties(PacketTypes.CONNECT)
-        connect_props.SessionExpiryInterval = s.session_expiry_s
-        client.connect_async(s.host or "", s.broker_port, keepalive=s.keepalive_s,
-                             clean_start=False, properties=connect_props)
-        self._client = client
-        client.loop_start()
-        log.info("mqtt: connecting to %s:%d as %s (group %s)", s.host, s.broker_port, s.device_id, s.group)
+        if v5:
+            connect_props = Properties(PacketTypes.CONNECT)
+            connect_props.SessionExpiryInterval = s.session_expiry_s
+            client.connect_async(s.host or "", s.broker_port, keepalive=s.keepalive_s,
+                                 clean_start=False, properties=connect_props)
+        else:  # no session expiry in 3.1.1: the broker's own setting applies
+            client.connect_async(s.host or "", s.broker_port, keepalive=s.keepalive_s)
+        return client
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         """Say offline (retained, ``shutdown``), disconnect, stop paho's thread, cancel handlers."""
@@ -252,9 +290,12 @@ class MqttLink:
         client = self._live_client()
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1 (QoS 2 is not used by edgefleet)")
-        props = _publish_properties(response_topic, correlation_data, content_type, message_expiry_s,
-                                    user_properties)
-        info = client.publish(topic, encode_payload(payload), qos=qos, retain=retain, properties=props)
+        props = None
+        if self._protocol.version == V5:  # 3.1.1 has no properties: they are left out
+            props = _publish_properties(response_topic, correlation_data, content_type, message_expiry_s,
+                                        user_properties)
+        out = _Outgoing(topic, encode_payload(payload), qos, retain)
+        info = client.publish(topic, out.payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise SyncError(f"cannot publish on {topic}: {paho.error_string(info.rc)}")
         if qos == 0:
@@ -262,7 +303,7 @@ class MqttLink:
         # Registered before this coroutine yields, so the PUBACK callback (posted to the
         # loop by paho's thread) always finds it.
         future: asyncio.Future[None] = self._running_loop().create_future()
-        self._acks[info.mid] = (topic, future)
+        self._acks[info.mid] = (out, future)
         try:
             await asyncio.shield(future)
         finally:
@@ -270,9 +311,13 @@ class MqttLink:
                 self._acks.pop(info.mid, None)
 
     async def reply(self, message: InboundMessage, payload: Payload, qos: int = 1) -> None:
-        """Answer a request on its MQTT 5 response topic, echoing its correlation data."""
+        """Answer a request on its MQTT 5 response topic, echoing its correlation data. A command
+        that named them in its JSON (the 3.1.1 fallback) gets its correlation back in the reply's
+        JSON, ``"correlation"``."""
         if not message.response_topic:
             raise ValueError(f"the message on {message.topic} has no response topic to reply to")
+        if message.reply_in_body and message.correlation_data is not None and isinstance(payload, Mapping):
+            payload = {**payload, "correlation": message.correlation_data.decode("utf-8")}
         await self.publish(message.response_topic, payload, qos=qos, correlation_data=message.correlation_data,
                            content_type="application/json" if isinstance(payload, Mapping) else None)
 
@@ -388,9 +433,15 @@ class MqttLink:
         if self._closed:
             return
         if reason.is_failure:
+            if self._protocol.refused(reason.value):
+                self._switch_protocol()
+                return
             self.status.last_error = f"broker refused the connection: {reason}"
             log.warning("mqtt: %s", self.status.last_error)
             return
+        if self._protocol.connected():
+            log.info("mqtt: using MQTT %s%s", self._protocol.name,
+                     f" ({self._protocol.why}; see docs/mqtt.md, MQTT 3.1.1 brokers)" if self._protocol.why else "")
         self.status.connects += 1
         self.status.connected = True
         self.status.last_error = None
@@ -410,6 +461,9 @@ class MqttLink:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self.status.connected = False
+        if not self._closed and not was_connected and self._protocol.closed_before_connack():
+            self._switch_protocol()
+            return
         if self._closed or not was_connected:
             return
         self.status.disconnects += 1
@@ -426,11 +480,11 @@ class MqttLink:
         entry = self._acks.pop(mid, None)
         if entry is None:
             return
-        topic, future = entry
+        out, future = entry
         if future.done():
             return
-        if reason.is_failure:
-            future.set_exception(PublishRefusedError(topic, str(reason)))
+        if reason.is_failure:  # MQTT 5 only: a 3.1.1 PUBACK carries no reason
+            future.set_exception(PublishRefusedError(out.topic, str(reason)))
         else:
             future.set_result(None)
 
@@ -447,7 +501,35 @@ class MqttLink:
         else:
             future.set_result(None)
 
+    def _switch_protocol(self) -> None:
+        """Replace the paho client by one for the version `_protocol` now names (before the
+        first connect only), handing it what waits for an ack; the old one's thread is
+        stopped off the loop."""
+        old = self._client
+        assert old is not None
+        log.debug("mqtt: %s; trying MQTT %s", self._protocol.why, self._protocol.name)
+        self.status.protocol = self._protocol.name
+        client = self._new_client(self._protocol.version)
+        pending, self._acks = list(self._acks.values()), {}
+        for out, future in pending:
+            if future.done():
+                continue
+            info = client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)  # 3.1.1: no properties
+            self._acks[info.mid] = (out, future)
+        for _, future in self._subacks.values():  # none before a first connect; sent again at it
+            if not future.done():
+                future.set_result(None)
+        self._subacks.clear()
+        self._client = client
+        client.loop_start()
+        self._spawn(asyncio.to_thread(_retire, old), "mqtt-retire-client")
+
     def _on_message(self, message: InboundMessage) -> None:
+        if message.response_topic is None and message.topic == self.topics.cmd:
+            fields = reply_fields_from_body(message.payload)
+            if fields is not None:
+                message = dataclasses.replace(message, response_topic=fields[0], correlation_data=fields[1],
+                                              reply_in_body=True)
         for sub in self._subscriptions.values():
             if paho.topic_matches_sub(sub.topic_filter, message.topic):
                 try:
@@ -459,35 +541,40 @@ class MqttLink:
 
     # ---- paho's thread: convert arguments, hand over to the loop, nothing else ----------------
 
-    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+    def _post(self, client: paho.Client, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is gone
-            loop.call_soon_threadsafe(callback, *args)
+            loop.call_soon_threadsafe(self._dispatch, client, callback, *args)
+
+    def _dispatch(self, client: paho.Client, callback: Callable[..., None], *args: Any) -> None:
+        """On the loop: run `callback` unless it comes from a client that was replaced."""
+        if client is self._client:
+            callback(*args)
 
     def _paho_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                       reason: ReasonCode, properties: Properties | None) -> None:
-        self._post(self._on_connected, bool(flags.session_present), reason)
+        self._post(client, self._on_connected, bool(flags.session_present), reason)
 
     def _paho_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._post(self._on_connect_failed)
+        self._post(client, self._on_connect_failed)
 
     def _paho_disconnect(self, client: paho.Client, userdata: Any, flags: paho.DisconnectFlags,
                          reason: ReasonCode, properties: Properties | None) -> None:
-        self._post(self._on_disconnected, str(reason))
+        self._post(client, self._on_disconnected, str(reason))
 
     def _paho_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
                       properties: Properties) -> None:
-        self._post(self._on_published, mid, reason)
+        self._post(client, self._on_published, mid, reason)
 
     def _paho_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
                         properties: Properties | None) -> None:
-        self._post(self._on_subscribed, mid, list(reasons))
+        self._post(client, self._on_subscribed, mid, list(reasons))
 
     def _paho_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         props = message.properties
-        self._post(self._on_message, InboundMessage(
+        self._post(client, self._on_message, InboundMessage(
             topic=message.topic,
             payload=bytes(message.payload),
             qos=message.qos,
@@ -517,6 +604,12 @@ def _publish_properties(response_topic: str | None, correlation_data: bytes | No
     if user_properties:
         props.UserProperty = list(user_properties.items())
     return props
+
+
+def _retire(client: paho.Client) -> None:
+    """Stop a replaced client: no reconnects, its thread ended (blocking: run off the loop)."""
+    client.disconnect()
+    client.loop_stop()
 
 
 def _log_subscribe_failure(future: asyncio.Future[None]) -> None:

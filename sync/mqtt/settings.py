@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .protocol import PROTOCOLS
+
 #: Device ids and group names become single topic levels: no '/', '+', '#', spaces.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MACHINE_ID = Path("/etc/machine-id")
@@ -49,6 +51,10 @@ class MqttSettings:
     group: str = "default"
     topic_prefix: str = "edgefleet/v1"
     keepalive_s: int = 60
+    #: MQTT version: "5", "3.1.1", or "auto" (MQTT 5, falling back to 3.1.1 when the broker
+    #: refuses it; see docs/mqtt.md "MQTT 3.1.1 brokers" for what 3.1.1 lacks). A bare 5 is
+    #: taken as "5" (what EDGEFLEET_MQTT__PROTOCOL=5 parses to).
+    protocol: str | int = "auto"
     #: How long the broker keeps our session (subscriptions, queued QoS 1) while we are away.
     session_expiry_s: int = 7 * 24 * 3600
     #: paho's reconnect backoff: first wait, doubled per failed attempt up to the max.
@@ -73,6 +79,10 @@ class MqttSettings:
         levels = self.topic_prefix.split("/")
         if not self.topic_prefix or any(not lv or lv in ("+", "#") or "+" in lv or "#" in lv for lv in levels):
             raise ValueError(f"topic_prefix {self.topic_prefix!r} must be non-empty levels without + or #")
+        if isinstance(self.protocol, int) and not isinstance(self.protocol, bool) and self.protocol == 5:
+            object.__setattr__(self, "protocol", "5")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f'protocol must be "5", "3.1.1" or "auto", got {self.protocol!r}')
         if not 5 <= self.keepalive_s <= 65535:
             raise ValueError("keepalive_s must be 5..65535")
         if not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
