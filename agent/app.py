@@ -31,6 +31,7 @@ from aiohttp import web
 from agent.config import AgentConfig
 from agent.context import CONFIG, LIVE, LOADER, METRICS, MODELS, LiveState
 from agent.fleet import updates as updates_api
+from agent.fleet.alerts import alerts_ctx
 from agent.fleet.link import mqtt_ctx
 from agent.fleet.reported import reported_ctx
 from agent.fleet.telemetry import telemetry_ctx
@@ -250,6 +251,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app.cleanup_ctx.append(telemetry_ctx)  # sampler, idle unload, telemetry over the link
     app.cleanup_ctx.append(updates_ctx)  # after the link: doorbells, commands
     app.cleanup_ctx.append(reported_ctx)  # after the update service, which it reports on; stopped first
+    app.cleanup_ctx.append(alerts_ctx)  # after telemetry (sampler, outbox) and updates, which it reads
     app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from runtime.batching import BatchingSettings
 from runtime.bundle import NAME_RE
 from runtime.structured import SchemaError, from_mapping
+from sync.alerts.settings import AlertSettings
 from sync.mqtt.settings import MqttSettings
 from sync.update_settings import UpdateSettings
 
@@ -224,6 +225,8 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     #: ``[batching]``: continuous batching for GGUF, dynamic batching for ONNX (runtime/batching.py).
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    #: ``[alerts]``: rules evaluated on the device, published on MQTT (sync/alerts/settings.py).
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]

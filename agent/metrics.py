@@ -1,17 +1,26 @@
 """Prometheus metrics of the agent, exposed at /metrics by prometheus_client.
 
-Request metrics are recorded by the HTTP middleware; queue, token and
-inference figures are counted by the runtime (`ModelUsage`, `SchedulerStats`)
-and read from the registry at scrape time by a collector, so the runtime stays
-free of any metrics library and every interface is counted alike. System, energy and
-attribution figures are read from the runtime's `Sampler`, the same snapshots the MQTT
-telemetry records are built from. Each app has its own
-CollectorRegistry so that several agents can live in one test process.
+Request metrics are recorded by the HTTP middleware and the gRPC servicer, each under
+its own names (HTTP's `edgefleet_http_*`, gRPC's `grpc_server_*` as go-grpc-prometheus
+names them), so a sum over one never counts the other. Queue, token, latency and
+inference figures are counted by the runtime (`ModelUsage`, `SchedulerStats`) and read
+from the registry at scrape time by a collector, so the runtime stays free of any metrics
+library and every interface is counted alike. System, energy and attribution figures are
+read from the runtime's `Sampler`, the same snapshots the MQTT telemetry records are built
+from. Each app has its own CollectorRegistry so that several agents can live in one test
+process.
+
+Names follow a convention where one exists: OpenTelemetry's GenAI semantic conventions
+(`gen_ai.server.*`) converted as OpenTelemetry's Prometheus exporter converts them
+(dots to underscores, the unit as a suffix), with the label `model` for
+`gen_ai.request.model` as on every other per-model metric. docs/api.md maps each one to
+llama-server's and vLLM's names. Every label value comes from a bounded set (a route
+template, an HTTP method, a code): never a request's text or an error message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -35,6 +44,15 @@ class Metrics:
         self.latency = Histogram(
             "edgefleet_http_request_duration_seconds", "Time to the last byte of the response",
             ["route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        # KServe v2 gRPC calls, under go-grpc-prometheus's names (every gRPC dashboard reads them)
+        self.grpc_handled = Counter(
+            "grpc_server_handled", "gRPC calls completed, by method and status code",
+            ["grpc_type", "grpc_service", "grpc_method", "grpc_code"], registry=self.registry,
+        )
+        self.grpc_latency = Histogram(
+            "grpc_server_handling_seconds", "Time from a gRPC call's start to its answer",
+            ["grpc_type", "grpc_service", "grpc_method"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         # process_cpu_seconds_total, process_resident_memory_bytes, ... (prometheus_client's own)
         ProcessCollector(registry=self.registry)
@@ -73,9 +91,25 @@ class _RegistryCollector(Collector):
             "edgefleet_queue_depth", "Requests admitted and not finished (running + queued)",
             labels=["model"],
         )
+        running = GaugeMetricFamily("edgefleet_requests_running", "Requests the model works on now "
+                                    "(vllm:num_requests_running, llamacpp:requests_processing)", labels=["model"])
+        waiting = GaugeMetricFamily("edgefleet_requests_waiting", "Admitted requests queued for a slot "
+                                    "(vllm:num_requests_waiting, llamacpp:requests_deferred)", labels=["model"])
+        kv = GaugeMetricFamily("edgefleet_kv_cache_usage_ratio", "KV cache cells in use over n_ctx (prefix "
+                               "cache included, as llamacpp:kv_cache_usage_ratio); absent for a model without "
+                               "a KV cache", labels=["model"])
         for served in self._models.serving():
-            depth.add_metric([served.name], served.scheduler.depth)
+            now_running, now_waiting = served.scheduler.occupancy()
+            depth.add_metric([served.name], now_running + now_waiting)
+            running.add_metric([served.name], now_running)
+            waiting.add_metric([served.name], now_waiting)
+            cells = served.scheduler.kv_cache_usage()
+            if cells is not None:
+                kv.add_metric([served.name], cells)
         yield depth
+        yield running
+        yield waiting
+        yield kv
         counters = {
             key: CounterMetricFamily(f"edgefleet_scheduler_{key}", help_, labels=["model"])
             for key, help_ in (
@@ -104,8 +138,15 @@ class _RegistryCollector(Collector):
                                       labels=["model"])
         reloads = CounterMetricFamily("edgefleet_model_reloads", "Reloads for a request after an idle unload",
                                       labels=["model"])
-        ttft = HistogramMetricFamily("edgefleet_time_to_first_token_seconds",
-                                     "From admission to the first generated text", labels=["model"])
+        ttft = HistogramMetricFamily("gen_ai_server_time_to_first_token_seconds",
+                                     "From admission to the first generated text (gen_ai.server.time_to_first_token)",
+                                     labels=["model"])
+        tpot = HistogramMetricFamily("gen_ai_server_time_per_output_token_seconds",
+                                     "Per generation of 2 tokens or more: (end - first text) / (tokens - 1), the "
+                                     "mean inter-token latency (gen_ai.server.time_per_output_token)", labels=["model"])
+        duration = HistogramMetricFamily("gen_ai_server_request_duration_seconds",
+                                         "From admission to the end of every admitted request, whatever its outcome "
+                                         "(gen_ai.server.request.duration)", labels=["model", "operation"])
         live_busy = self._models.busy_seconds()
         for name, usage in sorted(self._models.usage().items()):
             for key, family in counters.items():
@@ -120,6 +161,10 @@ class _RegistryCollector(Collector):
             reloads.add_metric([name], usage.reloads)
             hist = usage.time_to_first_token
             ttft.add_metric([name], hist.cumulative(), hist.sum_s)
+            hist = usage.time_per_output_token
+            tpot.add_metric([name], hist.cumulative(), hist.sum_s)
+            for operation, hist in sorted(usage.request_duration.items()):
+                duration.add_metric([name, operation], hist.cumulative(), hist.sum_s)
         yield from counters.values()
         yield busy
         yield prompt
@@ -129,6 +174,8 @@ class _RegistryCollector(Collector):
         yield unloads
         yield reloads
         yield ttft
+        yield tpot
+        yield duration
 
 
 class _TelemetryCollector(Collector):
@@ -238,10 +285,13 @@ class _TelemetryCollector(Collector):
         yield power
         yield resets
         yield dropped
-        source = GaugeMetricFamily("edgefleet_energy_source_up", "1 when the source is read now; 0 with the "
-                                   "reason in the reason label", labels=["source", "method", "used", "reason"])
+        source = GaugeMetricFamily("edgefleet_energy_source_up", "1 when the source is read now; 0 with why as "
+                                   "a code in the reason label (absent, permission_denied, external_power, "
+                                   "unreadable, error; ok when up): the text is in telemetry and the log",
+                                   labels=["source", "method", "used", "reason"])
         for st in e.sources:
-            source.add_metric([st.name, st.method, str(st.used).lower(), st.reason or ""], 1 if st.available else 0)
+            source.add_metric([st.name, st.method, str(st.used).lower(), "ok" if st.available else st.code],
+                              1 if st.available else 0)
         yield source
         a = self._sampler.attributed()
         host = CounterMetricFamily("edgefleet_host_energy_joules", "Energy of the domains counted in the "
@@ -262,13 +312,14 @@ class _TelemetryCollector(Collector):
         if a.idle_power_w is not None:
             yield GaugeMetricFamily("edgefleet_idle_power_watts", "The idle baseline used for attribution",
                                     value=a.idle_power_w)
-        model = CounterMetricFamily("edgefleet_model_energy_joules", "Energy attributed to each model; "
-                                    "idle=excluded: its share of the active energy the agent's CPU time "
-                                    "explains, idle=included: plus the idle baseline while it was busy",
-                                    labels=["model", "idle", "method"])
+        model = CounterMetricFamily("edgefleet_model_energy_joules", "Energy attributed to each model, in "
+                                    "parts that add up: part=active: its share of the active energy the agent's "
+                                    "CPU time explains, part=idle: its share of the idle baseline while it was "
+                                    "busy; the sum of both is what the device drew while serving it",
+                                    labels=["model", "part", "method"])
         for name, m in sorted(a.models.items()):
-            model.add_metric([name, "excluded", e.method], m.energy_j)
-            model.add_metric([name, "included", e.method], m.energy_incl_idle_j)
+            model.add_metric([name, "active", e.method], m.energy_j)
+            model.add_metric([name, "idle", e.method], max(0.0, m.energy_incl_idle_j - m.energy_j))
         yield model
 
 
@@ -276,3 +327,26 @@ def _gauge(name: str, help_: str, method: str, value: float) -> GaugeMetricFamil
     family = GaugeMetricFamily(name, help_, labels=["method"])
     family.add_metric([method], value)
     return family
+
+
+# ---- alerts (agent/fleet/alerts.py): Prometheus's ALERTS, one series per rule ----------------
+
+#: (rule, severity, firing) for each rule that is on, read at scrape time
+AlertGauges = Callable[[], Iterable[tuple[str, str, bool]]]
+
+
+def watch_alerts(metrics: Metrics, gauges: AlertGauges) -> None:
+    """``edgefleet_alert_firing{rule,severity}``: 1 while the rule's alert fires, 0 otherwise."""
+    metrics.registry.register(_AlertCollector(gauges))
+
+
+class _AlertCollector(Collector):
+    def __init__(self, gauges: AlertGauges) -> None:
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("edgefleet_alert_firing", "1 while the alert rule fires (docs/operations.md#alerts)",
+                                   labels=["rule", "severity"])
+        for rule, severity, firing in self._gauges():
+            family.add_metric([rule, severity], 1 if firing else 0)
+        yield family

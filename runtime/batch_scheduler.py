@@ -98,6 +98,9 @@ class ContinuousBatchScheduler(_BatchingScheduler):
         super().__init__(name, max_pending, limits=limits, stats=stats)
         self.rates.slots = engine.slots  # tokens priced from its steps, by width
 
+    def kv_cache_usage(self) -> float | None:
+        return self._engine.kv_cache_usage()
+
     def _worker(self) -> None:
         engine = self._engine
         engine.warm()  # on this thread, before the first request (see BatchEngine.warm)

@@ -266,6 +266,12 @@ class BatchEngine:
     def free_slots(self) -> int:
         return sum(1 for slot in self._slots if not slot.busy)
 
+    def kv_cache_usage(self) -> float:
+        """Cells holding KV over the context's n_ctx, as llama-server's kv_cache_usage_ratio
+        counts them: running requests' cells and the prefix cache idle slots keep. Read from
+        any thread (list lengths; a scrape may see a step half done)."""
+        return sum(len(slot.history) for slot in self._slots) / (self.slots * self.ctx_per_slot)
+
     def add(self, request: GenerationRequest, ctx: JobContext) -> None:
         """Take a request into a free slot (raises the request's own errors: bad input,
         context too long). Its prompt is evaluated by the following steps."""

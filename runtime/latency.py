@@ -1,6 +1,7 @@
-"""A fixed-bucket latency histogram kept by the runtime (time to first token).
+"""Fixed-bucket latency histograms kept by the runtime: time to first token, time per
+output token, request duration.
 
-Plain counts, no metrics library: /metrics turns it into a Prometheus histogram
+Plain counts, no metrics library: /metrics turns them into Prometheus histograms
 and telemetry sends count, sum and the buckets, from the same numbers.
 """
 
@@ -11,6 +12,13 @@ from dataclasses import dataclass, field
 
 #: Upper bounds in seconds (Prometheus ``le``); the last bucket, +Inf, is implicit.
 LATENCY_BUCKETS_S: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+#: OpenTelemetry's advice for `gen_ai.server.time_per_output_token`.
+TIME_PER_OUTPUT_TOKEN_BUCKETS_S: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+#: OpenTelemetry's advice for `gen_ai.server.request.duration`, doubled on twice more: a long
+#: answer on a small CPU takes minutes.
+REQUEST_DURATION_BUCKETS_S: tuple[float, ...] = (
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 163.84, 327.68)
 
 
 @dataclass

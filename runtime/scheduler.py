@@ -298,6 +298,15 @@ class ModelScheduler:
         with self._cv:
             return len(self._pending) + len(self._running)
 
+    def occupancy(self) -> tuple[int, int]:
+        """(running, waiting): requests the model works on now, and admitted ones queued."""
+        with self._cv:
+            return len(self._running), len(self._pending)
+
+    def kv_cache_usage(self) -> float | None:
+        """Share of the model's KV cache cells in use (0-1); None for a model without one."""
+        return None
+
     def running_for_s(self) -> float:
         """How long the model thread has been busy without a break (0 when idle): busy time not
         yet in `stats.busy_seconds`, for energy attribution over windows shorter than a job.

@@ -42,7 +42,7 @@ from .batch_scheduler import scheduler_for
 from .bundle import ModelBundle
 from .devices import MachineSettings
 from .errors import ModelLoadError, ProbeFailedError, PromptTooLargeError, RuntimeLayerError
-from .latency import LatencyHistogram
+from .latency import REQUEST_DURATION_BUCKETS_S, TIME_PER_OUTPUT_TOKEN_BUCKETS_S, LatencyHistogram
 from .scheduler import Job, ModelScheduler, SchedulerStats
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,11 @@ async def open_version(
     return ServedModel(bundle=bundle, backend=backend, scheduler=scheduler, loaded_at=time.time(), usage=usage)
 
 
+#: The `operation` of a request's duration: OpenTelemetry's `gen_ai.operation.name` values
+#: (chat, text_completion, embeddings), and infer for a KServe v2 tensor inference.
+OPERATIONS = ("chat", "text_completion", "embeddings", "infer")
+
+
 @dataclass
 class ModelUsage:
     """What a model name has done since the agent started, across versions.
@@ -90,6 +95,13 @@ class ModelUsage:
     queue: SchedulerStats = field(default_factory=SchedulerStats)
     #: from admission to the first generated text, generations only
     time_to_first_token: LatencyHistogram = field(default_factory=LatencyHistogram)
+    #: per generation of two tokens or more: (end - first text) / (tokens - 1), OpenTelemetry's
+    #: `gen_ai.server.time_per_output_token` (the mean inter-token latency of that request)
+    time_per_output_token: LatencyHistogram = field(
+        default_factory=lambda: LatencyHistogram(TIME_PER_OUTPUT_TOKEN_BUCKETS_S))
+    #: from admission to the end, every admitted request whatever its outcome, by operation
+    #: (`OPERATIONS`): OpenTelemetry's `gen_ai.server.request.duration`
+    request_duration: dict[str, LatencyHistogram] = field(default_factory=dict)
     #: time.monotonic() of the last admission or completion (idle unload counts from it)
     last_active: float = field(default_factory=time.monotonic)
     idle_unloads: int = 0
@@ -98,6 +110,13 @@ class ModelUsage:
     def count(self, kind: str) -> None:
         self.requests[kind] = self.requests.get(kind, 0) + 1
         self.last_active = time.monotonic()
+
+    def ended(self, operation: str, seconds: float) -> None:
+        """An admitted request of `operation` (one of `OPERATIONS`) ended after `seconds`."""
+        hist = self.request_duration.get(operation)
+        if hist is None:
+            hist = self.request_duration[operation] = LatencyHistogram(REQUEST_DURATION_BUCKETS_S)
+        hist.observe(seconds)
 
     @property
     def total_requests(self) -> int:
@@ -131,7 +150,8 @@ class ServedModel:
         usage.count("generate")
 
         def counted(future: asyncio.Future[GenerationResult]) -> None:
-            usage.last_active = time.monotonic()
+            usage.last_active = ended = time.monotonic()
+            usage.ended("chat" if request.messages is not None else "text_completion", ended - job.enqueued_at)
             if job.first_emit_at is not None:
                 usage.time_to_first_token.observe(job.first_emit_at - job.enqueued_at)
             # A cancelled generation still returns what it produced; count that too.
@@ -140,6 +160,9 @@ class ServedModel:
                 usage.prompt_tokens += result.prompt_tokens
                 usage.cached_prompt_tokens += result.cached_tokens
                 usage.generated_tokens += result.completion_tokens
+                if job.first_emit_at is not None and result.completion_tokens > 1:
+                    usage.time_per_output_token.observe(
+                        (ended - job.first_emit_at) / (result.completion_tokens - 1))
 
         job.future.add_done_callback(counted)
         return job
@@ -166,7 +189,7 @@ class ServedModel:
         """Embed `texts` (one vector each); if the caller is cancelled the work stops."""
         backend = self.backend
         result = await self._run("embed", lambda ctx: backend.embed(texts, normalize, ctx),
-                                 EmbedRequest(texts, normalize))
+                                 EmbedRequest(texts, normalize), operation="embeddings")
         self.usage.embedded_inputs += len(texts)
         self.usage.prompt_tokens += result.prompt_tokens
         return result
@@ -177,19 +200,21 @@ class ServedModel:
         """Run the model on named tensors; `outputs` picks which to return (None: all)."""
         backend = self.backend
         return await self._run("infer", lambda ctx: backend.infer(inputs, outputs, ctx),
-                               InferRequest(inputs, tuple(outputs) if outputs else None))
+                               InferRequest(inputs, tuple(outputs) if outputs else None), operation="infer")
 
-    async def _run(self, kind: str, work: Callable[[JobContext], T], request: object = None) -> T:
+    async def _run(self, kind: str, work: Callable[[JobContext], T], request: object = None,
+                   operation: str = "infer") -> T:
         """Admit `work` (serving the typed `request`, which a batching scheduler may run with
-        others), count it as a `kind` request once admitted, wait for it; a caller that is
-        cancelled stops the work."""
+        others), count it as a `kind` request once admitted (its duration under `operation`),
+        wait for it; a caller that is cancelled stops the work."""
         job = self.scheduler.submit(work, request)
         self.usage.count(kind)
         try:
             return await job.result()
         finally:
             job.cancel()
-            self.usage.last_active = time.monotonic()
+            self.usage.last_active = ended = time.monotonic()
+            self.usage.ended(operation, ended - job.enqueued_at)
 
     async def probe(self) -> str:
         """Run the model's smoke test; returns a one-line summary or raises ProbeFailedError."""

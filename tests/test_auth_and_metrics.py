@@ -34,7 +34,7 @@ async def test_metrics_count_requests_tokens_and_models(agent):
     assert await agent.metric("edgefleet_generated_tokens_total", model=CHAT) == before + 5
     assert await agent.metric("edgefleet_http_requests_total", route="/v1/completions", status="200") >= 1
     assert await agent.metric("edgefleet_http_request_duration_seconds_count", route="/v1/completions") >= 1
-    assert await agent.metric("edgefleet_time_to_first_token_seconds_count", model=CHAT) >= 1
+    assert await agent.metric("gen_ai_server_time_to_first_token_seconds_count", model=CHAT) >= 1
     assert await agent.metric("edgefleet_models", state="ready") == 2
     assert await agent.metric("edgefleet_queue_depth", model=CHAT) == 0
     status, text = await agent.get("/metrics")

@@ -89,7 +89,7 @@ async def energy(agent) -> dict[str, float]:  # type: ignore[no-untyped-def]
         "active": await agent.metric("edgefleet_host_energy_joules_total", part="active"),
         "idle": await agent.metric("edgefleet_host_energy_joules_total", part="idle"),
         "total": await agent.metric("edgefleet_energy_joules_total"),
-        "chat": await agent.metric("edgefleet_model_energy_joules_total", model=CHAT, idle="excluded"),
+        "chat": await agent.metric("edgefleet_model_energy_joules_total", model=CHAT, part="active"),
         "models": await agent.metric("edgefleet_active_energy_joules_total", by="models"),
         "agent": await agent.metric("edgefleet_active_energy_joules_total", by="agent"),
         "other": await agent.metric("edgefleet_active_energy_joules_total", by="other"),

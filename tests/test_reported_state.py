@@ -12,6 +12,7 @@ a release published without a doorbell reaches a connected device within one int
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 from collections.abc import AsyncIterator, Callable
@@ -246,7 +247,7 @@ def test_rollout_membership_is_fixed_per_device_and_only_grows_with_the_share() 
     assert abs(statistics.mean(buckets) - 50) < 3
     steps = [1.0, 10.0, 50.0, 100.0]
     members = [{d for d in devices if in_rollout(Rollout("r", "2", {}, p, "5eed5eed"), d)} for p in steps]
-    assert all(a <= b for a, b in zip(members, members[1:], strict=False))
+    assert all(a <= b for a, b in itertools.pairwise(members))
     assert members[-1] == set(devices)
     # another salt shuffles who goes first
     assert {d for d in devices if bucket("0badcafe", d) < 10} != members[1]

@@ -122,9 +122,9 @@ async def test_records_arrive_at_the_interval_with_the_documented_fields_and_jou
 
             # /metrics: the same runtime figures, Prometheus names
             assert await agent.metric("edgefleet_generated_tokens_total", model=CHAT) == more_m["generated_tokens"]
-            assert await agent.metric("edgefleet_model_energy_joules_total", model=CHAT, idle="excluded") > 0
+            assert await agent.metric("edgefleet_model_energy_joules_total", model=CHAT, part="active") > 0
             assert await agent.metric("edgefleet_energy_joules_total") > 0
-            assert await agent.metric("edgefleet_time_to_first_token_seconds_count", model=CHAT) == 4
+            assert await agent.metric("gen_ai_server_time_to_first_token_seconds_count", model=CHAT) == 4
             assert await agent.metric("edgefleet_telemetry_outbox_dropped_total") == 0
             assert await agent.metric("edgefleet_mqtt_connected") == 1
             assert await agent.metric("process_resident_memory_bytes") > 0

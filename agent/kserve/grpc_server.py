@@ -9,7 +9,9 @@ agent/kserve/tensors.py, which model a name means and whether it (or the
 server) is ready is decided by agent/kserve/models.py, errors become gRPC status codes through
 `agent.http.errors.to_api_error` and `grpc_status`, the API key is checked by
 `security.api_keys` against the live config (a SIGHUP changes it for both),
-and every call counts as in flight for the shutdown drain.
+and every call counts as in flight for the shutdown drain. /metrics counts calls under
+go-grpc-prometheus's names (`grpc_server_handled_total`, `grpc_server_handling_seconds`),
+apart from HTTP's requests.
 
 Request bytes are parsed by our own deserializers (`handlers`), which never raise:
 bytes that are not the method's message become an `Undecodable` that `_call`
@@ -150,10 +152,10 @@ class InferenceService:
             if code is grpc.StatusCode.OK:
                 code = grpc.StatusCode.CANCELLED
             raise
-        finally:
-            route = f"/{SERVICE}/{method}"
-            self.app[METRICS].requests.labels(route, "gRPC", code.name).inc()
-            self.app[METRICS].latency.labels(route).observe(time.perf_counter() - started)
+        finally:  # gRPC's own counters (go-grpc-prometheus's names), never HTTP's
+            metrics = self.app[METRICS]
+            metrics.grpc_handled.labels("unary", SERVICE, method, code.name).inc()
+            metrics.grpc_latency.labels("unary", SERVICE, method).observe(time.perf_counter() - started)
 
     # --- health and metadata ---------------------------------------------------
 

@@ -29,7 +29,7 @@ class BatterySource:
             except OSError:
                 continue
         if not self._batteries:
-            raise SourceUnavailable(f"no battery under {root}")
+            raise SourceUnavailable(f"no battery under {root}", "absent")
 
     def read(self) -> list[DomainReading]:
         readings = []
@@ -38,7 +38,7 @@ class BatterySource:
                 status = read_text(battery / "status")
                 if status != "Discharging":
                     raise SourceUnavailable(f"{battery.name} is {status.lower()}: on external power its "
-                                            "power_now measures charging, not what the machine uses")
+                                            "power_now measures charging, not what the machine uses", "external_power")
                 if (battery / "power_now").exists():
                     watts = read_int(battery / "power_now") / 1e6
                 else:

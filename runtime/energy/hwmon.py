@@ -39,7 +39,7 @@ class HwmonSource:
             else:
                 self._add_power_energy(chip, chip_name)
         if not self._sensors:
-            raise SourceUnavailable(f"no hwmon power, energy or rail sensors under {root}")
+            raise SourceUnavailable(f"no hwmon power, energy or rail sensors under {root}", "absent")
         if any(d in BOARD_INPUT_RAILS for d, *_ in self._sensors):
             self._sensors = [(d, k, p, d in BOARD_INPUT_RAILS) for d, k, p, _ in self._sensors]
             self.description = "board input rail (INA3221)"
@@ -79,7 +79,7 @@ class HwmonSource:
                     millivolts, milliamps = read_int(paths[0]), read_int(paths[1])
                     readings.append(DomainReading(domain, "power", millivolts * milliamps / 1e6, None, in_total))
             except PermissionError:
-                raise SourceUnavailable(f"{paths[0]}: permission denied") from None
+                raise SourceUnavailable(f"{paths[0]}: permission denied", "permission_denied") from None
             except OSError as exc:
                 raise SourceUnavailable(f"{paths[0]}: {exc.strerror}") from None
         return readings

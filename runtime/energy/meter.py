@@ -100,6 +100,9 @@ class SourceState:
     used: bool
     available: bool
     reason: str | None = None
+    #: the reason as a bounded code (`UnavailableCode`, or "error" for an unexpected
+    #: exception); "ok" while available
+    code: str = "ok"
 
 
 @dataclass(frozen=True)
@@ -154,12 +157,13 @@ class EnergyMeter:
             source = factory()
             source.read()  # a source that cannot be read now is not chosen
         except SourceUnavailable as exc:
-            self._states.append(SourceState(name, "measured", "", used=False, available=False, reason=str(exc)))
+            self._states.append(SourceState(name, "measured", "", used=False, available=False, reason=str(exc),
+                                            code=exc.code))
             log.info("energy: %s unavailable: %s", name, exc)
             return None
         except Exception as exc:  # noqa: BLE001 - a sensor driver's oddity must not stop the agent
             self._states.append(SourceState(name, "measured", "", used=False, available=False,
-                                            reason=f"{type(exc).__name__}: {exc}"))
+                                            reason=f"{type(exc).__name__}: {exc}", code="error"))
             log.warning("energy: %s failed: %s", name, exc)
             return None
         self._states.append(SourceState(source.name, source.method, source.description, used=used, available=True))
@@ -184,17 +188,17 @@ class EnergyMeter:
             except SourceUnavailable as exc:
                 if state.available:
                     log.warning("energy: %s became unavailable: %s", source.name, exc)
-                state.available, state.reason = False, str(exc)
+                state.available, state.reason, state.code = False, str(exc), exc.code
                 for (src, _), domain in self._domains.items():
                     if src == source.name:
                         domain.power_w = None  # no figure, not 0 W; a counter's next delta covers the gap
                 joules = None
                 continue
             except Exception as exc:  # noqa: BLE001 - reported as unavailable, never raised into the loop
-                state.available, state.reason = False, f"{type(exc).__name__}: {exc}"
+                state.available, state.reason, state.code = False, f"{type(exc).__name__}: {exc}", "error"
                 joules = None
                 continue
-            state.available, state.reason = True, None
+            state.available, state.reason, state.code = True, None, "ok"
             for reading in readings:
                 key = (source.name, reading.domain)
                 track = self._domains.get(key)

@@ -25,12 +25,12 @@ class NvmlSource:
         try:
             self._nvml: ModuleType = importlib.import_module("pynvml")
         except ImportError:
-            raise SourceUnavailable("nvidia-ml-py (pynvml) is not installed") from None
+            raise SourceUnavailable("nvidia-ml-py (pynvml) is not installed", "absent") from None
         nvml = self._nvml
         try:
             nvml.nvmlInit()
-        except nvml.NVMLError as exc:
-            raise SourceUnavailable(f"NVML: {exc}") from None
+        except nvml.NVMLError as exc:  # no driver: no NVIDIA GPU here
+            raise SourceUnavailable(f"NVML: {exc}", "absent") from None
         try:
             count = nvml.nvmlDeviceGetCount()
             self._gpus: list[tuple[str, Any, bool]] = []
@@ -47,7 +47,7 @@ class NvmlSource:
             raise SourceUnavailable(f"NVML: {exc}") from None
         if not self._gpus:
             nvml.nvmlShutdown()
-            raise SourceUnavailable("NVML found no GPU")
+            raise SourceUnavailable("NVML found no GPU", "absent")
 
     def read(self) -> list[DomainReading]:
         nvml = self._nvml

@@ -36,7 +36,7 @@ class RaplSource:
             domain = label if label.startswith("package") else f"{label}-{package}"
             self._zones.append((domain, zone))
         if not self._zones:
-            raise SourceUnavailable(f"no RAPL package or DRAM domains under {root}")
+            raise SourceUnavailable(f"no RAPL package or DRAM domains under {root}", "absent")
 
     def read(self) -> list[DomainReading]:
         readings = []
@@ -46,7 +46,8 @@ class RaplSource:
             except PermissionError:
                 raise SourceUnavailable(
                     f"{zone / 'energy_uj'}: permission denied — readable by root only since Linux 5.10 "
-                    "(CVE-2020-8694); run the agent as root or let its group read it (udev rule)") from None
+                    "(CVE-2020-8694); run the agent as root or let its group read it (udev rule)",
+                    "permission_denied") from None
             except OSError as exc:
                 raise SourceUnavailable(f"{zone / 'energy_uj'}: {exc.strerror}") from None
             try:

@@ -9,8 +9,18 @@ from typing import Literal, Protocol
 Method = Literal["measured", "estimated"]
 
 
+#: Why a source cannot be read, as a bounded code (/metrics' `reason` label; the message has
+#: the detail): no such hardware or driver, not allowed, a battery on external power, a
+#: read that failed.
+UnavailableCode = Literal["absent", "permission_denied", "external_power", "unreadable"]
+
+
 class SourceUnavailable(Exception):
     """This source cannot be read here; the message says why (shown, never hidden as 0 W)."""
+
+    def __init__(self, message: str, code: UnavailableCode = "unreadable") -> None:
+        super().__init__(message)
+        self.code: UnavailableCode = code
 
 
 @dataclass(frozen=True)

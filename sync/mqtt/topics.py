@@ -50,6 +50,10 @@ class Topics:
         """Agent -> hub: metrics and energy, QoS 1, store-and-forward."""
         return f"{self.device}/telemetry"
 
+    def alert(self, rule: str) -> str:
+        """Agent -> hub: one alert rule's firing/resolved, QoS 1, retained while firing."""
+        return f"{self.device}/alerts/{rule}"
+
     @property
     def device(self) -> str:
         return f"{self.prefix}/devices/{self.device_id}"

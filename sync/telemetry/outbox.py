@@ -15,6 +15,12 @@ database is opened on first use and again after such a failure, so an outbox
 that could not even be created at start-up works once there is room. Records
 the publisher could neither store nor send are added to `lost` once storing
 works again, so the count survives restarts like `dropped`.
+
+Beside the records, the outbox keeps *messages*: payloads with a topic and a
+retain flag of their own (alerts, agent/fleet/alerts.py), which must survive a
+broker outage too and must not take telemetry sequence numbers (a gap in `seq`
+means a lost record). They have their own table, their own order and their own
+bound (`max_messages`, oldest dropped past it and counted in `messages_dropped`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from ..errors import SyncError
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL,
+                                     payload BLOB NOT NULL, retain INTEGER NOT NULL);
 """
 
 
@@ -43,6 +51,19 @@ class OutboxStats:
     last_seq: int
     #: records that could be neither stored nor sent (a full disk with the broker away), ever
     lost: int = 0
+    #: messages (alerts) waiting for the broker, and those that fell off their bound (ever)
+    messages_queued: int = 0
+    messages_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A payload for a topic of its own (an alert), waiting for the broker."""
+
+    id: int
+    topic: str
+    payload: bytes
+    retain: bool
 
 
 class OutboxStorageError(SyncError):
@@ -50,12 +71,13 @@ class OutboxStorageError(SyncError):
 
 
 class Outbox:
-    def __init__(self, directory: Path, max_records: int = 10_000) -> None:
-        if max_records < 1:
-            raise ValueError("max_records must be at least 1")
+    def __init__(self, directory: Path, max_records: int = 10_000, max_messages: int = 1000) -> None:
+        if max_records < 1 or max_messages < 1:
+            raise ValueError("max_records and max_messages must be at least 1")
         self.directory = directory
         self.path = directory / "telemetry.sqlite3"
         self.max_records = max_records
+        self.max_messages = max_messages
         self._conn: sqlite3.Connection | None = None
 
     @property
@@ -136,11 +158,40 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             self._set_meta("lost", self._meta("lost") + count)
 
+    def append_message(self, topic: str, payload: bytes, retain: bool) -> int:
+        """Store a message for `topic`, after every message stored before it, dropping the oldest
+        past `max_messages`; returns how many fell off now."""
+        with self._storage(), self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT INTO messages(topic, payload, retain) VALUES(?, ?, ?)",
+                             (topic, payload, int(retain)))
+            (count,) = self._db.execute("SELECT COUNT(*) FROM messages").fetchone()
+            excess = count - self.max_messages
+            if excess > 0:
+                self._db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages ORDER BY id LIMIT ?)",
+                                 (excess,))
+                self._set_meta("messages_dropped", self._meta("messages_dropped") + excess)
+            return max(0, excess)
+
+    def peek_messages(self, limit: int, after: int = 0) -> list[OutboxMessage]:
+        """The oldest `limit` messages with an id above `after`, in order."""
+        with self._storage():
+            return [OutboxMessage(int(id_), str(topic), bytes(payload), bool(retain))
+                    for id_, topic, payload, retain in self._db.execute(
+                        "SELECT id, topic, payload, retain FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                        (after, limit))]
+
+    def remove_messages_through(self, id_: int) -> None:
+        """Forget every message up to and including `id_` (the broker has them, or refused them)."""
+        with self._storage():
+            self._db.execute("DELETE FROM messages WHERE id <= ?", (id_,))
+
     def stats(self) -> OutboxStats:
         with self._storage():
             (count,) = self._db.execute("SELECT COUNT(*) FROM records").fetchone()
+            (messages,) = self._db.execute("SELECT COUNT(*) FROM messages").fetchone()
             return OutboxStats(int(count), self._meta("dropped"), self._meta("refused"), self._meta("last_seq"),
-                               self._meta("lost"))
+                               self._meta("lost"), int(messages), self._meta("messages_dropped"))
 
     def close(self) -> None:
         if self._conn is not None:

@@ -17,6 +17,11 @@ kept in memory too, so a lost record is a gap in `seq`, never a reused number.
 Records acknowledged while the outbox cannot delete them are remembered and not
 sent again.
 
+Messages with a topic of their own (alerts: `send_message`) take the same path:
+stored in the outbox first (their own table, their own order), sent by the same
+sender before the records waiting, removed once acknowledged. They are few and
+each one is a state change, so they are not held behind a backlog of records.
+
 On stop (SIGTERM) one last record is stored, so the energy and tokens of the
 last partial interval are not lost, and the sender gets `flush_s` to hand the
 outbox to the broker; what it cannot send stays on disk for the next start.
@@ -37,7 +42,7 @@ import orjson
 
 from ..errors import LinkClosedError, PublishRefusedError, SyncError
 from ..mqtt import MqttLink
-from .outbox import Outbox, OutboxStats, OutboxStorageError
+from .outbox import Outbox, OutboxMessage, OutboxStats, OutboxStorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,6 +87,8 @@ class TelemetryPublisher:
         #: records up to this seq are acknowledged (and deleted, unless `_undeleted`)
         self._acked_through = 0
         self._undeleted = False
+        #: messages up to this id are acknowledged (deleted unless the disk refused)
+        self._messages_acked = 0
         self._io = ThreadPoolExecutor(1, thread_name_prefix="telemetry-outbox")
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -123,8 +130,9 @@ class TelemetryPublisher:
         self._io.shutdown(wait=True)
 
     async def _unsent(self) -> bool:
-        """Whether the outbox holds a record the broker has not acknowledged."""
-        return bool(await self._call(self.outbox.peek, 1, self._acked_through))
+        """Whether the outbox holds a record or message the broker has not acknowledged."""
+        return bool(await self._call(self.outbox.peek, 1, self._acked_through)
+                    or await self._call(self.outbox.peek_messages, 1, self._messages_acked))
 
     async def stats(self) -> OutboxStats:
         return await self._call(self.outbox.stats)
@@ -162,6 +170,32 @@ class TelemetryPublisher:
                         self.outbox.max_records, fell)
         self._wake.set()
         return seq
+
+    async def send_message(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Store a message for `topic` (QoS 1) to be sent in order with the other messages, before
+        the records waiting; when the disk refuses it, send it now if connected, else count it lost."""
+        try:
+            fell = await self._call(self.outbox.append_message, topic, payload, retain)
+        except OutboxStorageError as exc:
+            self._storage_failed(exc)
+            if not self.link.connected:
+                self.storage.lost_unsaved += 1
+                return
+            task = asyncio.create_task(self._publish_message_unstored(topic, payload, retain),
+                                       name="outbox-message-unstored")
+            self._direct.add(task)
+            task.add_done_callback(self._direct.discard)
+            return
+        if fell:
+            log.warning("outbox: %d oldest message(s) dropped past the bound of %d", fell, self.outbox.max_messages)
+        self._wake.set()
+
+    async def _publish_message_unstored(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            await self.link.publish(topic, payload, qos=1, retain=retain)
+        except SyncError as exc:  # refused, or the link stopped first
+            log.error("outbox: a message on %s was neither stored nor sent: %s", topic, exc)
+            self.storage.lost_unsaved += 1
 
     def _storage_failed(self, exc: OutboxStorageError) -> None:
         if self.storage.error is None:
@@ -227,6 +261,11 @@ class TelemetryPublisher:
             if self._undeleted:  # acknowledged earlier, not yet deleted: the disk refused
                 await self._forget(self._acked_through)
             try:
+                messages = await self._call(self.outbox.peek_messages, self.batch, self._messages_acked)
+                if messages:
+                    if not await self._send_messages(messages):
+                        return
+                    continue
                 records = await self._call(self.outbox.peek, self.batch, self._acked_through)
             except OutboxStorageError as exc:  # cannot even read it: look again in a while
                 self._storage_failed(exc)
@@ -259,6 +298,30 @@ class TelemetryPublisher:
                     send.cancel()
                 if acked is not None:
                     await asyncio.shield(self._forget(acked))
+
+    async def _send_messages(self, messages: list[OutboxMessage]) -> bool:
+        """Publish stored messages in order, forget those the broker acknowledged (or refused:
+        logged and dropped); False when the link stopped."""
+        sends = [asyncio.ensure_future(self.link.publish(m.topic, m.payload, qos=1, retain=m.retain))
+                 for m in messages]
+        done = None
+        try:
+            for message, send in zip(messages, sends, strict=True):
+                try:
+                    await send
+                except PublishRefusedError as exc:
+                    log.error("outbox: the broker refused a message on %s, dropped: %s", message.topic, exc)
+                done = message.id
+        except LinkClosedError:
+            return False
+        finally:
+            for send in sends:
+                send.cancel()
+            if done is not None:
+                self._messages_acked = max(self._messages_acked, done)
+                with contextlib.suppress(OutboxStorageError):  # sent again only if this process restarts
+                    await asyncio.shield(self._call(self.outbox.remove_messages_through, done))
+        return True
 
     async def _forget(self, seq: int) -> None:
         """The broker has every record through `seq`: delete them, or remember it if the disk refuses."""
