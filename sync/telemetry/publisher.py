@@ -293,6 +293,9 @@ class TelemetryPublisher:
                     self.published += 1
             except LinkClosedError:
                 return
+            except SyncError as exc:  # paho would not take it (its queue full, …): the records stay
+                log.warning("telemetry: not sent (%s); trying again in %gs", exc, self.interval_s)
+                await asyncio.sleep(self.interval_s)
             finally:
                 for send in sends:
                     send.cancel()
@@ -314,6 +317,9 @@ class TelemetryPublisher:
                 done = message.id
         except LinkClosedError:
             return False
+        except SyncError as exc:  # the messages stay in the outbox
+            log.warning("outbox: not sent (%s); trying again in %gs", exc, self.interval_s)
+            await asyncio.sleep(self.interval_s)
         finally:
             for send in sends:
                 send.cancel()
