@@ -107,6 +107,17 @@ def test_a_step_waits_for_devices_still_working() -> None:
         "succeeded": 1, "in-progress": 1, "pending": 1, "offline": 1}
 
 
+def test_a_device_serving_the_version_under_its_health_check_has_not_succeeded_yet() -> None:
+    """The switch comes before the health check, which may still roll it back."""
+    checking = fleet_of(("a", "reported", reported("a", "2", job="health-check")),
+                        ("b", "update", update("b", "health-check")), ("b", "state", state("b", "2")))
+    decision = evaluate(record(wait_s=0), checking.devices, T0 + 1)
+    assert decision.action == "wait" and decision.counts["in-progress"] == 2 and decision.counts["succeeded"] == 0
+    done = fleet_of(("a", "reported", reported("a", "2")), ("b", "update", update("b", "active")),
+                    ("b", "state", state("b", "2")))
+    assert evaluate(record(wait_s=0), done.devices, T0 + 1).action == "complete"
+
+
 def test_abort_at_the_threshold_once_min_devices_are_decided() -> None:
     rec = record(min_devices=5, max_failure_ratio=0.2, wait_s=0)
     ok = [(d, "state", state(d, "2")) for d in devices(4)]

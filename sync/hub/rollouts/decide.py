@@ -6,7 +6,8 @@ heard from into one outcome, then applies the rules (docs/operations.md,
 
 - A device is *in the step* iff ``bucket(salt, id) < steps[k]`` — what it works
   out itself from the signed group state (`security.desired.in_rollout`).
-- In the step: *succeeded* when it serves the new version; *failed* when its job
+- In the step: *succeeded* when it serves the new version and its job is over (the
+  health check runs after the switch); *failed* when its job
   toward it ended failed / rolled-back / rejected (or it denied the version);
   *no-report* when it is neither by ``report_deadline_s`` after the step started
   (a device that missed one deadline stays no-report in later steps until it
@@ -115,13 +116,14 @@ def evaluate(record: RolloutRecord, fleet: Mapping[str, DeviceView], now: float)
 
 def _outcome(record: RolloutRecord, view: DeviceView, active: str | None, device_id: str,
              timed_out: set[str], deadline_passed: bool) -> DeviceOutcome:
-    if active == record.to_version:
-        timed_out.discard(device_id)
-        return DeviceOutcome("succeeded", True, active)
     job = view.job_outcome(record.model, record.to_version, record.serial)
     if job is not None and job[0] == "failed":
         timed_out.discard(device_id)
         return DeviceOutcome("failed", True, active, job[1], job[2])
+    # serving it is not enough: the job's health check runs after the switch, and may roll back
+    if active == record.to_version and (job is None or job[0] != "in-progress"):
+        timed_out.discard(device_id)
+        return DeviceOutcome("succeeded", True, active)
     if device_id in timed_out or deadline_passed:
         timed_out.add(device_id)
         return DeviceOutcome("no-report", True, active, "no-report",
