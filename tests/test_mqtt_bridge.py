@@ -3,19 +3,22 @@
 The topology of docs/operations.md ("Brokers"): agents connect to a mosquitto on
 their site; that broker bridges ``edgefleet/v1/#`` both ways (QoS 1, persistent
 bridge session, persistence on, a generous queue) to a central mosquitto where
-the hub publishes and the operator watches. The uplink is cut for real: an
-iptables rule on this machine drops every packet to and from the central broker's
-bridge listener, while the hub keeps its own listener. During
-the cut the hub publishes a signed release and the agent keeps sending
-telemetry; after it, the release reaches the agent and the central side has
-every telemetry record sent meanwhile, none missing (``seq`` has no gap).
+the hub and the rollout controller publish and the operator watches. The uplink is
+cut for real: an iptables rule on this machine drops every packet to and from the
+central broker's bridge listener, while the hub keeps its own listener. During the
+cut the operator starts a rollout and the agent keeps sending telemetry; after it,
+the release reaches the agent, the rollout completes, and the central side has every
+update report and every telemetry record sent meanwhile, none missing (``seq`` has
+no gap).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +32,7 @@ import pytest
 from aiohttp import web
 from conftest import EMBED, RunningAgent, free_port, start_agent
 from mqtt_broker import MosquittoBroker, Watcher
-from update_env import DEVICE, GROUP, UPDATE_TOPIC, agent_config, create_hub, embedding_state, make_release
+from update_env import DEVICE, GROUP, JOB_STEPS, UPDATE_TOPIC, agent_config, create_hub, embedding_state, make_release
 
 from agent.config import TelemetryConfig
 from sync.hub.server import hub_app
@@ -158,21 +161,30 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60.
 async def test_a_cut_uplink_loses_neither_the_release_nor_telemetry(
         env: Path, brokers: tuple[MosquittoBroker, MosquittoBroker, Uplink], agent: RunningAgent) -> None:
     central, _, uplink = brokers
-    with Watcher(central, TELEMETRY_TOPIC, UPDATE_TOPIC, STATE_TOPIC) as watcher:
+    with contextlib.ExitStack() as stack, Watcher(central, TELEMETRY_TOPIC, UPDATE_TOPIC, STATE_TOPIC) as watcher:
         # the bridge carries the agent's birth and telemetry to the central broker
         await watcher.wait(STATE_TOPIC, timeout_s=60)
         await watcher.wait(TELEMETRY_TOPIC, timeout_s=60)
         first = await served_version(agent)
 
+        # the rollout controller runs at the center, beside the hub
+        control = subprocess.Popen([sys.executable, "-m", "agent", "hub", "control", "--hub", str(env / "hub"),
+                                    "--mqtt", f"{central.host}:{central.port}", "--interval", "0.5s"], cwd=REPO,
+                                   stdout=(env / "control.log").open("wb"), stderr=subprocess.STDOUT)
+        stack.callback(lambda: (control.terminate(), control.wait(30)))
+        await asyncio.sleep(2)  # it has read the fleet
+
         uplink.cut()
         release = make_release(env / "state/models" / EMBED / "current", env / "emb-2", "2",
                                onnx_note="edgefleet release 2 behind a bridge")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent", "hub", "publish", "--hub", str(env / "hub"), "--group", GROUP,
-            f"{EMBED}={release}", "--mqtt", f"{central.host}:{central.port}", cwd=REPO,
+            sys.executable, "-m", "agent", "hub", "rollout", "start", "--hub", str(env / "hub"), "--group", GROUP,
+            f"{EMBED}={release}", "--steps", "100", "--wait", "1s", "--min-devices", "1",
+            "--mqtt", f"{central.host}:{central.port}", cwd=REPO,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         out, _ = await asyncio.wait_for(proc.communicate(), 120)
-        assert proc.returncode == 0 and "doorbell rung" in out.decode(), out.decode()
+        assert proc.returncode == 0, out.decode()
+        rollout_id = re.search(r"rollout (r-[0-9a-f]+) started", out.decode()).group(1)  # type: ignore[union-attr]
         cut_at = time.time()
         await asyncio.sleep(CUT_S)
         # the doorbell waits at the central broker: the agent has not heard of the release
@@ -185,6 +197,13 @@ async def test_a_cut_uplink_loses_neither_the_release_nor_telemetry(
                                 and json.loads(m.payload).get("version") == "2" for m in watcher.on(UPDATE_TOPIC)),
                     "the release did not reach the agent after the uplink came back", 120)
         assert await served_version(agent) == "2"
+        # the rollout goes on and completes, and every report of the job crossed the bridge, in order
+        await until(lambda: rollout_state(env, rollout_id) == "completed", "the rollout did not complete", 120)
+        reports = [json.loads(m.payload) for m in watcher.on(UPDATE_TOPIC)]
+        job = next(r["job"] for r in reports if r.get("version") == "2" and r["state"] == "active")
+        assert [r["state"] for r in reports if r["job"] == job] == JOB_STEPS, reports
+        report_seqs = sorted({r["seq"] for r in reports})
+        assert report_seqs == list(range(report_seqs[0], report_seqs[-1] + 1)), report_seqs
         # every record made during the cut arrives, none missing: seq has no gap up to one made after it
         await until(lambda: any(r["time"] > restored_at for r in records(watcher)),
                     "no telemetry record made after the uplink came back", 60)
@@ -192,6 +211,13 @@ async def test_a_cut_uplink_loses_neither_the_release_nor_telemetry(
         assert got == list(range(got[0], got[-1] + 1)), f"gaps in telemetry seq: {got}"
         during = [r["seq"] for r in records(watcher) if cut_at < r["time"] < restored_at]
         assert len(set(during)) >= CUT_S / 2 and min(during) > before_cut, (before_cut, during)
+
+
+def rollout_state(env: Path, rollout_id: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "agent", "hub", "rollout", "status", rollout_id, "--hub",
+                           str(env / "hub"), "--json"], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    return json.loads(done.stdout)["state"] if done.returncode == 0 else f"status failed: {done.stderr}"
 
 
 def records(watcher: Watcher) -> list[dict[str, Any]]:
