@@ -27,6 +27,7 @@ from sync.hub.repository import HubRepository
 from sync.hub.rollouts import actions
 from sync.hub.rollouts.record import OUTCOMES, Plan, RolloutRecord
 from sync.hub.rollouts.store import RolloutStore
+from sync.hub.rollouts.topic import publish_rollout
 
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -104,8 +105,7 @@ def add_rollout_commands(sub: Any, add_hub_dir: Any, add_mqtt_args: Any) -> None
         action = actions_.add_parser(name, help=text)
         add_hub_dir(action)
         action.add_argument("id")
-        if name == "abort":
-            add_mqtt_args(action)
+        add_mqtt_args(action)  # the doorbell (abort) and the rollout's topic
 
     control = sub.add_parser("control", help="run the rollout controller (reads MQTT, advances and aborts)")
     add_hub_dir(control)
@@ -128,19 +128,23 @@ def run_rollout(args: argparse.Namespace, broker: Any, error: Any) -> int:
         record = actions.pause(store, args.id, time.time())
         print(f"rollout {record.id} paused at step {record.step + 1} ({record.percent:g} %); "
               f"resume it with `edgefleet hub rollout resume {record.id}`")
+        _announce(args, broker(args), record)
         return 0
     if command == "resume":
         record = actions.resume(store, args.id, time.time())
         print(f"rollout {record.id} running again at step {record.step + 1} ({record.percent:g} %)")
+        _announce(args, broker(args), record)
         return 0
     if command == "abort":
         record, result = actions.abort(repo, store, args.id, time.time())
         if result is None:
             print(f"rollout {record.id} aborted (the signed state no longer carried it)")
+            _announce(args, broker(args), record)
             return 0
         print(f"rollout {record.id} aborted: group {record.group} pinned to {record.model} {record.from_version} "
               f"(serial {result.serial}); every device that moved goes back")
         _ring(args, broker(args), result)
+        _announce(args, broker(args), record)
         return 0
     raise error(f"unknown rollout command {command}", 2)
 
@@ -177,6 +181,7 @@ def _start(args: argparse.Namespace, repo: HubRepository, store: RolloutStore, b
           f"{record.to_version}, steps {steps} %, step 1 signed (serial {result.serial})")
     if not args.no_doorbell:
         _ring(args, broker(args), result)
+        _announce(args, broker(args), record)
     controller = store.controller()
     if controller is None or time.time() - float(controller.get("at", 0)) > CONTROLLER_STALE_S:
         print("note: no rollout controller has reported in the last minute: it advances and aborts the rollout; "
@@ -192,6 +197,16 @@ def _ring(args: argparse.Namespace, broker: Broker, result: PublishResult) -> No
         print(f"doorbell rung on {topic}")
     except SyncError as exc:
         print(f"doorbell not rung ({exc}); devices find it at their next periodic check")
+
+
+def _announce(args: argparse.Namespace, broker: Broker, record: RolloutRecord) -> None:
+    """The rollout's status, retained on its topic (sync/hub/rollouts/topic.py); a broker that
+    is away delays it to the controller's next look, it changes nothing signed."""
+    try:
+        topic = publish_rollout(broker, args.topic_prefix, record)
+        print(f"status published on {topic}")
+    except SyncError as exc:
+        print(f"rollout status not published on MQTT ({exc}); the rollout controller publishes it when it runs")
 
 
 def _status(args: argparse.Namespace, store: RolloutStore) -> int:
@@ -224,11 +239,7 @@ def _status(args: argparse.Namespace, store: RolloutStore) -> int:
 
 
 def _json(record: RolloutRecord) -> dict[str, Any]:
-    body = json.loads(record.to_json())
-    body["percent"] = record.percent
-    body["failing"] = {d: o for d, o in record.devices.items() if o.get("outcome") in ("failed", "no-report",
-                                                                                         "unexpected")}
-    return body
+    return record.status_body()
 
 
 def _print_one(r: RolloutRecord) -> None:

@@ -1,11 +1,15 @@
 """The hub's view of the fleet, built from what devices publish on MQTT.
 
-Three retained topics per device feed it: ``state`` (birth / Last Will),
-``reported`` (edgefleet.reported/1: desired vs active per model, the last jobs,
-the update service's health) and ``update`` (edgefleet.update/1: job
-transitions). `FleetView.ingest` takes one message with the time the *hub*
-received it; nothing here reads a device's own clock (its ``at`` fields), so a
-device minutes ahead or behind changes no decision.
+Three retained topics per device feed the rollout controller and `hub status`:
+``state`` (birth / Last Will), ``reported`` (edgefleet.reported/1: desired vs
+active per model, the last jobs, the update service's health) and ``update``
+(edgefleet.update/1: job transitions). The fleet view page (sync/hub/view/) also
+feeds it ``telemetry`` (edgefleet.telemetry/1, the latest record and the token rate
+since the one before), ``alerts/{rule}`` (edgefleet.alert/1, the firing ones) and
+the hub's own ``{prefix}/rollouts/{id}`` (edgefleet.rollout/1). `FleetView.ingest`
+takes one message with the time the *hub* received it; nothing here reads a
+device's own clock (its ``at`` fields) for a decision, so a device minutes ahead or
+behind changes none.
 
 A message that is not ours (another schema), malformed, larger than
 `MAX_MESSAGE_BYTES`, on a topic that is not a device's, or naming another device
@@ -24,7 +28,12 @@ import orjson
 from security.desired import NAME_RE
 
 MAX_MESSAGE_BYTES = 64 * 1024
-SCHEMAS = {"state": "edgefleet.state/", "reported": "edgefleet.reported/", "update": "edgefleet.update/"}
+#: a rollout's status lists every device of its group: larger than a device's messages
+MAX_ROLLOUT_BYTES = 1024 * 1024
+SCHEMAS = {"state": "edgefleet.state/", "reported": "edgefleet.reported/", "update": "edgefleet.update/",
+           "telemetry": "edgefleet.telemetry/"}
+ALERT_SCHEMA = "edgefleet.alert/"
+ROLLOUT_SCHEMA = "edgefleet.rollout/"
 FAILED_STATES = frozenset({"failed", "rolled-back", "rejected"})
 
 
@@ -44,6 +53,12 @@ class DeviceView:
     reported_at: float | None = None
     update: dict[str, Any] | None = None
     update_at: float | None = None
+    #: the latest telemetry record, and tokens/s per model since the record before it (same run)
+    telemetry: dict[str, Any] | None = None
+    telemetry_at: float | None = None
+    tokens_per_s: dict[str, float] = field(default_factory=dict)
+    #: rule -> the firing edgefleet.alert/1 message (a resolved or cleared one is removed)
+    alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def active(self, model: str) -> str | None:
         """The version serving now, from the newest of the reported and state messages."""
@@ -103,8 +118,12 @@ def group_serial(value: Any) -> int:
 class FleetView:
     prefix: str = "edgefleet/v1"
     devices: dict[str, DeviceView] = field(default_factory=dict)
+    #: rollout id -> its latest edgefleet.rollout/1 status (the hub's own topic)
+    rollouts: dict[str, dict[str, Any]] = field(default_factory=dict)
     ignored: Counter[str] = field(default_factory=Counter)
     received: int = 0
+    #: the topic of the last ignored message (for a count shown with an example; never its payload)
+    last_ignored_topic: str | None = None
 
     def ingest(self, topic: str, payload: bytes, received_at: float) -> bool:
         """Take one message; False (and counted) when it is ignored."""
@@ -112,12 +131,20 @@ class FleetView:
         reason = self._ingest(topic, payload, received_at)
         if reason is not None:
             self.ignored[reason] += 1
+            self.last_ignored_topic = topic[:300]
             return False
         return True
 
     def _ingest(self, topic: str, payload: bytes, received_at: float) -> str | None:
+        if topic.startswith(f"{self.prefix}/rollouts/"):
+            return self._ingest_rollout(topic.removeprefix(f"{self.prefix}/rollouts/"), payload)
         head, _, rest = topic.partition(f"{self.prefix}/devices/") if topic.startswith(self.prefix) else ("", "", "")
         device_id, _, kind = rest.partition("/")
+        alert_rule = kind.removeprefix("alerts/") if kind.startswith("alerts/") else None
+        if alert_rule is not None:
+            if not NAME_RE.match(device_id):
+                return "unknown-device"
+            return self._ingest_alert(device_id, alert_rule, payload)
         if head or kind not in SCHEMAS:
             return "other-topic"
         if not NAME_RE.match(device_id):
@@ -129,26 +156,16 @@ class FleetView:
             if view is not None:
                 setattr(view, kind, None)
             return None
-        try:
-            body = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return "malformed"
-        if not isinstance(body, dict):
-            return "malformed"
-        schema = body.get("schema")
-        if not isinstance(schema, str) or not schema.startswith(SCHEMAS[kind]):
-            return "not-ours"
-        named = body.get("device_id", body.get("device"))
-        if named is not None and named != device_id:
-            return "other-device"
-        group = body.get("group")
-        if group is not None and (not isinstance(group, str) or not NAME_RE.match(group)):
-            return "malformed"
-        if kind == "reported" and not isinstance(body.get("models", {}), dict):
+        body, reason = _body(payload, SCHEMAS[kind], device_id)
+        if body is None:
+            return reason
+        if kind in ("reported", "telemetry") and not isinstance(body.get("models", {}), dict):
             return "malformed"
         view = self.devices.setdefault(device_id, DeviceView(device_id))
-        if group is not None:
-            view.group = group
+        if body.get("group") is not None:
+            view.group = body["group"]
+        if kind == "telemetry":
+            view.tokens_per_s = _token_rates(view.telemetry, body)
         setattr(view, kind, body)
         setattr(view, f"{kind}_at", received_at)
         if kind == "state" and isinstance(body.get("online"), bool):
@@ -158,6 +175,84 @@ class FleetView:
                 view.offline_since = received_at
             view.online = body["online"]
         return None
+
+    def _ingest_alert(self, device_id: str, rule: str, payload: bytes) -> str | None:
+        if not NAME_RE.match(rule):
+            return "other-topic"
+        if len(payload) > MAX_MESSAGE_BYTES:
+            return "too-large"
+        view = self.devices.get(device_id)
+        if not payload:  # the retained firing message cleared: resolved
+            if view is not None:
+                view.alerts.pop(rule, None)
+            return None
+        body, reason = _body(payload, ALERT_SCHEMA, device_id)
+        if body is None:
+            return reason
+        if body.get("rule", rule) != rule or body.get("state") not in ("firing", "resolved"):
+            return "malformed"
+        view = view or self.devices.setdefault(device_id, DeviceView(device_id))
+        if body["state"] == "firing":
+            view.alerts[rule] = body
+        else:
+            view.alerts.pop(rule, None)
+        return None
+
+    def _ingest_rollout(self, rollout_id: str, payload: bytes) -> str | None:
+        if not NAME_RE.match(rollout_id):
+            return "other-topic"
+        if len(payload) > MAX_ROLLOUT_BYTES:
+            return "too-large"
+        if not payload:
+            self.rollouts.pop(rollout_id, None)
+            return None
+        body, reason = _body(payload, ROLLOUT_SCHEMA, None)
+        if body is None:
+            return reason
+        if body.get("id") != rollout_id or not isinstance(body.get("plan"), dict):
+            return "malformed"
+        self.rollouts[rollout_id] = body
+        return None
+
+
+def _body(payload: bytes, schema_prefix: str, device_id: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the JSON object, None) or (None, why it is ignored)."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None, "malformed"
+    if not isinstance(body, dict):
+        return None, "malformed"
+    schema = body.get("schema")
+    if not isinstance(schema, str) or not schema.startswith(schema_prefix):
+        return None, "not-ours"
+    if device_id is not None:
+        named = body.get("device_id", body.get("device"))
+        if named is not None and named != device_id:
+            return None, "other-device"
+    group = body.get("group")
+    if group is not None and (not isinstance(group, str) or not NAME_RE.match(group)):
+        return None, "malformed"
+    return body, None
+
+
+def _token_rates(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, float]:
+    """Tokens (prompt + generated) per second per model between two records of one run, by
+    the device's own record times (a rate, so the device's clock offset cancels out)."""
+    if not before or before.get("run_id") != after.get("run_id"):
+        return {}
+    t0, t1 = before.get("time"), after.get("time")
+    if not isinstance(t0, int | float) or not isinstance(t1, int | float) or t1 <= t0:
+        return {}
+    rates = {}
+    old_models = _dict(before.get("models"))
+    for name, model in _dict(after.get("models")).items():
+        old = _dict(old_models.get(name))
+        now_tokens = _int(_dict(model).get("prompt_tokens")) + _int(_dict(model).get("generated_tokens"))
+        old_tokens = _int(old.get("prompt_tokens")) + _int(old.get("generated_tokens"))
+        if old and now_tokens >= old_tokens:
+            rates[name] = round((now_tokens - old_tokens) / (t1 - t0), 3)
+    return rates
 
 
 def _dict(value: Any) -> dict[str, Any]:

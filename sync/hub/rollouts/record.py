@@ -97,6 +97,16 @@ class RolloutRecord:
         body = {"schema": SCHEMA, **asdict(self)}
         return json.dumps(body, indent=1, sort_keys=True).encode()
 
+    def status_body(self) -> dict[str, Any]:
+        """What `hub rollout status ID --json` prints (less the controller's counters) and the
+        ``{prefix}/rollouts/{id}`` topic carries (sync/hub/rollouts/topic.py): the record, the
+        current share and the failing devices."""
+        body: dict[str, Any] = json.loads(self.to_json())
+        body["percent"] = self.percent
+        body["failing"] = {d: o for d, o in self.devices.items()
+                           if o.get("outcome") in ("failed", "no-report", "unexpected")}
+        return body
+
     @classmethod
     def from_json(cls, data: bytes) -> RolloutRecord:
         try:
