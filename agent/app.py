@@ -32,26 +32,30 @@ from agent.config import AgentConfig
 from agent.context import CONFIG, LIVE, LOADER, METRICS, MODELS, LiveState
 from agent.fleet import updates as updates_api
 from agent.fleet.alerts import alerts_ctx
+from agent.fleet.audit import audit_ctx
 from agent.fleet.link import mqtt_ctx
 from agent.fleet.reported import reported_ctx
 from agent.fleet.telemetry import telemetry_ctx
 from agent.fleet.updates import recovery_ctx, updates_ctx, with_managed_models
-from agent.http import openai_api, ops_api
-from agent.http.errors import ApiError, error_response, one_credential, to_api_error
+from agent.http import gate as request_gate
+from agent.http import models_api, openai_api, ops_api
+from agent.http.errors import ApiError, error_response, to_api_error
 from agent.http.server import shutdown_grace_s
 from agent.kserve import http_api as kserve_api
 from agent.kserve.grpc_server import grpc_ctx
+from agent.local_models import with_imported_models
 from agent.metrics import Metrics
 from runtime.backend import ModelLimits
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
 from runtime.errors import BundleError, RuntimeLayerError
 from runtime.registry import ModelRegistry
-from security.api_keys import api_key_matches
+from security.gate import PUBLIC, ROUTE_SCOPES
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+#: health and readiness: answered while draining too (the gate's PUBLIC routes)
+PUBLIC_PATHS = frozenset(path for path, scope in ROUTE_SCOPES.items() if scope == PUBLIC)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -95,16 +99,6 @@ async def drain_middleware(request: web.Request, handler: Handler) -> web.Stream
                        headers={"Retry-After": "5", "Connection": "close"})
     with live.admitted():
         return await handler(request)
-
-
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    api_key = request.app[LIVE].config.server.api_key
-    if (api_key and request.path not in PUBLIC_PATHS
-            and not api_key_matches(api_key, one_credential(request.headers.getall("Authorization", [])))):
-        raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    return await handler(request)
 
 
 @web.middleware
@@ -206,6 +200,7 @@ async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelC
     unload names no longer listed. Failures are logged and shown in /readyz, not raised."""
     changes = ModelChanges()
     config = with_managed_models(config)  # signed updates may bring models the config does not list
+    config = with_imported_models(config)  # and `edgefleet models import` / `pull` (agent/local_models.py)
     wanted = {entry.name for entry in config.models}
     for status in models.statuses():
         if status.name not in wanted:
@@ -213,6 +208,8 @@ async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelC
                 await models.unload(status.name)
             changes.unloaded.append(status.name)
     serving = {served.name: served for served in models.serving()}
+    for entry in config.models:  # every configured name is listed (as loading) before the first loads
+        models.expect(entry.name, str(config.bundle_path(entry)))
     for entry in config.models:
         path = config.bundle_path(entry)
         try:
@@ -238,12 +235,13 @@ async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelC
 def create_app(config: AgentConfig) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[metrics_middleware, error_middleware, drain_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, drain_middleware, request_gate.gate_middleware],
     )
     app[CONFIG] = config
     app[LIVE] = LiveState(config)
     app[LIVE].idle.set()
     app[METRICS] = Metrics()
+    request_gate.setup(app, config)  # API keys, scopes, limits (KeyFileError: the keys file is unusable)
     app.cleanup_ctx.append(recovery_ctx)  # signed updates: `current` is a verified version before models load
     app.cleanup_ctx.append(_registry_ctx)
     app.cleanup_ctx.append(grpc_ctx)  # after the registry: serves it
@@ -252,10 +250,12 @@ def create_app(config: AgentConfig) -> web.Application:
     app.cleanup_ctx.append(updates_ctx)  # after the link: doorbells, commands
     app.cleanup_ctx.append(reported_ctx)  # after the update service, which it reports on; stopped first
     app.cleanup_ctx.append(alerts_ctx)  # after telemetry (sampler, outbox) and updates, which it reads
+    app.cleanup_ctx.append(audit_ctx)  # last: records update steps, forwards through the outbox; seals first
     app.on_shutdown.append(drain)
     openai_api.setup(app)
     kserve_api.setup(app)
     ops_api.setup(app)
+    models_api.setup(app)  # models without a hub: upload, import, remove, ps
     updates_api.setup(app)
     return app
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from runtime.batching import BatchingSettings
 from runtime.bundle import NAME_RE
 from runtime.structured import SchemaError, from_mapping
+from security.audit import AuditSettings
 from sync.alerts.settings import AlertSettings
 from sync.mqtt.settings import MqttSettings
 from sync.update_settings import UpdateSettings
@@ -55,6 +56,12 @@ class ServerConfig:
     port: int = 8080
     #: When set, every API request needs ``Authorization: Bearer <api_key>``.
     api_key: str | None = None
+    #: Named API keys with scopes and limits (`edgefleet keys`); default ``<state_dir>/api-keys.json``.
+    #: While the file exists, every API call needs a key from it (or api_key, or a mapped client
+    #: certificate). It must be mode 0600; a SIGHUP re-reads it.
+    api_keys_file: str | None = None
+    #: Failed authentications from one source address per minute before its failures get 429.
+    auth_failures_per_minute: int = 30
     max_body_bytes: int = 8 * 1024 * 1024
     #: How long shutdown and model swaps wait for admitted requests.
     drain_timeout_s: float = 30.0
@@ -73,6 +80,18 @@ class ServerConfig:
     max_header_bytes: int = 8190
     #: KServe v2 over gRPC on this port (same host); unset: no gRPC. 0: any free port (logged).
     grpc_port: int | None = None
+    #: TLS on the HTTP and gRPC ports (both or neither of these two; PEM files). A SIGHUP
+    #: re-reads them; a plain connection is not accepted on a TLS port.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    #: mTLS: client certificates issued by this CA (PEM) are verified.
+    tls_client_ca_file: str | None = None
+    #: With tls_client_ca_file: "required" (the default) refuses a handshake without a valid
+    #: client certificate; "optional" verifies one when sent (HTTP; gRPC asks for none then).
+    tls_client_cert: Literal["optional", "required"] | None = None
+    #: The client certificate `edgefleet` commands on this machine present to the agent.
+    tls_cli_cert_file: str | None = None
+    tls_cli_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -93,6 +112,28 @@ class ServerConfig:
             raise ValueError("max_header_bytes must be 1024..1048576")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("api_key must have at least 8 characters (or be left unset)")
+        if self.auth_failures_per_minute < 1:
+            raise ValueError("auth_failures_per_minute must be at least 1")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file (client "
+                             "certificates are checked only over TLS)")
+        if self.tls_client_cert is not None and self.tls_client_ca_file is None:
+            raise ValueError("tls_client_cert needs tls_client_ca_file (the CA that issues client certificates)")
+        if (self.tls_cli_cert_file is None) != (self.tls_cli_key_file is None):
+            raise ValueError("tls_cli_cert_file and tls_cli_key_file go together: set both, or neither")
+
+    @property
+    def scheme(self) -> str:
+        """How clients reach the HTTP port: "https" when TLS is on."""
+        return "http" if self.tls_cert_file is None else "https"
+
+    @property
+    def client_cert_mode(self) -> Literal["off", "optional", "required"]:
+        if self.tls_client_ca_file is None:
+            return "off"
+        return self.tls_client_cert or "required"
 
 
 @dataclass(frozen=True)
@@ -227,6 +268,8 @@ class AgentConfig:
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     #: ``[alerts]``: rules evaluated on the device, published on MQTT (sync/alerts/settings.py).
     alerts: AlertSettings = field(default_factory=AlertSettings)
+    #: ``[audit]``: the tamper-evident audit log (security/audit.py).
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
@@ -239,6 +282,10 @@ class AgentConfig:
             path = Path(entry.path)
             return path if path.is_absolute() else Path(self.state_dir) / "models" / path
         return Path(self.state_dir) / "models" / entry.name / "current"
+
+    def api_keys_path(self) -> Path:
+        """The API keys file: server.api_keys_file (relative to the state dir), else <state_dir>/api-keys.json."""
+        return Path(self.state_dir) / (self.server.api_keys_file or "api-keys.json")
 
     def model_budget_mb(self, name: str) -> int:
         """Working memory one request may use on model `name`."""

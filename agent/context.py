@@ -12,6 +12,7 @@ from aiohttp import web
 from agent.config import AgentConfig
 from agent.metrics import Metrics
 from runtime.registry import ModelRegistry
+from security.audit import AuditLog
 from sync.mqtt import MqttLink
 
 CONFIG = web.AppKey("config", AgentConfig)
@@ -19,6 +20,8 @@ MODELS = web.AppKey("models", ModelRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 #: Present only when ``[mqtt]`` is configured (agent/fleet/link.py).
 MQTT = web.AppKey("mqtt", MqttLink)
+#: The audit log (agent/fleet/audit.py); absent while ``[audit]`` is off: callers use ``app.get(AUDIT)``.
+AUDIT = web.AppKey("audit", AuditLog)
 #: The task that loads the configured models at start; what must wait for them awaits it.
 LOADER = web.AppKey("loader", asyncio.Task)
 #: Set once the models loaded at start have answered their first request (the service's

@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from runtime.registry import ModelRegistry, ModelState
 from runtime.sampler import Sampler
+from security.gate import GateCounters
 from sync.mqtt import LinkStatus
 from sync.telemetry import TelemetryPublisher
 
@@ -350,3 +351,55 @@ class _AlertCollector(Collector):
         for rule, severity, firing in self._gauges():
             family.add_metric([rule, severity], 1 if firing else 0)
         yield family
+
+
+# ---- the request gate (security/gate.py): usage per API key, by name, never by secret ----------
+
+def watch_gate(metrics: Metrics, counters: Callable[[], GateCounters]) -> None:
+    """``edgefleet_key_requests_total{key,outcome}``, ``edgefleet_key_tokens_total{key,kind}``,
+    ``edgefleet_auth_failures_total{reason}``, read from the gate at scrape time."""
+    metrics.registry.register(_GateCollector(counters))
+
+
+class _GateCollector(Collector):
+    def __init__(self, counters: Callable[[], GateCounters]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self._counters()
+        requests = CounterMetricFamily("edgefleet_key_requests", "Calls per API key (its name, or cert:<CN>), by "
+                                       "outcome: ok, denied (403), rate_limited (429)", labels=["key", "outcome"])
+        for (key, outcome), value in sorted(counters.requests.items()):
+            requests.add_metric([key, outcome], value)
+        yield requests
+        tokens = CounterMetricFamily("edgefleet_key_tokens", "Tokens used per API key, by kind: prompt, completion",
+                                     labels=["key", "kind"])
+        for (key, kind), value in sorted(counters.tokens.items()):
+            tokens.add_metric([key, kind], value)
+        yield tokens
+        failures = CounterMetricFamily("edgefleet_auth_failures", "Failed authentications, by reason: missing, "
+                                       "malformed, unknown, revoked, expired", labels=["reason"])
+        for reason, value in sorted(counters.failures.items()):
+            failures.add_metric([reason], value)
+        yield failures
+
+
+# ---- the audit log (agent/fleet/audit.py) ------------------------------------------------------
+
+
+def watch_audit(metrics: Metrics, dropped: Callable[[], int], written: Callable[[], int]) -> None:
+    """``edgefleet_audit_dropped_total`` (records the disk or the writer's queue refused) and
+    ``edgefleet_audit_records_total`` (records written), read at scrape time."""
+    metrics.registry.register(_AuditCollector(dropped, written))
+
+
+class _AuditCollector(Collector):
+    def __init__(self, dropped: Callable[[], int], written: Callable[[], int]) -> None:
+        self._dropped, self._written = dropped, written
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("edgefleet_audit_dropped", "Audit records lost: the disk refused them (full, "
+                                  "read-only) or the writer fell behind (docs/security.md#audit-log)",
+                                  value=self._dropped())
+        yield CounterMetricFamily("edgefleet_audit_records", "Audit records written (checkpoints included)",
+                                  value=self._written())

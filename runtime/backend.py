@@ -78,6 +78,22 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
+    #: GBNF (root rule `root`) that every generated token must keep the text within
+    #: (structured output, tool calls; runtime/grammar.py); None: free text.
+    grammar: str | None = None
+    #: How many most likely alternatives to report with each token's log probability
+    #: (0..20); None: no log probabilities.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability (log-softmax of its logits row, before any
+    sampling setting) and the `top` most likely tokens of that row, emitted before its text."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,15 +209,18 @@ class BackendBase:
 
 #: format -> "module:Class". Imported lazily so an agent serving only ONNX never
 #: loads llama.cpp (and an idle agent loads neither).
+#: "format:task" picks a backend for one task of a format (GGUF embeddings: embedding mode).
 BACKENDS: dict[str, str] = {
     "gguf": "runtime.gguf_backend:GgufBackend",
+    "gguf:embedding": "runtime.gguf_embedding:GgufEmbeddingBackend",
     "onnx": "runtime.onnx_backend:OnnxBackend",
 }
 
 
 def load_backend(bundle: ModelBundle, machine: MachineSettings) -> Backend:
     """Load `bundle` with the backend registered for its format (blocking)."""
-    target = BACKENDS.get(bundle.manifest.format)
+    manifest = bundle.manifest
+    target = BACKENDS.get(f"{manifest.format}:{manifest.task}") or BACKENDS.get(manifest.format)
     if target is None:
         raise BundleError(f"no backend for format {bundle.manifest.format!r}")
     module_name, _, class_name = target.partition(":")

@@ -21,6 +21,8 @@ MODEL_TOML = "model.toml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Format = Literal["gguf", "onnx"]
+#: [gguf] keys that only a task "embedding" bundle uses
+EMBEDDING_ONLY = ("pooling", "normalize")
 Task = Literal["chat", "completion", "embedding", "tensor"]
 
 
@@ -48,6 +50,11 @@ class GgufOptions:
     #: alone and beside others; with q8_0 every shape takes one path, and on the 2-core VM
     #: decode is faster too (docs/architecture.md, "Repeatable greedy output").
     kv_cache_type: Literal["auto", "f16", "q8_0"] = "auto"
+    #: task "embedding" only (runtime/gguf_embedding.py): how token vectors become one vector;
+    #: "auto": what the GGUF metadata says (<arch>.pooling_type), else mean.
+    pooling: Literal["auto", "mean", "cls", "last"] = "auto"
+    #: task "embedding" only: L2-normalize the vectors (a request's `normalize` overrides it).
+    normalize: bool = True
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
@@ -170,8 +177,8 @@ def read_bundle(path: Path, name: str | None = None) -> ModelBundle:
         manifest = from_mapping(BundleManifest, data)
     except SchemaError as exc:
         raise BundleError(f"{toml_path}: {exc}") from None
-    if manifest.format == "gguf" and manifest.task not in ("chat", "completion"):
-        raise BundleError(f"{toml_path}: a gguf bundle serves task 'chat' or 'completion'")
+    if manifest.format == "gguf" and manifest.task not in ("chat", "completion", "embedding"):
+        raise BundleError(f"{toml_path}: a gguf bundle serves task 'chat', 'completion' or 'embedding'")
     if manifest.format == "onnx" and manifest.task == "embedding" and not manifest.onnx.tokenizer:
         raise BundleError(f"{toml_path}: task 'embedding' needs onnx.tokenizer")
     bundle = ModelBundle(
@@ -205,8 +212,8 @@ def write_manifest(path: Path, manifest: BundleManifest) -> None:
             continue
         lines.append(f"\n[{section}]")
         for key, value in dataclasses.asdict(getattr(manifest, section)).items():
-            if value is None:
-                continue
+            if value is None or (section == "gguf" and key in EMBEDDING_ONLY and manifest.task != "embedding"):
+                continue  # (embedding keys left out elsewhere: demo bundles keep their bytes)
             lines.append(f"{key} = {_toml_value(value)}")
     if manifest.probe != ProbeOptions():
         lines.append("\n[probe]")

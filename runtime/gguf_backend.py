@@ -58,7 +58,7 @@ from .errors import (
     UnsupportedOperationError,
     WorkStopped,
 )
-from .gguf_batch import BatchEngine
+from .gguf_batch import BatchEngine, token_logprob
 from .llama_params import LLAMA_SAMPLING_DEFAULTS, PreparedPrompt, kv_bytes_per_token, kv_cache_args
 from .text_stream import TextStream
 
@@ -347,6 +347,25 @@ class GgufBackend(BackendBase):
             return self.engine.run(request, ctx)
         prepared = self.prepare(request, ctx)
         tokens, max_tokens = prepared.tokens, prepared.max_tokens
+        grammar = None
+        if request.grammar:  # refused here, before the prompt is read, if llama.cpp cannot parse it
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            from .gguf_batch import grammar_sampler
+
+            llama_cpp.llama_sampler_free(grammar_sampler(llama_cpp, self._vocab, request.grammar))
+            grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
+        row = None
+        if request.logprobs is not None:
+            import numpy as np
+
+            n_vocab = self._llm.n_vocab()
+            row_type = ctypes.c_float * n_vocab
+
+            def row() -> Any:  # the logits of the last decode, which the token was sampled from
+                pointer = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+                return np.frombuffer(row_type.from_address(ctypes.addressof(pointer.contents)),
+                                     dtype=np.float32)
 
         if request.seed is not None:
             self._llm.set_seed(request.seed)
@@ -374,6 +393,7 @@ class GgufBackend(BackendBase):
                 presence_penalty=request.presence_penalty,
                 frequency_penalty=request.frequency_penalty,
                 logits_processor=_logit_bias_processor(request.logit_bias),
+                grammar=grammar,
                 **LLAMA_SAMPLING_DEFAULTS,
             ):
                 if ctx.cancelled():  # client left, time limit, shutdown: stop before the next decode
@@ -383,6 +403,8 @@ class GgufBackend(BackendBase):
                     finish_reason = "stop"
                     break
                 generated += 1
+                if row is not None:
+                    ctx.emit(token_logprob(row(), token, request.logprobs or 0, self.piece))
                 piece = text.push(self.piece(token))
                 if piece:
                     ctx.emit(TextDelta(piece))

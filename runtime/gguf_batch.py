@@ -51,8 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .backend import GenerationRequest, GenerationResult, JobContext, TextDelta
-from .errors import InferenceError, WorkStopped
+from .backend import GenerationRequest, GenerationResult, JobContext, TextDelta, TokenLogprob
+from .errors import InferenceError, InvalidInputError, WorkStopped
 from .llama_params import KV_TYPES, LLAMA_SAMPLING_DEFAULTS, PreparedPrompt
 from .text_stream import TextStream
 
@@ -107,13 +107,96 @@ def greedy_bias(request: GenerationRequest) -> tuple[np.ndarray, np.ndarray] | N
             np.fromiter(request.logit_bias.values(), dtype=np.float32, count=len(request.logit_bias)))
 
 
+def token_logprob(row: np.ndarray, token: int, top: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+    """`token`'s log probability in the log-softmax of logits `row` (as llama-server and
+    OpenAI report them: before temperature, penalties and grammar), with the `top` most
+    likely tokens of the row, most likely first."""
+    import numpy as np
+
+    high = float(row.max())
+    lse = high + float(np.log(np.exp((row - high).astype(np.float64)).sum()))
+    best: tuple[tuple[bytes, float], ...] = ()
+    if top:
+        ids = np.argpartition(row, -top)[-top:]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best = tuple((piece(int(t)), float(row[t]) - lse) for t in ids)
+    return TokenLogprob(piece(token), float(row[token]) - lse, best)
+
+
+def grammar_sampler(lib: Any, vocab: Any, grammar: str) -> Any:
+    """llama.cpp's grammar sampler for GBNF `grammar` (root rule `root`); a grammar llama.cpp
+    cannot parse is the request's error."""
+    sampler = lib.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        raise InvalidInputError("the grammar built for this request could not be parsed by llama.cpp",
+                                param="response_format")
+    return sampler
+
+
+class GrammarPick:
+    """Token choice under a grammar, as llama-server's sampler makes it (common/sampling.cpp):
+    the token chosen without the grammar is tried against it alone (one candidate), and only
+    when the grammar rejects it is the grammar applied to the whole vocabulary (several
+    milliseconds for a 49k vocabulary) and the choice made again. Either way the token is the
+    one the grammar-masked row gives, so greedy output stays repeatable."""
+
+    def __init__(self, lib: Any, n_vocab: int) -> None:
+        import numpy as np
+
+        self._lib = lib
+        self._one = (lib.llama_token_data * 1)()
+        self._one_array = lib.llama_token_data_array(self._one, 1, -1, False)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._all = np.zeros(n_vocab, dtype=np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")]))
+        self._all_array = lib.llama_token_data_array(
+            ctypes.cast(self._all.ctypes.data, ctypes.POINTER(lib.llama_token_data)), n_vocab, -1, False)
+
+    def _allowed(self, grammar: Any, token: int) -> bool:
+        one = self._one[0]
+        one.id, one.logit, one.p = token, 0.0, 0.0
+        self._one_array.size, self._one_array.selected, self._one_array.sorted = 1, -1, False
+        self._lib.llama_sampler_apply(grammar, ctypes.byref(self._one_array))
+        return self._one[0].logit != float("-inf")
+
+    def _fill(self, row: np.ndarray) -> Any:
+        """The whole row as llama.cpp candidates (samplers sort and cut the array in place)."""
+        self._all["id"] = self._ids
+        self._all["logit"] = row
+        self._all["p"] = 0.0
+        array = self._all_array
+        array.size, array.selected, array.sorted = len(self._ids), -1, False
+        return ctypes.byref(array)
+
+    def greedy(self, grammar: Any, row: np.ndarray, token: int) -> int:
+        """The argmax of `row` under `grammar`, given `token`, the argmax without it."""
+        if self._allowed(grammar, token):
+            return token
+        self._lib.llama_sampler_apply(grammar, self._fill(row))
+        return int(self._all["logit"].argmax())
+
+    def sample(self, grammar: Any, chain: Any, row: np.ndarray) -> int:
+        """A draw of sampler `chain` from `row` under `grammar`; both have accepted it."""
+        lib = self._lib
+        lib.llama_sampler_apply(chain, self._fill(row))
+        token = int(self._all["id"][self._all_array.selected])
+        if not self._allowed(grammar, token):
+            candidates = self._fill(row)
+            lib.llama_sampler_apply(grammar, candidates)
+            lib.llama_sampler_apply(chain, candidates)
+            token = int(self._all["id"][self._all_array.selected])
+        lib.llama_sampler_accept(grammar, token)
+        lib.llama_sampler_accept(chain, token)
+        return token
+
+
 def build_sampler(request: GenerationRequest, seed: int, n_vocab: int) -> Any:
     """A llama.cpp sampler chain with llama-cpp-python's create_completion settings for
     `request` (logit bias, penalties, top-k 40, typical, top-p, min-p 0.05, temperature,
     seeded draw), or None for greedy without penalties, which is an argmax of the row (plus
     the logit bias, `greedy_bias`): llama_sampler_sample builds a candidate array of the
     whole vocabulary per token (600 KB here, a fresh mapping each time with the agent's
-    mmap threshold), which costs more than the argmax."""
+    mmap threshold), which costs more than the argmax. A grammar is not part of the chain:
+    `GrammarPick` applies it only when the chain's choice breaks it."""
     from llama_cpp import _internals
 
     penalties = request.presence_penalty or request.frequency_penalty
@@ -164,6 +247,10 @@ class _Sequence:
     sampler: Any
     #: logit bias added before a greedy argmax (when `sampler` is None)
     bias: tuple[np.ndarray, np.ndarray] | None
+    #: llama.cpp's grammar sampler of a constrained request (structured output, tool calls)
+    grammar: Any
+    #: alternatives reported with each token's log probability; None: none reported
+    logprobs: int | None
     text: TextStream
     max_tokens: int
     generated: int = 0
@@ -217,6 +304,7 @@ class BatchEngine:
         # bound once: each runs per generated token
         self._eog, self._vocab, self._piece = llama_cpp.llama_vocab_is_eog, backend.vocab, backend.piece
         self._row_type = ctypes.c_float * self._n_vocab
+        self._grammar_pick = GrammarPick(llama_cpp, self._n_vocab)
         self._closed = False
         #: Whether llama.cpp computes a decode row to the same bits whatever else is in the
         #: batch (measured by `warm`, on this machine's kernels; None until then); if not,
@@ -278,8 +366,10 @@ class BatchEngine:
         prepared = self._backend.prepare(request, ctx)
         tokens = prepared.tokens
         repeatable = request.temperature == 0 or request.seed is not None
-        slot, keep = self._pick_slot(tokens, repeatable)
         seed = request.seed if request.seed is not None else random.getrandbits(32)
+        grammar = grammar_sampler(self._lib, self._vocab, request.grammar) if request.grammar else None
+        sampler = build_sampler(request, seed, self._n_vocab)
+        slot, keep = self._pick_slot(tokens, repeatable)
         slot.busy = True
         slot.last_used = time.monotonic()
         self._lib.llama_memory_seq_rm(self._mem, slot.index, keep, -1)
@@ -287,7 +377,8 @@ class BatchEngine:
         slot.canonical = min(slot.canonical, keep) // self.chunk * self.chunk
         self._seqs.append(_Sequence(
             ctx=ctx, slot=slot, tokens=tokens, repeatable=repeatable, pos=keep, cached=keep,
-            sampler=build_sampler(request, seed, self._n_vocab), bias=greedy_bias(request),
+            sampler=sampler, bias=greedy_bias(request),
+            grammar=grammar, logprobs=request.logprobs,
             text=TextStream(prepared.stops),
             max_tokens=prepared.max_tokens,
         ))
@@ -652,12 +743,19 @@ class BatchEngine:
                 row = row.copy()
                 row[seq.bias[0]] += seq.bias[1]  # as llama.cpp's logit-bias sampler adds it
             token = int(row.argmax())
+            if seq.grammar is not None:
+                token = self._grammar_pick.greedy(seq.grammar, row, token)
+                self._lib.llama_sampler_accept(seq.grammar, token)
+        elif seq.grammar is not None:
+            token = self._grammar_pick.sample(seq.grammar, seq.sampler.sampler, self._row(index))
         else:
             token = self._sample(seq.sampler.sampler, self._ctx, index)
         seq.pending = None
         if self._eog(self._vocab, token):
             return self._finish(seq, "stop")
         seq.generated += 1
+        if seq.logprobs is not None:
+            seq.ctx.emit(token_logprob(self._row(index), token, seq.logprobs, self._piece))
         piece = seq.text.push(self._piece(token))
         if piece:
             seq.ctx.emit(TextDelta(piece))
@@ -699,6 +797,9 @@ class BatchEngine:
         seq.slot.busy = False
         seq.slot.last_used = time.monotonic()
         seq.sampler = None  # LlamaSampler frees its chain when collected
+        if seq.grammar is not None:
+            self._lib.llama_sampler_free(seq.grammar)
+            seq.grammar = None
 
     def close(self) -> None:
         if self._closed:

@@ -112,6 +112,9 @@ class ModelRegistry:
         self._observers: list[Callable[[RegistryEvent], None]] = []
         #: name -> seconds idle before an unload (absent or 0: stays loaded)
         self.keep_alive_s: dict[str, float] = {}
+        #: name -> the keep-alive its last request asked for (Ollama's `keep_alive`: seconds,
+        #: negative: forever); wins over `keep_alive_s` until the agent restarts
+        self.keep_alive_requested: dict[str, float] = {}
         self._idle: dict[str, ModelBundle] = {}
         self._reloading: dict[str, asyncio.Task[ServedModel]] = {}
 
@@ -195,28 +198,57 @@ class ModelRegistry:
         served.usage.reloads += 1
         return served
 
+    def keep_alive_for(self, name: str) -> float:
+        """Seconds `name` may stay idle before it is unloaded; 0: it stays loaded."""
+        asked = self.keep_alive_requested.get(name)
+        if asked is None:
+            return self.keep_alive_s.get(name, 0.0)
+        return 0.0 if asked < 0 else asked
+
+    def set_keep_alive(self, name: str, seconds: float) -> None:
+        """A request's keep-alive for `name` (Ollama's): seconds idle before an unload, negative:
+        forever, 0: unload as soon as nothing runs (`release_when_idle`, called after the request)."""
+        self.keep_alive_requested[name] = seconds
+
+    def release_when_idle(self, name: str) -> None:
+        """Unload `name` now if nothing is admitted on it (keep_alive 0), in a task the registry
+        owns (`close` waits for it); it stays listed as ``unloaded`` and reloads on demand."""
+        served = self._serving.get(name)
+        if served is None:
+            return
+        task = asyncio.create_task(self._release(name, served), name=f"release:{name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _release(self, name: str, served: ServedModel) -> None:
+        await self._unload_if_idle(name, served, 0.0, time.monotonic())
+
     async def unload_idle(self, now: float | None = None) -> list[str]:
         """Unload every model idle (nothing admitted) longer than its keep-alive; it stays
         listed as ``unloaded`` and reloads on its next request. Returns the names unloaded."""
         now = time.monotonic() if now is None else now
         done = []
         for name, served in list(self._serving.items()):
-            keep = self.keep_alive_s.get(name, 0.0)
+            keep = self.keep_alive_for(name)
             if keep <= 0 or served.scheduler.depth or now - served.usage.last_active < keep:
                 continue
-            async with self._locks.setdefault(name, asyncio.Lock()):
-                if self._serving.get(name) is not served or served.scheduler.depth:
-                    continue
-                del self._serving[name]
-                self._idle[name] = served.bundle  # from now on a request waits for a reload, never fails
-                self._set_status(served.bundle, ModelState.UNLOADING)
-                await self._shutdown(served)
-                served.usage.idle_unloads += 1
-                self._set_status(served.bundle, ModelState.UNLOADED, served=served)  # listings keep its card
-                log.info("model %s: unloaded after %.0fs idle (keep-alive %.0fs)", name,
-                         now - served.usage.last_active, keep)
+            if await self._unload_if_idle(name, served, keep, now):
                 done.append(name)
         return done
+
+    async def _unload_if_idle(self, name: str, served: ServedModel, keep: float, now: float) -> bool:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            if self._serving.get(name) is not served or served.scheduler.depth:
+                return False
+            del self._serving[name]
+            self._idle[name] = served.bundle  # from now on a request waits for a reload, never fails
+            self._set_status(served.bundle, ModelState.UNLOADING)
+            await self._shutdown(served)
+            served.usage.idle_unloads += 1
+            self._set_status(served.bundle, ModelState.UNLOADED, served=served)  # listings keep its card
+            log.info("model %s: unloaded after %.0fs idle (keep-alive %.0fs)", name,
+                     max(0.0, now - served.usage.last_active), keep)
+            return True
 
     def busy_seconds(self) -> dict[str, float]:
         """Per name: seconds spent running requests, including the one running now."""
@@ -393,6 +425,13 @@ class ModelRegistry:
             await self._shutdown(self._staged.pop())
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    def expect(self, name: str, path: str) -> None:
+        """A configured name about to load: listed as ``loading`` from now on (so a client
+        sees every configured model right after start), unless it has a status already."""
+        if name not in self._status:
+            self._status[name] = ModelStatus(name=name, state=ModelState.LOADING, version=None, path=path)
+            self._changed(name)
 
     def record_failure(self, name: str, path: str, error: str) -> None:
         """Note a model that could not even be read, so listings and /readyz show it."""

@@ -467,6 +467,38 @@ class ModelStore:
             self._collect_blobs(records)
             return removed
 
+    def remove(self, name: str, version: str | None = None) -> list[str]:
+        """Delete `version` of `name` (every version, and the name, when None), then the blobs
+        no version uses. Removing the current version leaves the name without one (it does
+        not serve). The caller makes sure nothing serves what goes. Returns removed versions."""
+        model_dir = self.models / _check_name(name)
+        with self._lock:
+            records = self._read_state()
+            record = records.get(name, ModelRecord())
+            if version is not None and not self.version_path(name, version).is_dir():
+                raise StoreError(f"{name} has no version {version} in the store")
+            targets = [version] if version is not None else self.versions(name)
+            if version is None or self.current(name) == version:
+                (model_dir / "current").unlink(missing_ok=True)
+            for gone in targets:
+                old = model_dir / f".old-{gone}-{os.getpid()}"
+                os.replace(model_dir / gone, old)
+                shutil.rmtree(old, ignore_errors=True)
+                record.versions.pop(gone, None)
+                for role in ("current", "confirmed", "previous"):
+                    if getattr(record, role) == gone:
+                        setattr(record, role, None)
+            if version is None or not self.versions(name):
+                records.pop(name, None)
+                shutil.rmtree(model_dir, ignore_errors=True)
+                fsync_dir(self.models)
+            elif name in records or record.versions:
+                records[name] = record
+                fsync_dir(model_dir)
+            self._write_state(records)
+            self._collect_blobs(records)
+            return targets
+
     def _collect_blobs(self, records: Mapping[str, ModelRecord]) -> None:
         used = {sha for rec in records.values() for files in rec.versions.values() for sha in files.values()}
         if not self.blobs.is_dir():

@@ -192,6 +192,7 @@ class UpdateService:
         self.reconciled = asyncio.Event()
         self.health = UpdateHealth()
         self._listeners: list[Callable[[], None]] = []
+        self._transition_listeners: list[Callable[[dict[str, Any]], None]] = []
         #: looks at the hub in a row that ended with a cause that may pass (RETRYABLE)
         self._failures = 0
         self._retry = False
@@ -200,6 +201,11 @@ class UpdateService:
         """Call `callback` (on the loop) after every job transition and every look at the hub:
         the reported state (agent/fleet/reported.py) follows without polling."""
         self._listeners.append(callback)
+
+    def on_transition(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call `callback(payload)` (on the loop) with every job transition as it is reported
+        (the audit log records each one: agent/fleet/audit.py)."""
+        self._transition_listeners.append(callback)
 
     def _notify(self) -> None:
         for callback in list(self._listeners):
@@ -651,6 +657,11 @@ class UpdateService:
         if state in TERMINAL or state is JobState.QUEUED:
             log.info("update %s: %s %s -> %s", payload["job"], payload["model"], payload["version"], state.value)
         self.reporter.report(payload)
+        for listener in list(self._transition_listeners):
+            try:
+                listener(payload)
+            except Exception:  # a listener's bug must not stop an update
+                log.exception("update transition listener failed")
         if state is JobState.REJECTED and job is None:
             self.health.set(Health.REFUSED, code, message)
         self._notify()

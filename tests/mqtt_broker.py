@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -130,10 +131,14 @@ class Watcher:
 
     def __init__(self, broker: BrokerAddress, *topics: str, client_id: str | None = None,
                  username: str | None = None, password: str | None = None,
-                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> None:
+                 protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5, session_expiry_s: int | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         """`protocol`: MQTT 5 unless told (MQTTv311 for a 3.1.1-only broker, which
-        carries no response topic or correlation data)."""
+        carries no response topic or correlation data). `session_expiry_s`: a persistent
+        session (what a hub's capture keeps across a broker restart with persistence).
+        `tls`: a client context (CA, and a client certificate for identity)."""
         self.broker = broker
+        self._session_expiry_s = session_expiry_s
         self.messages: list[Received] = []
         self._cv = threading.Condition()
         self._topics = topics
@@ -141,6 +146,8 @@ class Watcher:
                                   protocol=protocol)
         if username is not None:
             self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
         self._subscribed = threading.Event()
@@ -158,7 +165,12 @@ class Watcher:
             self._cv.notify_all()
 
     def __enter__(self) -> Watcher:
-        self.client.connect(self.broker.host, self.broker.port)
+        if self._session_expiry_s is not None:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self._session_expiry_s
+            self.client.connect(self.broker.host, self.broker.port, clean_start=False, properties=props)
+        else:
+            self.client.connect(self.broker.host, self.broker.port)
         self.client.loop_start()
         if self._topics and not self._subscribed.wait(10):
             raise RuntimeError("watcher: no SUBACK")

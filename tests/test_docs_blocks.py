@@ -565,6 +565,46 @@ def check_prometheus_config(block: Block, request: pytest.FixtureRequest) -> Non
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+# ---- operations.md: webhooks ------------------------------------------------------------------
+
+def check_webhooks_toml(block: Block, request: pytest.FixtureRequest) -> None:
+    """The example webhooks.toml, with its key files made as the page says, loads."""
+    from sync.hub.webhooks.config import load_endpoints
+
+    hub: Path = request.getfixturevalue("tmp_path")
+    (hub / "webhooks.toml").write_text(block.text)
+    for name in re.findall(r'secret_file = "([^"]+)"', block.text):
+        (hub / name).write_text(os.urandom(32).hex() + "\n")
+        (hub / name).chmod(0o600)
+    assert [e.name for e in load_endpoints(hub)] == re.findall(r'^name = "([^"]+)"', block.text, re.M)
+
+
+def check_webhook_body(block: Block, request: pytest.FixtureRequest) -> None:
+    """The example body is what the hub makes of its `data` (the Last Will shown)."""
+    from sync.hub.webhooks.events import derive
+
+    shown = parse_json(block.text)
+    (event,) = derive("edgefleet/v1", shown["topic"], json.dumps(shown["data"]).encode(), "online", False,
+                      shown["at"]).events
+    assert json.loads(event.body) | {"id": shown["id"]} == shown
+
+
+def check_webhook_verifier(block: Block, request: pytest.FixtureRequest) -> None:
+    """The receiver's snippet accepts a body the hub signed, and refuses it tampered, stale or
+    signed with another key."""
+    from sync.hub.webhooks.signing import headers
+
+    namespace: dict[str, Any] = {}
+    exec(block.text, namespace)  # the page's own code, as a reader pastes it
+    verify = namespace["verify"]
+    key, body = os.urandom(32), b'{"schema": "edgefleet.webhook/1", "event": "device.offline"}'
+    signed = headers(key, "device.offline", "6bba0e568f6b48a79d2592dcb9b5bfc3", body)
+    assert verify(key, signed, body)
+    assert not verify(key, signed, body.replace(b"offline", b"online"))
+    assert not verify(os.urandom(32), signed, body)
+    assert not verify(key, headers(key, "device.offline", "x", body, now=time.time() - 600), body)
+
+
 # ---- which block runs how --------------------------------------------------------------------
 
 Runner = Callable[[Block, pytest.FixtureRequest], None]
@@ -603,8 +643,10 @@ HOW: dict[tuple[str, str], Runner | str] = {
     ("docs/configuration.md", "[mqtt]"): check_agent_config,
     ("docs/configuration.md", "[telemetry]"): check_agent_config,
     ("docs/configuration.md", "[alerts]"): check_agent_config,
+    ("docs/configuration.md", "[audit]"): check_agent_config,
     ("docs/configuration.md", "[[models]]"): check_agent_config,
     ("docs/configuration.md", "[updates]"): check_agent_config,
+    ("docs/configuration.md", "# TLS and mTLS on the HTTP and gRPC ports"): check_agent_config,
     ("docs/configuration.md", "EDGEFLEET_SERVER__PORT=9000"): run_env_overrides,
     ("docs/configuration.md", "<state_dir>/"): check_state_dir_layout,
     ("docs/configuration.md", "[probe]"): check_manifest,
@@ -618,6 +660,8 @@ HOW: dict[tuple[str, str], Runner | str] = {
     ("docs/operations.md", "systemctl start edgefleet"): "systemd is not running here; "
         "tests/test_service_lifecycle.py plays systemd's side (notify socket, signals)",
     ("docs/operations.md", "journalctl -u edgefleet -f"): "systemd's journal is not running here",
+    ("docs/operations.md", "# import a GGUF and chat with it"): "a .gguf of the reader's and the systemd "
+        "service; tests/test_models_cli.py imports the demo GGUF into a running agent and chats with it",
     ("docs/operations.md", "systemctl reload edgefleet"): "systemd is not running here; SIGHUP reloads are "
         "run by tests/test_service_lifecycle.py",
     ("docs/operations.md", "apt install ./edgefleet_0.2.0_amd64.deb"): "apt and a newer .deb",
@@ -632,6 +676,8 @@ HOW: dict[tuple[str, str], Runner | str] = {
     ("docs/operations.md", "packaging/smoke-arm64.sh"): "qemu and debootstrap; "
         "EDGEFLEET_TEST_ARM64=1 tests/test_arm64_package.py",
     ("docs/operations.md", "edgefleet hub"): walkthrough_step,
+    ("docs/operations.md", "edgefleet hub view --mqtt"): "a long-running server; tests/test_fleet_view.py runs "
+        "`hub view` against a real mosquitto and drives the page in chromium",
     ("docs/operations.md", "# a staged rollout"): "a controller, a hub and a fleet that takes minutes; "
         "tests/test_rollout.py runs `hub control`, `hub rollout start|status|pause|resume|abort` with real agents",
     ("docs/operations.md", "sudo apt install debootstrap buildah podman"): PODMAN,
@@ -640,12 +686,26 @@ HOW: dict[tuple[str, str], Runner | str] = {
     ("docs/operations.md", "apiVersion: apps/v1"): "no Kubernetes here; tests/test_container_image.py checks the "
         "image's user (10001), volume and /readyz, /healthz that this Deployment relies on",
     ("docs/operations.md", "[mqtt]"): walkthrough_step,
+    ("docs/operations.md", "# turn TLS on (the key readable"): "the package's edgefleet user, /etc and systemd; "
+        "tests/test_tls.py runs the agent with TLS, mTLS, doctor and a SIGHUP rotation",
     ("docs/operations.md", "# /etc/mosquitto/conf.d/edgefleet-bridge.conf"):
         "run as the site broker's config by tests/test_mqtt_bridge.py",
     ("docs/operations.md", "# prometheus.yml"): check_prometheus_config,
+    ("docs/operations.md", "# API keys: one app may chat"): "the package's edgefleet user (sudo -u); "
+        "tests/test_api_keys.py runs `keys add|list|revoke|rotate` (with --state-dir / --config) against a real agent",
+    ("docs/operations.md", "# webhooks: check the configuration"): "a long-running process and a receiver; "
+        "tests/test_webhooks.py runs `hub webhooks` and `--check` with a real broker and receiver",
+    ("docs/operations.md", "# /srv/edgefleet-hub/webhooks.toml"): check_webhooks_toml,
+    ("docs/operations.md", '{"schema": "edgefleet.webhook/1"'): check_webhook_body,
+    ("docs/operations.md", "import hashlib"): check_webhook_verifier,
     # the other pages
     ("docs/architecture.md", ""): "a diagram",
     ("docs/security.md", '{"schema": "edgefleet.desired/1"'): check_desired_state,
+    ("docs/security.md", "# /etc/mosquitto/conf.d/edgefleet-tls.conf"): "a system mosquitto and /etc; "
+        "tests/test_broker_identity.py runs this listener (TLS, require_certificate, CRL, ACL) on loopback",
+    ("docs/security.md", "# /etc/mosquitto/edgefleet.acl"): "run as the broker's ACL by tests/test_broker_identity.py",
+    ("docs/security.md", "$ edgefleet audit verify"): "output of a real log; tests/test_audit_log.py runs `audit "
+        "verify` on real logs and their edits and checks these lines",
     ("docs/mqtt.md", '{"schema": "edgefleet.doorbell/1"'): check_doorbell,
     ("docs/mqtt.md", "link = app[MQTT]"): check_link_sketch,
 }

@@ -294,7 +294,9 @@ def test_the_page_shows_real_agents_and_simulated_devices_with_their_state(view_
     page.select_option("#f-group", "")
     # the device page: charts and the update job history
     page.goto(f"{view_fleet.url}/devices/press-1")
-    page.wait_for_selector('.chart[data-chart="power (W)"] polyline', timeout=30_000)
+    # a line of two points or more (a steady power draws a flat line, which has no height to be "visible")
+    line = page.wait_for_selector('.chart[data-chart="power (W)"] polyline', state="attached", timeout=30_000)
+    assert line is not None and len((line.get_attribute("points") or "").split()) >= 2
     page.goto(f"{view_fleet.url}/devices/sim-behind")
     page.wait_for_selector("#jobs tbody tr")
     assert "rejected" in page.locator("#jobs tbody").inner_text()

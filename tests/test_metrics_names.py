@@ -42,7 +42,10 @@ BOUNDED: dict[str, Callable[[str], bool]] = {
     "model": lambda v: v in {CHAT, EMBED},
     "operation": lambda v: v in {"chat", "text_completion", "embeddings", "infer"},
     "state": lambda v: v in {s.value for s in ModelState} | {"total", "used", "available", "free"},
-    "kind": lambda v: v in {"embedding", "tensor"},
+    "kind": lambda v: v in {"embedding", "tensor", "prompt", "completion"},
+    # per API key (security/gate.py): the names in the keys file, never a secret
+    "key": lambda v: re.fullmatch(r"(cert:)?[A-Za-z0-9][A-Za-z0-9._ -]{0,255}", v) is not None,
+    "outcome": lambda v: v in {"ok", "denied", "rate_limited"},
     "cpu": lambda v: v == "all" or v.isdigit(),
     "period": lambda v: v in {"1m", "5m", "15m"},
     "sensor": lambda v: re.fullmatch(r"[\w ./-]+", v) is not None,  # the machine's sensor names
@@ -50,7 +53,8 @@ BOUNDED: dict[str, Callable[[str], bool]] = {
     "domain": lambda v: WORD.match(v) is not None,  # the machine's power domains
     "source": lambda v: v in {"rapl", "hwmon", "battery", "nvml", "estimate"},
     "used": lambda v: v in {"true", "false"},
-    "reason": lambda v: v in {"ok", "absent", "permission_denied", "external_power", "unreadable", "error"},
+    "reason": lambda v: v in {"ok", "absent", "permission_denied", "external_power", "unreadable", "error",
+                              "missing", "malformed", "unknown", "revoked", "expired"},
     "part": lambda v: v in {"active", "idle"},
     "by": lambda v: v in {"models", "agent", "other"},
     "le": lambda v: not math.isnan(float(v)),

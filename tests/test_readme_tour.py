@@ -52,4 +52,9 @@ async def test_readme_curl_answers(agent, command):
     if "stream" in command:
         assert text.rstrip().endswith("data: [DONE]")
     elif "|" not in command:
-        assert json.loads(text)  # a whole JSON answer
+        answer = json.loads(text)  # a whole JSON answer
+        message = answer.get("choices", [{}])[0].get("message", {})
+        if "response_format" in command:  # the JSON answer parses and has the schema's fields
+            assert set(json.loads(message["content"])) == {"room", "on"}
+        if '"tools"' in command:  # the call's arguments parse
+            assert json.loads(message["tool_calls"][0]["function"]["arguments"])["location"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from agent.cli.doctor_network import check_mqtt, check_ports, check_updates
+from agent.cli.doctor_tls import check_tls
 from agent.cli.findings import Finding, Level
 from agent.config import AgentConfig
 from runtime.bundle import read_bundle
@@ -173,13 +174,25 @@ def check_models(config: AgentConfig) -> list[Finding]:
 
 def check_keys(config: AgentConfig) -> list[Finding]:
     from agent.lifecycle.service import is_loopback
+    from security.keys_file import KeyFileError, read_keys_file
 
+    path = config.api_keys_path()
+    try:
+        document = read_keys_file(path)
+    except KeyFileError as exc:
+        return [Finding(Level.FAIL, "api keys", f"{exc}; a running agent keeps the keys it had (a reload "
+                        "refuses this file), a starting one refuses to start",
+                        "fix the file (edgefleet keys list shows what it reads) and reload the agent")]
+    if document is not None:
+        active = sum(1 for k in document.keys if not k.revoked)
+        return [Finding(Level.OK, "api keys", f"{path}: {active} key(s) in force, {len(document.certs)} "
+                        f"certificate subject(s){'; server.api_key too' if config.server.api_key else ''}")]
     if config.server.api_key:
         return [Finding(Level.OK, "api key", "set")]
     if is_loopback(config.server.host):
         return [Finding(Level.OK, "api key", "none; the agent listens on loopback only")]
     return [Finding(Level.FAIL, "api key", f"none, and the agent listens on {config.server.host}",
-                    "set server.api_key, or listen on 127.0.0.1")]
+                    "add keys (edgefleet keys add NAME --scope infer), set server.api_key, or listen on 127.0.0.1")]
 
 
 def diagnose(load_config: Callable[[], AgentConfig], powercap: Path = POWERCAP) -> list[Finding]:
@@ -192,6 +205,7 @@ def diagnose(load_config: Callable[[], AgentConfig], powercap: Path = POWERCAP) 
     findings.append(Finding(Level.OK, "config", "valid"))
     findings += check_keys(config)
     findings += check_ports(config)
+    findings += check_tls(config)
     findings += check_state_dir(Path(config.state_dir))
     findings += check_telemetry_outbox(Path(config.state_dir))
     findings += check_models(config)

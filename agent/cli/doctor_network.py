@@ -84,6 +84,9 @@ def check_mqtt(settings: MqttSettings) -> list[Finding]:
     except ValueError as exc:  # names the file
         return [Finding(Level.FAIL, "mqtt", f"mqtt.{exc}",
                         "make the file readable by the agent's user (or fix its path in [mqtt])")]
+    findings = _check_client_certificate(settings)
+    if any(f.level is Level.FAIL for f in findings):
+        return findings
     answer: dict[str, object] = {}
     answered = threading.Event()
 
@@ -116,8 +119,48 @@ def check_mqtt(settings: MqttSettings) -> list[Finding]:
         client.disconnect()
         client.loop_stop()
     who = f" as {settings.username}" if settings.username else ""
-    return [Finding(Level.OK, "mqtt", f"connected to {where}{who}{' over TLS' if settings.tls else ''} "
-                    f"(device {settings.device_id}, group {settings.group})")]
+    return [*findings, Finding(Level.OK, "mqtt", f"connected to {where}{who}{' over TLS' if settings.tls else ''} "
+                               f"(device {settings.device_id}, group {settings.group})")]
+
+
+#: a client certificate that expires sooner than this is a warning
+CERT_WARN_DAYS = 14
+
+
+def _check_client_certificate(settings: MqttSettings) -> list[Finding]:
+    """With a client certificate: its dates (expired, not yet valid, soon to expire), then the
+    broker's answer to the TLS handshake alone (revoked, unknown CA), which paho cannot name."""
+    if not settings.tls or settings.cert_file is None:
+        return []
+    import datetime as dt
+
+    from security.tls import client_context
+    from security.tls_probe import certificate_dates, handshake_outcome
+
+    renew = "renew the device's certificate (mqtt.cert_file / mqtt.key_file) from the fleet's CA"
+    try:
+        dates = certificate_dates(settings.cert_file)
+    except ValueError as exc:
+        return [Finding(Level.FAIL, "mqtt certificate", str(exc), "point mqtt.cert_file at the device's PEM "
+                        "certificate")]
+    expired = dates.problem()
+    if expired is not None:
+        return [Finding(Level.FAIL, "mqtt certificate", f"{settings.cert_file} (CN={dates.subject}) {expired}: the "
+                        "broker refuses it; the agent serves locally meanwhile", renew)]
+    left = dates.not_after - dt.datetime.now(dt.UTC)
+    level = Level.WARN if left < dt.timedelta(days=CERT_WARN_DAYS) else Level.OK
+    findings = [Finding(level, "mqtt certificate", f"{settings.cert_file} (CN={dates.subject}) valid until "
+                        f"{dates.not_after:%Y-%m-%d} ({left.days} days)", renew if level is Level.WARN else "")]
+    try:
+        cause = handshake_outcome(settings.host or "", settings.broker_port,
+                                  client_context(settings.ca_file, settings.cert_file, settings.key_file), TIMEOUT_S)
+    except (OSError, ValueError):
+        return findings  # unreachable or unreadable: the connect check below says so
+    if cause is not None:
+        findings.append(Finding(Level.FAIL, "mqtt", f"broker {settings.host}:{settings.broker_port} refused this "
+                                f"device's TLS certificate: {cause}; the agent serves locally meanwhile",
+                                renew + " (a revoked certificate needs a new one, not the same one again)"))
+    return findings
 
 
 def check_updates(config: AgentConfig) -> list[Finding]:

@@ -9,6 +9,8 @@
                      failing, refused, unreachable, disabled, unexpected)
     rollout …        staged rollouts: start, status, pause, resume, abort (agent/cli/hub_rollout.py)
     control          the rollout controller, long-running (sync/hub/controller.py)
+    view             the fleet view web page, read-only, live, from MQTT alone (sync/hub/view/)
+    webhooks         fleet events posted to URLs, signed, long-running (sync/hub/webhooks/)
 
 Every command works on one hub directory: --hub DIR, else $EDGEFLEET_HUB, else ./hub; `status`
 works without one too (then "desired" is what each device reports it was told).
@@ -19,6 +21,7 @@ Errors are one line on stderr and a non-zero exit, as for the agent's own comman
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -100,9 +103,31 @@ def add_hub_commands(commands: Any) -> None:
     status.add_argument("--until", metavar="STATE", help="with --follow: stop at the first transition into STATE "
                         "(e.g. active); exit 1 if none came")
 
+    view = sub.add_parser("view", help="serve the fleet view web page (read-only, live, built from MQTT)")
+    add_mqtt_args(view)
+    view.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    view.add_argument("--port", type=int, default=8090, help="port to listen on (default 8090)")
+    view.add_argument("--history", type=Path, metavar="FILE",
+                      help="SQLite file for the device charts' history (default: in memory, lost at exit)")
+
     from agent.cli.hub_rollout import add_rollout_commands
 
     add_rollout_commands(sub, add_hub_dir, add_mqtt_args)
+
+    from agent.cli.hub_webhooks import add_webhooks_command
+
+    add_webhooks_command(sub, add_hub_dir, add_mqtt_args)
+
+    from agent.cli.audit import add_audit_arguments
+
+    audit = sub.add_parser("audit", help="a device's forwarded audit log (agent/cli/audit.py)")
+    audit_verify = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION").add_parser(
+        "verify", help="check a device's forwarded records (a capture of {prefix}/devices/ID/audit)")
+    audit_verify.add_argument("--device", required=True, help="the device id (its key: from its birth message)")
+    audit_verify.add_argument("file", metavar="FILE", help="the captured records, one payload a line")
+    audit_verify.add_argument("--wait", type=float, default=1.0, help="seconds to wait for the retained state")
+    add_mqtt_args(audit_verify)
+    add_audit_arguments(audit_verify)
 
 
 def add_hub_dir(parser: argparse.ArgumentParser) -> None:
@@ -112,15 +137,45 @@ def add_hub_dir(parser: argparse.ArgumentParser) -> None:
 
 def add_mqtt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt", metavar="HOST[:PORT]",
-                        help=f"the fleet's broker (default ${MQTT_ENV}, else 127.0.0.1:1883)")
+                        help=f"the fleet's broker (default ${MQTT_ENV}, else 127.0.0.1:1883; 8883 with TLS)")
     parser.add_argument("--topic-prefix", default=DEFAULT_PREFIX)
+    tls = parser.add_argument_group("broker TLS and credentials (docs/security.md#per-device-identity-on-the-broker)")
+    tls.add_argument("--mqtt-tls", action="store_true", default=None,
+                     help=f"TLS, checked against the system's trust store (${MQTT_ENV}_TLS=1); on by itself "
+                          "with --mqtt-ca or --mqtt-cert")
+    tls.add_argument("--mqtt-ca", metavar="FILE", help=f"CA that signed the broker's certificate (${MQTT_ENV}_CA)")
+    tls.add_argument("--mqtt-cert", metavar="FILE", help=f"the hub's client certificate (${MQTT_ENV}_CERT)")
+    tls.add_argument("--mqtt-key", metavar="FILE", help=f"its private key (${MQTT_ENV}_KEY)")
+    tls.add_argument("--mqtt-username", metavar="NAME", help=f"user name (${MQTT_ENV}_USERNAME)")
+    tls.add_argument("--mqtt-password-file", metavar="FILE",
+                     help=f"a file holding the password, first line (or the password in ${MQTT_ENV}_PASSWORD)")
 
 
 def _broker(args: argparse.Namespace) -> Broker:
+    env = os.environ
+
+    def option(name: str) -> str | None:
+        value = getattr(args, f"mqtt_{name}", None)
+        return value if value is not None else env.get(f"{MQTT_ENV}_{name.upper()}") or None
+
+    password = env.get(f"{MQTT_ENV}_PASSWORD") or None
+    password_file = getattr(args, "mqtt_password_file", None)
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text(encoding="utf-8").splitlines()[0]
+        except (OSError, IndexError) as exc:
+            raise HubCliError(f"--mqtt-password-file {password_file}: cannot read a password "
+                              f"({getattr(exc, 'strerror', None) or 'empty file'})", code=2) from None
+    tls = bool(getattr(args, "mqtt_tls", None) or env.get(f"{MQTT_ENV}_TLS", "") not in ("", "0", "false"))
     try:
-        return Broker.parse(args.mqtt or os.environ.get(MQTT_ENV) or "127.0.0.1:1883")
+        broker = Broker.parse(args.mqtt or env.get(MQTT_ENV) or "127.0.0.1")
+        broker = dataclasses.replace(broker, tls=tls, ca_file=option("ca"), cert_file=option("cert"),
+                                     key_file=option("key"), username=option("username"), password=password)
     except ValueError as exc:
         raise HubCliError(str(exc), code=2) from None
+    if broker.tls and ":" not in (args.mqtt or env.get(MQTT_ENV) or ""):
+        broker = dataclasses.replace(broker, port=8883)
+    return broker
 
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
@@ -236,6 +291,16 @@ def _run(args: argparse.Namespace) -> int:
         return 0 if reached or args.until is None else 1
     if command == "status":
         return _status(args)
+    if command == "webhooks":
+        from agent.cli.hub_webhooks import run_webhooks_command
+
+        return run_webhooks_command(args, _broker(args), HubCliError)
+    if command == "view":
+        return _view(args)
+    if command == "audit":
+        from agent.cli import audit as audit_cli
+
+        return audit_cli.run(audit_cli.hub_verify_command, args, _broker(args))
     if command in ("rollout", "control"):
         from agent.cli import hub_rollout
 
@@ -243,6 +308,21 @@ def _run(args: argparse.Namespace) -> int:
             return hub_rollout.run_control(args, _broker(args))
         return hub_rollout.run_rollout(args, _broker, HubCliError)
     raise HubCliError(f"unknown hub command {command}", code=2)
+
+
+def _view(args: argparse.Namespace) -> int:
+    from agent.http.server import bind_reason
+    from sync.hub.view.server import ViewSettings, serve_view
+
+    settings = ViewSettings(_broker(args), args.topic_prefix, args.history)
+    try:
+        serve_view(settings, args.host, args.port,
+                   announce=f"fleet view on http://{args.host}:{args.port}/ (read-only; broker "
+                            f"{settings.broker.host}:{settings.broker.port})")
+    except OSError as exc:  # the bind, before anything is served
+        raise HubCliError(f"cannot listen on {args.host}:{args.port}: {bind_reason(exc)} (stop what uses it, "
+                          "or choose another --port / --host)") from None
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

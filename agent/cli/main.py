@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from agent import __version__
 from agent.cli.demo import DEMO_MODELS, build_demo_bundles
 from agent.cli.hub import HubCliError, add_hub_commands, run_hub
+from agent.cli.keys import KeysCliError, add_keys_commands, run_keys
 from agent.cli.models import fetch_command, rollback_command
+from agent.cli.models_commands import add_local_model_commands, run_local_model_command
+from agent.cli.models_local import list_command
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
 from agent.lifecycle.logs import setup_logging
-from runtime.bundle import read_bundle
 from runtime.errors import RuntimeLayerError
 from runtime.state_lock import StateDirLock
 
@@ -67,9 +67,11 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="inspect model bundles")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    listing = models_commands.add_parser("list", help="list the configured bundles on disk")
+    listing = models_commands.add_parser("list", help="models configured, imported or stored: versions, current, "
+                                         "state in the running agent, size")
     add_config(listing)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
+    add_local_model_commands(models_commands, add_config)
     rollback = models_commands.add_parser("rollback",
                                           help="serve again the last version that served well before this one")
     add_config(rollback)
@@ -85,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--state-dir", help="where to put them (overrides the config)")
 
     add_hub_commands(commands)  # `edgefleet hub …` (agent/cli/hub.py)
+    add_keys_commands(commands, add_config)  # `edgefleet keys …` (agent/cli/keys.py)
+
+    audit = commands.add_parser("audit", help="the tamper-evident audit log (agent/cli/audit.py)")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    audit_verify = audit_commands.add_parser("verify", help="check the chain and the signed checkpoints; name the "
+                                             "first record edited, removed, reordered or cut away")
+    audit_verify.add_argument("files", nargs="*", metavar="FILE", help="log files, oldest first (default: "
+                              "<state_dir>/audit/audit.log*)")
+    add_config(audit_verify)
+    from agent.cli.audit import add_audit_arguments
+
+    add_audit_arguments(audit_verify)
 
     doctor = commands.add_parser("doctor", help="check this machine and the config; say what to fix")
     doctor.add_argument("--config", type=Path, help="TOML config (default as for serve)")
@@ -147,33 +161,6 @@ def _with_demo(args: argparse.Namespace, config: AgentConfig, locked: bool = Fal
     return config.with_overrides(models=[*config.models, *extra])
 
 
-def _list_models(config: AgentConfig, as_json: bool) -> int:
-    rows: list[dict[str, Any]] = []
-    for entry in config.models:
-        path = config.bundle_path(entry)
-        try:
-            bundle = read_bundle(path, name=entry.name)
-            m = bundle.manifest
-            rows.append({"name": entry.name, "version": m.version, "format": m.format, "task": m.task,
-                         "size_bytes": bundle.size_bytes(), "path": str(path), "error": None})
-        except RuntimeLayerError as exc:
-            rows.append({"name": entry.name, "version": None, "format": None, "task": None,
-                         "size_bytes": None, "path": str(path), "error": str(exc)})
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    elif not rows:
-        print("no models configured (add [[models]] to the config, or use --demo)")
-    else:
-        print(f"{'NAME':28} {'VERSION':12} {'FORMAT':6} {'TASK':10} {'SIZE':>9}  PATH")
-        for r in rows:
-            size = f"{r['size_bytes'] / 1e6:.1f}MB" if r["size_bytes"] is not None else "-"
-            print(f"{r['name']:28} {r['version'] or '-':12} {r['format'] or '-':6} "
-                  f"{r['task'] or '-':10} {size:>9}  {r['path']}")
-            if r["error"]:
-                print(f"  error: {r['error']}")
-    return 1 if any(r["error"] for r in rows) else 0
-
-
 def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
     """`serve`: hold the state dir from before anything in it is read until the process ends."""
     from agent.lifecycle.service import ConfigRefused, ServeError, serve
@@ -211,16 +198,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_doctor(lambda: _load(args))
         config = _load(args)
+        if args.command == "keys":
+            return run_keys(args, config)
+        if args.command == "audit":
+            from agent.cli import audit as audit_cli
+
+            return audit_cli.run(audit_cli.verify_command, args, Path(config.state_dir), config.audit)
         setup_logging(config.log_level)
         if args.command == "models" and args.models_command == "rollback":
             return rollback_command(_with_demo(args, config), args.name)
         if args.command == "models" and args.models_command == "fetch":
             with StateDirLock(config.state_dir, "models fetch"):
                 return fetch_command(_with_demo(args, config, locked=True))
+        if args.command == "models" and args.models_command != "list":
+            return run_local_model_command(args, _with_demo(args, config))
         if args.command == "models":
-            return _list_models(_with_demo(args, config), args.json)
+            return list_command(_with_demo(args, config), args.json)
         return _serve(args, config)
-    except (CliError, HubCliError) as exc:
+    except (CliError, HubCliError, KeysCliError) as exc:
         print(f"edgefleet: {exc}", file=sys.stderr)
         return exc.code
     except RuntimeLayerError as exc:

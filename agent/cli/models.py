@@ -16,18 +16,21 @@ finds the files there and skips their download.
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
 from pathlib import Path
 
 import aiohttp
 from tqdm import tqdm
 
 from agent.cli.hub import HubCliError
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ServerConfig
 from agent.fleet.updates import offline_rollback
 from runtime.errors import RuntimeLayerError
 from runtime.state_lock import StateDirLock
 from runtime.store import ModelStore
 from security.errors import SecurityError
+from security.tls_server import local_client_context
 from sync.downloader import Downloader, Fetch
 from sync.errors import SyncError
 from sync.tuf_client import HubClient
@@ -36,13 +39,18 @@ from sync.tuf_client import HubClient
 def rollback_command(config: AgentConfig, name: str) -> int:
     server = config.server
     host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
-    url = f"http://{host}:{server.port}/v2/repository/models/{name}/rollback"
-    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    url = f"{server.scheme}://{host}:{server.port}/v2/repository/models/{name}/rollback"
+    headers = local_auth_headers(server)
+    tls = local_tls(server)
 
     async def ask_agent() -> tuple[int, dict[str, object]] | None:
         try:
-            async with aiohttp.ClientSession() as session, session.post(url, headers=headers) as resp:
+            async with aiohttp.ClientSession() as session, session.post(url, headers=headers, ssl=tls) as resp:
                 return resp.status, await resp.json(content_type=None)
+        except aiohttp.ClientSSLError as exc:  # an agent answers, but not as configured: say so, never go offline
+            raise HubCliError(f"cannot roll {name} back: the agent at {url} refused TLS or presented another "
+                              f"certificate than server.tls_cert_file ({exc.__class__.__name__}: "
+                              f"{getattr(exc, 'reason', None) or exc})") from None
         except aiohttp.ClientConnectionError:
             return None
 
@@ -60,6 +68,27 @@ def rollback_command(config: AgentConfig, name: str) -> int:
         raise HubCliError(f"cannot roll {name} back: {_error_message(status, body)}")
     print(f"{name}: rolled back, serving {body.get('version')}")
     return 0
+
+
+#: a key for the CLI's calls to the local agent (`edgefleet keys add cli --scope admin`), where the
+#: keys file holds named keys and server.api_key is unset
+API_KEY_ENV = "EDGEFLEET_API_KEY"
+
+
+def local_auth_headers(server: ServerConfig) -> dict[str, str]:
+    """The bearer key the CLI sends to the local agent: $EDGEFLEET_API_KEY, else server.api_key."""
+    key = os.environ.get(API_KEY_ENV) or server.api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def local_tls(server: ServerConfig) -> ssl.SSLContext | bool:
+    """The TLS context commands use to reach the local agent (True: plain HTTP, aiohttp's default)."""
+    if server.tls_cert_file is None:
+        return True
+    try:
+        return local_client_context(server.tls_cert_file, server.tls_cli_cert_file, server.tls_cli_key_file)
+    except ValueError as exc:
+        raise HubCliError(str(exc)) from None
 
 
 def _error_message(status: int, body: object) -> str:

@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from agent.context import CONFIG, LIVE, METRICS, MODELS, MQTT
+from agent.context import AUDIT, CONFIG, LIVE, METRICS, MODELS, MQTT
 from agent.fleet.telemetry import PUBLISHER, SAMPLER
 from agent.fleet.updates import UPDATES
 from agent.metrics import Metrics, watch_alerts
@@ -110,6 +110,9 @@ class Readings:
         self._requests, self._errors, self._drops = CounterWindow(), CounterWindow(), CounterWindow()
         self._ttft: dict[str, HistogramWindow] = {}
         self.refusals = UpdateRefusals()
+        #: audit records lost so far (agent/fleet/audit.py), when the audit log is on
+        self.audit_dropped: Callable[[], int] | None = None
+        self._audit_drops = CounterWindow()
 
     def read(self, settings: AlertSettings, now: float, wall: float) -> dict[str, float | None]:
         system = self.sampler.system
@@ -128,6 +131,9 @@ class Readings:
         values["error_rate"] = self._error_rate(settings, now)
         values["ttft_p95"] = self._ttft_p95(settings, now)
         values["outbox_drops"] = self._outbox_drops(settings, now)
+        if self.audit_dropped is not None:
+            self._audit_drops.add(now, self.audit_dropped())
+            values["audit_dropping"] = self._audit_drops.increase(now, settings.audit_dropping.window_s)
         service = self._updates()
         if service is not None:
             self.refusals.scan(service)
@@ -285,6 +291,7 @@ async def alerts_ctx(app: web.Application) -> AsyncIterator[None]:
     link = app.get(MQTT)
     readings = Readings(app[MODELS], app[SAMPLER], app[METRICS], lambda: app.get(PUBLISHER), lambda: link,
                         lambda: app.get(UPDATES))
+    readings.audit_dropped = lambda: audit.dropped if (audit := app.get(AUDIT)) is not None else 0
     alerts = Alerts(lambda: app[LIVE].config.alerts, readings, lambda: app.get(PUBLISHER), link,
                     config.mqtt.device_id, config.mqtt.group, Path(config.state_dir) / "alerts.json")
     await alerts.restore()

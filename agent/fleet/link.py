@@ -41,9 +41,13 @@ PROCESS_STARTED_AT = time.time()
 
 
 def state_fields(app: web.Application) -> dict[str, Any]:
-    """The birth message's fields beyond online/device/group: who we are and what we serve."""
+    """The birth message's fields beyond online/device/group: who we are and what we serve, and
+    the public half of the device key that signs the audit log's checkpoints (``device_key``)."""
+    from agent.fleet.audit import device_key_field
+
     models = app.get(MODELS)
     return {
+        **device_key_field(app),
         "agent_version": __version__,
         "boot_id": boot_id(),
         "started_at": round(PROCESS_STARTED_AT, 3),
@@ -68,11 +72,59 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     republish = Republisher(link, link.publish_state, "state")
     if MODELS in app:
         app[MODELS].subscribe(republish.on_event)
+    watch = (asyncio.create_task(watch_certificate(link), name="mqtt-certificate-watch")
+             if settings.tls and settings.cert_file else None)
     try:
         yield
     finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         await republish.close()
         await link.stop()
+
+
+#: while not connected to a TLS broker with a client certificate: ask the handshake why after
+#: this long, then again this often (a line is logged when the answer changes)
+CERT_PROBE_AFTER_S = 3.0
+CERT_PROBE_EVERY_S = 30.0
+
+
+async def watch_certificate(link: MqttLink) -> None:
+    """Say why a TLS broker will not take this device: paho only sees the connection close.
+    A certificate that expired (or is not valid yet) is named at once, from its own dates; a
+    revoked one (or another refusal) from the broker's TLS alert (security/tls_probe.py). The
+    agent goes on serving locally either way; the reason is also `link.status.last_error`."""
+    from security.tls import client_context
+    from security.tls_probe import certificate_dates, handshake_outcome
+
+    s = link.settings
+    assert s.cert_file is not None
+    try:
+        dates = certificate_dates(s.cert_file)
+        expired = dates.problem()
+    except ValueError as exc:
+        dates, expired = None, str(exc)
+    if expired is not None:
+        subject = f" (CN={dates.subject})" if dates is not None else ""
+        link.status.last_error = f"TLS client certificate {s.cert_file}{subject} {expired}"
+        log.error("mqtt: the client certificate %s%s %s: the broker will refuse it; the agent serves locally "
+                  "until it is renewed (mqtt.cert_file)", s.cert_file, subject, expired)
+    said: str | None = None
+    await asyncio.sleep(CERT_PROBE_AFTER_S)
+    while True:
+        if not link.connected:
+            try:
+                context = client_context(s.ca_file, s.cert_file, s.key_file)
+                cause = await asyncio.to_thread(handshake_outcome, s.host or "", s.broker_port, context)
+            except (OSError, ValueError):  # unreachable, or unreadable files: the link says so itself
+                cause = None
+            if cause is not None and cause != said:
+                link.status.last_error = f"TLS: {cause}"
+                log.error("mqtt: the broker %s:%d refuses this device's TLS client certificate %s: %s; the agent "
+                          "serves locally and keeps trying", s.host, s.broker_port, s.cert_file, cause)
+            said = cause
+        await asyncio.sleep(CERT_PROBE_EVERY_S)
 
 
 class Republisher:

@@ -92,7 +92,8 @@ async def _unload_idle(app: web.Application) -> None:
     while True:
         keep = {m.name: m.keep_alive_s for m in app[LIVE].config.models if m.keep_alive_s > 0}
         models.keep_alive_s = keep
-        await asyncio.sleep(min(30.0, max(0.25, min(keep.values(), default=120.0) / 4)))
+        asked = [s for s in models.keep_alive_requested.values() if s > 0]  # requests' keep_alive
+        await asyncio.sleep(min(30.0, max(0.25, min([*keep.values(), *asked], default=120.0) / 4)))
         try:
             await models.unload_idle()
         except Exception:  # one failed unload must not end energy saving

@@ -20,6 +20,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from agent.http.jsonio import json_response
 from agent.kserve.tensors import TensorError
 from runtime import errors as rt
+from security.gate import Refusal
 
 
 @dataclass
@@ -73,6 +74,9 @@ def to_api_error(exc: BaseException) -> ApiError:
     """Map any exception a handler let through onto an HTTP error."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, Refusal):  # the request gate: 401, 403 or 429 with its headers
+        kind = {401: "invalid_request_error", 403: "permission_error"}.get(exc.status, "rate_limit_error")
+        return ApiError(exc.status, exc.message, type=kind, code=exc.code, headers=dict(exc.headers))
     if isinstance(exc, TensorError):  # a KServe v2 tensor that does not add up
         return ApiError(400, str(exc))
     if isinstance(exc, rt.ModelNotFoundError):
@@ -163,8 +167,11 @@ def grpc_status(err: ApiError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], 
     answer would carry Retry-After); the message is `err.message` on both transports."""
     if err.code == "model_time_exceeded":
         code = grpc.StatusCode.DEADLINE_EXCEEDED
+    elif err.status == 429 and err.code != "queue_full":  # a key's limit (the gate), not a full queue
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
     else:
         code = _GRPC_BY_STATUS.get(err.status, grpc.StatusCode.INTERNAL if err.status >= 500
                                    else grpc.StatusCode.FAILED_PRECONDITION)
-    retry = err.headers.get("Retry-After")
-    return code, (("retry-after", retry),) if retry else ()
+    trailers = tuple((name.lower(), value) for name, value in err.headers.items()
+                     if name == "Retry-After" or name.startswith("x-ratelimit-"))
+    return code, trailers

@@ -18,6 +18,7 @@ aborted and the generation cancelled, so its model slot goes to the next request
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -31,13 +32,23 @@ from aiohttp_sse import sse_response
 from agent.context import LIVE, MODELS
 from agent.http.bodies import read_json
 from agent.http.errors import ApiError, bad_request
+from agent.http.gate import check_model, identity_of, record_usage
 from agent.http.jsonio import dumps, json_response
-from agent.http.openai_requests import ParsedGeneration, parse_chat, parse_completion, parse_embedding
-from runtime.backend import Capability, GenerationResult, TextDelta
+from agent.http.keep_alive import keep_alive
+from agent.http.openai_choices import chat_logprobs, completion_logprobs, tool_call_deltas
+from agent.http.openai_requests import (
+    ParsedEmbedding,
+    ParsedGeneration,
+    parse_chat,
+    parse_completion,
+    parse_embedding,
+)
+from runtime.backend import Capability, GenerationResult, TextDelta, TokenLogprob
 from runtime.errors import ShuttingDownError
 from runtime.registry import ModelState, ModelStatus
 from runtime.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
 from runtime.served_model import ServedModel
+from runtime.tool_calls import read_answer
 
 log = logging.getLogger(__name__)
 
@@ -52,30 +63,37 @@ def setup(app: web.Application) -> None:
 
 def _model_card(status: ModelStatus, keep_alive_s: float) -> dict[str, Any]:
     info = status.info
-    assert info is not None
-    return {
+    card: dict[str, Any] = {
         "id": status.name,
         "object": "model",
         "created": int(status.loaded_at or 0),
         "owned_by": "edgefleet",
         "version": status.version,
-        "capabilities": sorted(c.value for c in info.capabilities),
-        "context_length": info.context_length,
-        # "ready"; "unloaded": idle past keep_alive_s, reloaded by the next request;
-        # "unloading" / "loading" while that happens
-        "state": status.state.value,
-        "keep_alive_s": keep_alive_s,
     }
+    if info is not None:  # known once it has loaded (kept while it is unloaded for being idle)
+        card["capabilities"] = sorted(c.value for c in info.capabilities)
+        card["context_length"] = info.context_length
+    # "ready"; "unloaded": idle past keep_alive_s, reloaded by the next request;
+    # "unloading" / "loading" while that happens; "failed" with its reason
+    card["state"] = status.state.value
+    card["status"] = {"state": status.state.value} | (
+        {"reason": status.error or "failed"} if status.state is ModelState.FAILED else {})
+    card["keep_alive_s"] = keep_alive_s
+    return card
 
 
-def _listed(request: web.Request) -> dict[str, dict[str, Any]]:
+def _listed(request: web.Request, every: bool = False) -> dict[str, dict[str, Any]]:
+    """Cards of the models the caller may use: every configured one with its state (`every`),
+    or only those that answer requests (ready, or unloaded and reloaded on demand)."""
     models = request.app[MODELS]
-    return {s.name: _model_card(s, models.keep_alive_s.get(s.name, 0.0)) for s in models.statuses()
-            if s.state is not ModelState.FAILED and s.info is not None}
+    identity = identity_of(request)  # a key limited to some models sees only those
+    return {s.name: _model_card(s, models.keep_alive_for(s.name)) for s in models.statuses()
+            if (every or (s.state is not ModelState.FAILED and s.info is not None))
+            and (identity is None or identity.may_use(s.name))}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response({"object": "list", "data": list(_listed(request).values())})
+    return json_response({"object": "list", "data": list(_listed(request, every=True).values())})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -88,6 +106,7 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def _served_for(request: web.Request, name: str, capability: Capability) -> ServedModel:
+    check_model(request, name)  # 403 for a model the caller's key may not use
     served = await request.app[MODELS].acquire(name)  # reloads a model unloaded for being idle
     if capability not in served.info.capabilities:
         can = ", ".join(sorted(c.value for c in served.info.capabilities))
@@ -102,6 +121,13 @@ async def _texts(request: web.Request, served: ServedModel, job: Job[GenerationR
     async for item in job.stream():  # time to first token is counted by the runtime
         if isinstance(item, TextDelta):
             yield item.text
+
+
+async def _items(job: Job[GenerationResult]) -> AsyncIterator[TextDelta | TokenLogprob]:
+    """Text pieces and (when asked) each token's log probability, in the order generated."""
+    async for item in job.stream():
+        if isinstance(item, (TextDelta, TokenLogprob)):
+            yield item
 
 
 def _finish_reason(job: Job[GenerationResult], result: GenerationResult) -> str:
@@ -120,30 +146,56 @@ def _usage(result: GenerationResult) -> dict[str, int]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    parsed = parse_chat(await read_json(request))
-    return await _generate(request, parsed, chat=True)
+    body = await read_json(request)
+    parsed = parse_chat(body)
+    async with keep_alive(request, parsed.model, body):  # Ollama's per-request keep_alive
+        return await _generate(request, parsed, chat=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    parsed = parse_completion(await read_json(request))
-    return await _generate(request, parsed, chat=False)
+    body = await read_json(request)
+    parsed = parse_completion(body)
+    async with keep_alive(request, parsed.model, body):
+        return await _generate(request, parsed, chat=False)
+
+
+def _count_usage(request: web.Request, done: asyncio.Future[GenerationResult]) -> None:
+    """Count what a generation used against the caller's key (agent/http/gate.py), whenever it
+    ends: also when its client left mid-stream and the model stopped later."""
+    if not done.cancelled() and done.exception() is None:
+        used = done.result()
+        record_usage(request, used.prompt_tokens, used.completion_tokens)
 
 
 async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) -> web.StreamResponse:
     served = await _served_for(request, parsed.model, Capability.CHAT if chat else Capability.COMPLETION)
     job = served.generate(parsed.request)
+    job.future.add_done_callback(lambda done: _count_usage(request, done))
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     try:
         if parsed.stream:
             return await _stream(request, served, job, parsed, chat, ident, created)
-        text = "".join([piece async for piece in _texts(request, served, job)])
+        pieces: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        async for item in _items(job):
+            if isinstance(item, TextDelta):
+                pieces.append(item.text)
+            else:
+                logprobs.append(item)
+        text = "".join(pieces)
         result = job.future.result()
     finally:
         job.cancel()  # no-op when finished; stops generation when this handler was cancelled
     choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(job, result), "logprobs": None}
+    if parsed.request.logprobs is not None:
+        choice["logprobs"] = chat_logprobs(logprobs) if chat else completion_logprobs(logprobs)
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        content, calls = read_answer(text) if parsed.tools else (text, [])
+        choice["message"] = {"role": "assistant", "content": content}
+        if calls:
+            choice["message"]["tool_calls"] = calls
+            choice["finish_reason"] = "tool_calls"
     else:
         choice["text"] = text
     return json_response(
@@ -168,12 +220,14 @@ async def _stream(
     ident: str,
     created: int,
 ) -> web.StreamResponse:
-    texts = _texts(request, served, job)
-    # Wait for the first piece (or the error) before committing to a 200 stream.
-    pending: list[str] = []
-    async for piece in texts:
-        pending.append(piece)
-        break
+    items = _items(job)
+    # Wait for the first piece (or the error) before committing to a 200 stream. An answer in
+    # the tool format is read whole first: whether it is a call or text shows at its end.
+    pending: list[TextDelta | TokenLogprob] = []
+    async for item in items:
+        pending.append(item)
+        if not parsed.tools:
+            break
     header = {
         "id": ident,
         "object": "chat.completion.chunk" if chat else "text_completion",
@@ -182,17 +236,33 @@ async def _stream(
         "system_fingerprint": f"edgefleet-{served.version}",
     }
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+    offset = 0  # characters streamed so far (text_offset of legacy logprobs)
+
+    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False,
+              logprobs: list[TokenLogprob] | None = None, delta: dict[str, Any] | None = None) -> str:
+        nonlocal offset
         if chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            delta = delta if delta is not None else {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}
         choice["logprobs"] = None
+        if logprobs:
+            choice["logprobs"] = chat_logprobs(logprobs) if chat else completion_logprobs(logprobs, offset)
+        offset += len(text or "")
         choice["finish_reason"] = finish_reason
         return dumps({**header, "choices": [choice]})
+
+    tokens: list[TokenLogprob] = []  # log probabilities not sent yet: they go with the next text
+
+    async def send(sse: Any, item: TextDelta | TokenLogprob) -> None:
+        if isinstance(item, TokenLogprob):
+            tokens.append(item)
+            return
+        await sse.send(chunk(item.text, logprobs=tokens[:]))
+        tokens.clear()
 
     response: web.StreamResponse | None = None
     # How long a send may wait for a client that reads nothing (aiohttp-sse then aborts the
@@ -205,17 +275,20 @@ async def _stream(
             response = sse
             if chat:
                 await sse.send(chunk("", role=True))
-            for piece in pending:
-                await sse.send(chunk(piece))
             result: GenerationResult | None = None
             try:
-                async for piece in texts:
-                    await sse.send(chunk(piece))
+                if parsed.tools:
+                    finish = await _send_tool_answer(sse, chunk, pending, job)
+                else:
+                    for item in pending:
+                        await send(sse, item)
+                    async for item in items:
+                        await send(sse, item)
+                    finish = _finish_reason(job, job.future.result())
                 result = job.future.result()
-                finish = _finish_reason(job, result)
             except ShuttingDownError:  # the model did not stop by the deadline: end the stream anyway
                 finish = "shutdown"
-            await sse.send(chunk(None if chat else "", finish_reason=finish))
+            await sse.send(chunk(None if chat else "", finish_reason=finish, logprobs=tokens))
             if parsed.include_usage and result is not None:
                 await sse.send(dumps({**header, "choices": [], "usage": _usage(result)}))
             await sse.send("[DONE]")
@@ -229,8 +302,30 @@ async def _stream(
     return response if response is not None else web.Response(status=499)
 
 
+async def _send_tool_answer(sse: Any, chunk: Any, items: list[TextDelta | TokenLogprob],
+                            job: Job[GenerationResult]) -> str:
+    """Stream an answer in the generic tool format, read whole (`items`): its calls as
+    OpenAI's `delta.tool_calls` pieces, or its text as content. Returns the finish reason."""
+    result = job.future.result()
+    text = "".join(item.text for item in items if isinstance(item, TextDelta))
+    logprobs = [item for item in items if isinstance(item, TokenLogprob)]
+    content, calls = read_answer(text)
+    if calls:
+        for delta in tool_call_deltas(calls):
+            await sse.send(chunk(None, delta=delta))
+        return "tool_calls"
+    await sse.send(chunk(content or "", logprobs=logprobs))
+    return _finish_reason(job, result)
+
+
 async def embeddings(request: web.Request) -> web.Response:
-    parsed = parse_embedding(await read_json(request), request.app[LIVE].config.limits.max_embedding_inputs)
+    body = await read_json(request)
+    parsed = parse_embedding(body, request.app[LIVE].config.limits.max_embedding_inputs)
+    async with keep_alive(request, parsed.model, body):
+        return await _embeddings(request, parsed)
+
+
+async def _embeddings(request: web.Request, parsed: ParsedEmbedding) -> web.Response:
     served = await _served_for(request, parsed.model, Capability.EMBEDDING)
     dim = served.info.embedding_dim
     if parsed.dimensions is not None and parsed.dimensions != dim:
@@ -239,6 +334,7 @@ async def embeddings(request: web.Request) -> web.Response:
             "cannot change that", param="dimensions",
         )
     result = await served.embed(parsed.texts)
+    record_usage(request, result.prompt_tokens, 0)
     data = []
     for i, vector in enumerate(result.vectors):
         embedding: Any = (

@@ -3,8 +3,14 @@
 Each check names the offending field in `param`, as OpenAI does, so a client
 sees ``{"param": "temperature", "message": "temperature must be between 0 and
 2"}`` rather than a failure deep in llama.cpp. Unknown fields are ignored, as
-OpenAI-compatible servers do; fields we cannot honour (tools, n > 1, images,
-logprobs, JSON response formats) are refused rather than silently dropped.
+OpenAI-compatible servers do; fields we cannot honour (n > 1, images, audio) are
+refused rather than silently dropped.
+
+Structured output (`response_format` json_object / json_schema) and tools become a
+grammar on the request (runtime/grammar.py, runtime/tool_calls.py: the generic tool
+format); a schema or tool list past the limits there is a 400 naming the field, before
+anything is queued. Tool-role messages must answer a call made by an earlier assistant
+message of the same request (`tool_call_id`), as OpenAI requires.
 """
 
 from __future__ import annotations
@@ -13,9 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.http.errors import bad_request
+from runtime import tool_calls
 from runtime.backend import ChatMessage, GenerationRequest
+from runtime.grammar import SchemaError, json_object_grammar, schema_rules
 
 MAX_STOP_SEQUENCES = 4
+#: OpenAI's ceiling for top_logprobs.
+MAX_TOP_LOGPROBS = 20
 ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
@@ -25,6 +35,8 @@ class ParsedGeneration:
     stream: bool
     include_usage: bool
     request: GenerationRequest
+    #: the answer is in the generic tool format (runtime/tool_calls.py): read it as calls or text
+    tools: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,13 +131,55 @@ def _refuse_what_we_cannot_honour(body: dict[str, Any]) -> None:
     n = body.get("n", 1)
     if n not in (1, None):
         raise bad_request("only n=1 is supported", param="n")
-    if body.get("logprobs"):
-        raise bad_request("logprobs are not supported by this server", param="logprobs")
-    response_format = body.get("response_format")
-    if response_format is not None and (
-        not isinstance(response_format, dict) or response_format.get("type", "text") != "text"
-    ):
-        raise bad_request("only response_format {\"type\": \"text\"} is supported", param="response_format")
+
+
+def _response_format(body: dict[str, Any]) -> str | None:
+    """The grammar for `response_format` (None: free text)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict):
+        raise bad_request("response_format must be an object", param="response_format")
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_object_grammar()
+    if kind != "json_schema":
+        raise bad_request("response_format.type must be text, json_object or json_schema",
+                          param="response_format.type")
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise bad_request("response_format.json_schema must be an object with a schema",
+                          param="response_format.json_schema")
+    schema = spec.get("schema") or {"type": "object"}  # OpenAI: no schema means any object
+    try:
+        return schema_rules(schema, "response_format.json_schema.schema")
+    except SchemaError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    wanted = body.get("logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise bad_request("logprobs must be a boolean", param="logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad_request(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}",
+                              param="top_logprobs")
+        if not wanted:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    wanted = body.get("logprobs")
+    if wanted is None or wanted is False:
+        return None
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or not 0 <= wanted <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}", param="logprobs")
+    return wanted
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -170,7 +224,32 @@ def parse_chat(body: Any) -> ParsedGeneration:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty array", param="messages")
+    parsed = _messages(messages)
+    if body.get("functions"):
+        raise bad_request("the deprecated functions parameter is not supported; use tools", param="functions")
+    grammar = _response_format(body)
+    toolplan = _tools(body)
+    if toolplan.system is not None:
+        if parsed[0].role == "system":
+            parsed[0] = ChatMessage("system", parsed[0].content + "\n\n" + toolplan.system)
+        else:
+            parsed.insert(0, ChatMessage("system", toolplan.system))
+        grammar = toolplan.grammar
+    stream, include_usage = _stream(body)
+    return ParsedGeneration(
+        model=model,
+        stream=stream,
+        include_usage=include_usage,
+        request=GenerationRequest(messages=parsed, grammar=grammar, logprobs=_chat_logprobs(body),
+                                  **_sampling(body)),
+        tools=toolplan.system is not None,
+    )
+
+
+def _messages(messages: list[Any]) -> list[ChatMessage]:
+    """The chat as the model reads it: tool calls and tool results in the generic format."""
     parsed: list[ChatMessage] = []
+    calls: dict[str, str | None] = {}  # id -> function name, of calls made earlier in this chat
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise bad_request("each message must be an object", param=f"messages.[{i}]")
@@ -178,17 +257,62 @@ def parse_chat(body: Any) -> ParsedGeneration:
         if role not in ROLES:
             raise bad_request(f"messages.[{i}].role must be one of {', '.join(ROLES)}",
                               param=f"messages.[{i}].role")
+        if role == "assistant" and message.get("tool_calls"):
+            made = message["tool_calls"]
+            if not isinstance(made, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("id"), str) and isinstance(c.get("function"), dict)
+                    for c in made):
+                raise bad_request("tool_calls must be an array of {id, type, function: {name, arguments}}",
+                                  param=f"messages.[{i}].tool_calls")
+            calls.update((c["id"], c["function"].get("name")) for c in made)
+            parsed.append(ChatMessage("assistant", tool_calls.render_calls(made)))
+            continue
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or call_id not in calls:
+                raise bad_request(
+                    f"messages.[{i}].tool_call_id {call_id!r} does not answer a tool call of an "
+                    "earlier assistant message", param=f"messages.[{i}].tool_call_id")
+            parsed.append(ChatMessage("user", tool_calls.render_result(call_id, calls[call_id],
+                                                                        _content(message, i))))
+            continue
         parsed.append(ChatMessage(role="system" if role == "developer" else role,
                                   content=_content(message, i)))
-    if body.get("tools") or body.get("functions"):
-        raise bad_request("tool calling is not supported by this server", param="tools")
-    stream, include_usage = _stream(body)
-    return ParsedGeneration(
-        model=model,
-        stream=stream,
-        include_usage=include_usage,
-        request=GenerationRequest(messages=parsed, **_sampling(body)),
-    )
+    return parsed
+
+
+def _tools(body: dict[str, Any]) -> tool_calls.ToolPlan:
+    raw = body.get("tools")
+    choice = body.get("tool_choice")
+    if not raw:
+        if choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice needs tools", param="tool_choice")
+        return tool_calls.ToolPlan(None, None)
+    try:
+        tools = tool_calls.parse_tools(raw)
+    except SchemaError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
+    named = None
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        named = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(named, str):
+            raise bad_request("tool_choice must be none, auto, required or "
+                              "{\"type\": \"function\", \"function\": {\"name\": ...}}", param="tool_choice")
+        if named not in {t.name for t in tools}:
+            raise bad_request(f"tool_choice names {named!r}, which is not in tools", param="tool_choice")
+        choice = "function"
+    elif choice not in ("none", "auto", "required"):
+        raise bad_request("tool_choice must be none, auto, required or a named function", param="tool_choice")
+    parallel = body.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad_request("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
+    try:
+        return tool_calls.plan(tools, choice, named, parallel)
+    except SchemaError as exc:
+        raise bad_request(str(exc), param=exc.param) from None
 
 
 def parse_completion(body: Any) -> ParsedGeneration:
@@ -204,8 +328,12 @@ def parse_completion(body: Any) -> ParsedGeneration:
         raise bad_request("prompt must be a string, or one list of token ids", param="prompt")
     if body.get("echo") or body.get("suffix") or (body.get("best_of") or 1) != 1:
         raise bad_request("echo, suffix and best_of are not supported", param="echo")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
+        raise bad_request("response_format is a chat completions parameter", param="response_format")
     stream, include_usage = _stream(body)
     sampling = _sampling(body)
+    sampling["logprobs"] = _completion_logprobs(body)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         sampling["max_tokens"] = 16  # OpenAI's default for /v1/completions
     return ParsedGeneration(

@@ -10,10 +10,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agent.context import LIVE, METRICS, MODELS
 from agent.fleet.telemetry import PUBLISHER
 from agent.http.errors import ApiError
+from agent.http.gate import can_see_detail
 from agent.http.jsonio import json_response
+from agent.local_models import with_imported_models
 from runtime.bundle import read_bundle
 from runtime.registry import ModelStatus
-from security.api_keys import api_key_matches
 from sync.telemetry import TelemetryPublisher
 
 
@@ -40,11 +41,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Every configured model is loaded and serving. Open to all (service managers probe
-    it); with an API key configured, versions and failure reasons need the key."""
+    it); with API keys configured, versions and failure reasons need a valid one."""
     models = request.app[MODELS]
     ready = models.all_ready() and not request.app[LIVE].draining
-    api_key = request.app[LIVE].config.server.api_key
-    detail = not api_key or api_key_matches(api_key, request.headers.get("Authorization"))
+    detail = can_see_detail(request)
     body: dict[str, object] = {"status": "ready" if ready else "not ready",
                                "models": [_status_json(s, detail) for s in models.statuses()]}
     publisher = request.app.get(PUBLISHER)
@@ -77,7 +77,7 @@ async def repository_load(request: web.Request) -> web.Response:
     """(Re)load a configured model from its bundle path; swaps atomically if serving."""
     config = request.app[LIVE].config
     name = request.match_info["name"]
-    entry = next((m for m in config.models if m.name == name), None)
+    entry = next((m for m in with_imported_models(config).models if m.name == name), None)  # imported too
     if entry is None:
         raise ApiError(404, f"model '{name}' is not in the agent's configuration")
     bundle = read_bundle(config.bundle_path(entry), name=name)

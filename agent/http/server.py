@@ -24,6 +24,10 @@ Request bodies are read, decoded and timed by the handlers (agent/http/bodies.py
 only they read bodies: aiohttp's own decoding is off (``auto_decompress``), because it
 does not check that a gzip body is complete. What the server does at shutdown is
 agent/app.py's (`on_shutdown`).
+
+With ``server.tls_cert_file`` set the port speaks TLS only (security/tls_server.py builds
+and reloads the context; `SERVER_TLS` holds it for the gRPC server and the SIGHUP
+reload), and a TLS handshake must finish within ``header_timeout_s``.
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from agent.config import ServerConfig
 from agent.http.errors import ApiError, error_response, protocol_error
 from agent.lifecycle.process import raise_open_file_limit, return_large_blocks_to_the_system
+from security.tls_server import ServerTls, TlsFiles
 
 log = logging.getLogger(__name__)
 
 #: Body bytes aiohttp may read and discard after a handler answered without reading them.
 LINGERING_TIME_S = 2.0
+#: The endpoint's TLS material, present when server.tls_cert_file is set (`start_server`).
+SERVER_TLS = web.AppKey("server_tls", ServerTls)
 
 
 def _raw_error(status: int, reason: str, message: str, code: str, retry_after: int | None = None) -> bytes:
@@ -175,8 +182,10 @@ class GuardedRequestHandler(RequestHandler):
 class GuardedSite(web.TCPSite):
     """A TCP site whose connections are `GuardedRequestHandler`s."""
 
-    def __init__(self, runner: web.BaseRunner, config: ServerConfig, backlog: int = 128) -> None:
-        super().__init__(runner, config.host, config.port, backlog=backlog)
+    def __init__(self, runner: web.BaseRunner, config: ServerConfig, backlog: int = 128,
+                 tls: ServerTls | None = None) -> None:
+        super().__init__(runner, config.host, config.port, backlog=backlog,
+                         ssl_context=tls.http_context if tls is not None else None)
         self._config = config
 
     async def start(self) -> None:
@@ -189,7 +198,9 @@ class GuardedSite(web.TCPSite):
         def protocol() -> GuardedRequestHandler:
             return GuardedRequestHandler(manager, config=config, loop=loop, access_log=None)
 
-        self._server = await loop.create_server(protocol, self._host, self._port, backlog=self._backlog)
+        self._server = await loop.create_server(
+            protocol, self._host, self._port, backlog=self._backlog, ssl=self._ssl_context,
+            ssl_handshake_timeout=config.header_timeout_s if self._ssl_context is not None else None)
         self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
@@ -200,21 +211,33 @@ def shutdown_grace_s(config: ServerConfig) -> float:
 
 
 async def start_server(app: web.Application, config: ServerConfig) -> web.AppRunner:
-    """Set up `app` and listen on the configured host and port (OSError if it cannot).
+    """Set up `app` and listen on the configured host and port (OSError if it cannot;
+    TlsFilesError, before anything starts, when TLS is on and its files cannot be used).
 
     Shutdown (`runner.cleanup()`) runs the app's on_shutdown drain first; aiohttp then
     waits a short grace for the handlers, which by then are writing their last bytes."""
+    tls = server_tls(config)
+    if tls is not None:
+        app[SERVER_TLS] = tls  # the gRPC server and the SIGHUP reload use the same material
     raise_open_file_limit()
     return_large_blocks_to_the_system()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=shutdown_grace_s(config))
     await runner.setup()
     try:
-        await GuardedSite(runner, config).start()
+        await GuardedSite(runner, config, tls=tls).start()
     except OSError:
         await runner.cleanup()
         raise
     return runner
+
+
+def server_tls(config: ServerConfig) -> ServerTls | None:
+    """The endpoint's TLS material from the config's files, None when TLS is off."""
+    if config.tls_cert_file is None or config.tls_key_file is None:
+        return None
+    return ServerTls(TlsFiles(config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file,
+                              config.client_cert_mode))
 
 
 def bind_reason(exc: OSError) -> str:

@@ -7,8 +7,8 @@ the same registry through the same runtime call (`ServedModel.infer`). What is
 shared with HTTP is shared, not copied: tensors are decoded by
 agent/kserve/tensors.py, which model a name means and whether it (or the
 server) is ready is decided by agent/kserve/models.py, errors become gRPC status codes through
-`agent.http.errors.to_api_error` and `grpc_status`, the API key is checked by
-`security.api_keys` against the live config (a SIGHUP changes it for both),
+`agent.http.errors.to_api_error` and `grpc_status`, the caller is checked by
+the request gate (security/gate.py: keys, scopes and limits, the same as HTTP's),
 and every call counts as in flight for the shutdown drain. /metrics counts calls under
 go-grpc-prometheus's names (`grpc_server_handled_total`, `grpc_server_handling_seconds`),
 apart from HTTP's requests.
@@ -22,12 +22,17 @@ any key was checked, and logged a traceback for every such call.)
 Inputs come as typed `contents` or as `raw_input_contents` (all inputs, in input
 order); outputs always go back as `raw_output_contents`, as Triton's server
 does, which every v2 client reads. Health calls (ServerLive, ServerReady) need
-no key, like /v2/health/*. The message classes are generated from the upstream
-proto by scripts/gen_grpc.sh and imported only when gRPC is switched on.
+no key, like /v2/health/*. With ``server.tls_cert_file`` set the port serves TLS only, from the
+HTTP port's certificate material (security/tls_server.py: a SIGHUP reload reaches new
+handshakes through grpc's dynamic credentials; ``tls_client_cert = "required"`` makes grpc
+refuse a handshake without a client certificate from ``tls_client_ca_file``). The message
+classes are generated from the upstream proto by scripts/gen_grpc.sh and imported only when
+gRPC is switched on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
@@ -42,16 +47,17 @@ from aiohttp import web
 from agent import __version__
 from agent.context import CONFIG, LIVE, METRICS
 from agent.http.errors import ApiError, bad_request, grpc_status, one_credential, to_api_error
+from agent.http.gate import GATE
+from agent.http.server import SERVER_TLS, server_tls
 from agent.kserve.models import SERVER_NAME, model_ready, server_ready, tensor_metadata, tensor_model
+from agent.kserve.peer import grpc_peer_subject
 from agent.kserve.tensors import TensorError, bounded_count, check_header, from_raw, from_values, to_raw, v2_datatype
 from runtime.served_model import ServedModel
-from security.api_keys import api_key_matches
+from security.gate import GRPC_SCOPES, PUBLIC, scope_for
 
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
-#: Calls that answer without an API key, like the HTTP health endpoints.
-PUBLIC_METHODS = frozenset({"ServerLive", "ServerReady"})
 #: v2 datatype -> the typed-contents field that carries it (FP16 and BF16 travel raw only).
 CONTENTS_FIELD = {
     "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -113,6 +119,18 @@ def _credential(context: grpc.aio.ServicerContext) -> str | None:
                            if key.lower() == "authorization" and isinstance(value, str)])
 
 
+def _source(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without its port (``ipv4:127.0.0.1:5123`` -> ``127.0.0.1``)."""
+    peer = context.peer() or "unknown"
+    address = peer.split(":", 1)[1] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return address.rsplit(":", 1)[0].strip("[]") if peer.startswith(("ipv4:", "ipv6:")) else address
+
+
+def _model_of(request: Any) -> str | None:
+    """The model a request names (ModelInfer's model_name, ModelReady's and ModelMetadata's name)."""
+    return getattr(request, "model_name", None) or getattr(request, "name", None) or None
+
+
 class InferenceService:
     """The servicer: one method per RPC, each run through `_call` (auth, drain, errors)."""
 
@@ -127,19 +145,22 @@ class InferenceService:
         code = grpc.StatusCode.OK
         try:
             try:
-                if method not in PUBLIC_METHODS:
-                    api_key = live.config.server.api_key
-                    if api_key and not api_key_matches(api_key, _credential(context)):
-                        raise ApiError(401, "Incorrect or missing API key: send metadata "
-                                       "'authorization: Bearer <key>'")
+                admission: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+                scope = scope_for(GRPC_SCOPES, method)
+                if scope != PUBLIC:  # the request gate (security/gate.py), as for HTTP; a Refusal is
+                    gate = self.app[GATE]  # mapped by to_api_error below
+                    identity = gate.authenticate(_credential(context), grpc_peer_subject(context), _source(context))
                     if live.draining:
                         raise ApiError(503, "The agent is shutting down and takes no new requests; "
                                        "retry shortly", headers={"Retry-After": "5"})
-                if isinstance(request, Undecodable):
-                    log.info("gRPC %s: refused a request that is not a valid %s", method, request.message)
-                    raise bad_request(f"The request is not a valid {request.message} message")
-                with live.admitted():
-                    return await work()
+                    gate.authorize(identity, scope, None if isinstance(request, Undecodable) else _model_of(request))
+                    admission = gate.admit(identity, scope or "")
+                with admission:
+                    if isinstance(request, Undecodable):
+                        log.info("gRPC %s: refused a request that is not a valid %s", method, request.message)
+                        raise bad_request(f"The request is not a valid {request.message} message")
+                    with live.admitted():
+                        return await work()
             except Exception as exc:  # mapped in one place (agent/http/errors.py), as for HTTP
                 err = to_api_error(exc)
                 if err.status >= 500 and not isinstance(exc, ApiError) and err.status != 503:
@@ -265,8 +286,9 @@ async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, service_handlers),))
     server.add_registered_method_handlers(SERVICE, service_handlers)
     address = f"{config.host}:{config.grpc_port}"
+    tls = app.get(SERVER_TLS) or server_tls(config)  # TLS as on the HTTP port, reloaded with it
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, tls.grpc_credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError:
         port = 0
     if not port:
@@ -274,7 +296,8 @@ async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
                       address)
     await server.start()
     app[GRPC_PORT] = port
-    log.info("KServe v2 gRPC listening on %s:%d", config.host, port, extra={"grpc_port": port})
+    log.info("KServe v2 gRPC listening on %s:%d%s", config.host, port, " (TLS)" if tls else "",
+             extra={"grpc_port": port})
     try:
         yield
     finally:

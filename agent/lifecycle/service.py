@@ -19,6 +19,9 @@ models unload.
 SIGHUP re-reads the config: a broken one is refused with one log line and the
 running config keeps serving; a good one applies what can change live (API key,
 log level, limits, models added, removed or changed) and logs what needs a restart.
+It also re-reads the TLS certificate, key and client CA files (when TLS is on), for new
+handshakes only: files that fail their checks are refused with one log line (and
+`edgefleet doctor` shows it), and the running certificate stays.
 """
 
 from __future__ import annotations
@@ -39,11 +42,14 @@ from aiohttp import web
 from agent import __version__
 from agent.app import create_app, drain, reconcile_models, wait_until_loaded
 from agent.config import AgentConfig
-from agent.context import CHECKED, LIVE, MODELS
-from agent.http.server import bind_reason, start_server
+from agent.context import AUDIT, CHECKED, LIVE, MODELS
+from agent.http.gate import GATE, KEYS_KEPT, reload_keys
+from agent.http.server import SERVER_TLS, bind_reason, start_server
 from agent.lifecycle.logs import setup_logging
 from agent.lifecycle.sdnotify import Notifier, watchdog_interval_s
 from runtime.registry import ModelRegistry, ModelState
+from security.keys_file import KeyFileError
+from security.tls_server import LoadedTls, TlsFilesError
 
 log = logging.getLogger("edgefleet")
 
@@ -65,7 +71,8 @@ def is_loopback(host: str) -> bool:
 
 #: Read once when the agent starts (the listening sockets and the server around the app).
 SERVER_AT_START = ("host", "port", "max_body_bytes", "keepalive_timeout_s", "header_timeout_s",
-                   "body_timeout_s", "max_connections", "max_header_bytes", "grpc_port")
+                   "body_timeout_s", "max_connections", "max_header_bytes", "grpc_port",
+                   "tls_cert_file", "tls_key_file", "tls_client_ca_file", "tls_client_cert")
 #: Sections read once at start: the model runtime, the MQTT link and what runs over it.
 SECTIONS_AT_START = ("runtime", "batching", "mqtt", "telemetry", "updates")
 
@@ -98,7 +105,10 @@ class Service:
         self.config = config
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
-        self.app = create_app(config)
+        try:
+            self.app = create_app(config)
+        except KeyFileError as exc:  # the API keys file: the agent does not start without its keys
+            raise ServeError(f"cannot use the API keys: {exc}") from None
         self.app[CHECKED] = asyncio.Event()  # set after the start-up check; signed updates wait for it
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -119,15 +129,17 @@ class Service:
         self._status("starting")
         try:
             runner = await start_server(self.app, config.server)
+        except TlsFilesError as exc:
+            raise ServeError(f"cannot serve TLS: {exc}") from None
         except OSError as exc:  # the HTTP port, or the gRPC port (named in `filename`)
             where = exc.filename or f"{config.server.host}:{config.server.port}"
             option = "server.grpc_port / --grpc-port" if exc.filename else "server.port / --port"
             reason = exc.strerror if exc.filename else bind_reason(exc)
             raise ServeError(f"cannot listen on {where}: {reason} (stop what uses it, "
                              f"or choose another {option})") from None
-        log.info("edgefleet %s listening on http://%s:%d", __version__, config.server.host, config.server.port,
-                 extra={"host": config.server.host, "port": config.server.port})
-        if not config.server.api_key and not is_loopback(config.server.host):
+        log.info("edgefleet %s listening on %s://%s:%d", __version__, config.server.scheme, config.server.host,
+                 config.server.port, extra={"host": config.server.host, "port": config.server.port})
+        if not self.app[GATE].required and not is_loopback(config.server.host):
             log.warning("listening on %s without an API key: anyone who can reach this port can "
                         "use the models (set server.api_key)", config.server.host)
         loop = asyncio.get_running_loop()
@@ -202,14 +214,18 @@ class Service:
                                MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
             models = self.app[MODELS]
             try:
+                await self._reload_tls()  # the files, whatever the config file says now
                 try:
                     new = self._reload_config()
                 except ConfigRefused as exc:
                     log.error("reload refused, the running configuration stays: %s", exc)
+                    keys = await reload_keys(self.app, live.config)  # the keys file is re-read all the same
+                    self._audit_reload("denied", reason=str(exc), keys=keys)
                     return
                 old = live.config
                 restart = needs_restart(old, new)
                 live.config = applied = live_part(old, new)
+                keys = await reload_keys(self.app, applied)  # an unusable keys file keeps the keys in force
                 setup_logging(applied.log_level)
                 models.set_limits(applied.scheduler.max_pending, applied.server.drain_timeout_s)
                 await wait_until_loaded(self.app)
@@ -221,10 +237,36 @@ class Service:
                 if restart:
                     log.warning("changed but applied only after a restart: %s", ", ".join(restart),
                                 extra={"restart_needed": ",".join(restart)})
+                self._audit_reload("error" if keys.startswith(KEYS_KEPT) else "ok", models=str(changes), keys=keys)
             except Exception:  # a bug in applying must not kill the agent; the old models keep serving
                 log.exception("reload failed while applying the new configuration")
+                self._audit_reload("error")
             finally:
                 self.notifier.send(READY=1, STATUS=self._serving_line(models))
+
+    def _audit_reload(self, outcome: str, **detail: str) -> None:
+        audit = self.app.get(AUDIT)
+        if audit is not None:
+            audit.record("local", "config.reload", "agent", outcome, **detail)
+
+    async def _reload_tls(self) -> None:
+        """Re-read the endpoint's certificate files for new handshakes; refused files leave the
+        running certificate in place."""
+        tls = self.app.get(SERVER_TLS)
+        if tls is None:
+            return
+        running = tls.current
+        try:
+            loaded = await asyncio.to_thread(tls.reload)
+        except TlsFilesError as exc:
+            log.error("TLS reload refused, the running certificate stays (%s): %s", _described(running), exc,
+                      extra={"tls_serial": f"{running.serial:x}"})
+            return
+        if loaded.serial == running.serial:
+            log.info("TLS files re-read: the same certificate (%s)", _described(loaded))
+        else:
+            log.info("TLS certificate reloaded for new connections: %s", _described(loaded),
+                     extra={"tls_serial": f"{loaded.serial:x}"})
 
     async def _shutdown(self, runner: web.AppRunner) -> None:
         live = self.app[LIVE]
@@ -239,6 +281,10 @@ class Service:
         await runner.cleanup()
         log.info("stopped")
         self.notifier.close()
+
+
+def _described(loaded: LoadedTls) -> str:
+    return f"serial {loaded.serial:x}, valid until {loaded.not_after:%Y-%m-%d %H:%M} UTC"
 
 
 def serve(config: AgentConfig, reload_config: Callable[[], AgentConfig]) -> None:

@@ -18,6 +18,7 @@ import urllib.request
 
 from agent.cli.main import config_path
 from agent.config import ConfigError, load_config
+from security.tls_server import local_client_context
 
 
 def probe_host(host: str) -> str:
@@ -35,14 +36,16 @@ def main() -> int:
     except ConfigError as exc:
         print(f"unhealthy: config error: {exc}")
         return 1
-    url = f"http://{probe_host(server.host)}:{server.port}/readyz"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+    url = f"{server.scheme}://{probe_host(server.host)}:{server.port}/readyz"
+    try:  # over TLS, trusting exactly the agent's own certificate (security/tls_server.py)
+        context = None if server.tls_cert_file is None else local_client_context(
+            server.tls_cert_file, server.tls_cli_cert_file, server.tls_cli_key_file)
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
             print(f"ready: {url} {response.status}")
             return 0
     except urllib.error.HTTPError as exc:
         print(f"not ready: {url} {exc.code} {exc.read(300).decode('utf-8', 'replace')}")
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"not ready: {url}: {exc}")
     return 1
 

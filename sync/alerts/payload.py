@@ -24,6 +24,7 @@ DESCRIPTIONS: dict[str, tuple[str, str]] = {
     "update_refusals": ("Update refusals within the window:", ""),
     "energy_source_lost": ("Energy sources that stopped reading:", ""),
     "outbox_drops": ("Telemetry records and messages dropped within the window:", ""),
+    "audit_dropping": ("Audit records lost within the window:", ""),
 }
 
 

@@ -156,6 +156,14 @@ class OutboxDropsRule(WindowedRule):
 
 
 @dataclass(frozen=True)
+class AuditDroppingRule(WindowedRule):
+    """Audit records lost within the window: the disk refused them (full, read-only) or the
+    writer fell behind (edgefleet_audit_dropped_total)."""
+
+    window_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class AlertSettings:
     """``[alerts]``: on by default (they need ``[telemetry] enabled``); docs/operations.md#alerts."""
 
@@ -171,6 +179,7 @@ class AlertSettings:
     update_refusals: UpdateRefusalsRule = field(default_factory=UpdateRefusalsRule)
     energy_source_lost: EnergySourceLostRule = field(default_factory=EnergySourceLostRule)
     outbox_drops: OutboxDropsRule = field(default_factory=OutboxDropsRule)
+    audit_dropping: AuditDroppingRule = field(default_factory=AuditDroppingRule)
 
     def __post_init__(self) -> None:
         if not 0.1 <= self.interval_s <= 3600:

@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from ..errors import HubError, HubUnreachable
 from .fleet import DeviceView, FleetView
-from .mqtt_tools import Broker, negotiate_protocol
+from .mqtt_tools import Broker, broker_protocol, refusal_cause
 from .publish import PublishResult
 from .repository import HubRepository
 from .rollouts import actions
@@ -65,8 +64,7 @@ class Controller:
     def __post_init__(self) -> None:
         self.fleet = FleetView(self.prefix)
         self.store = RolloutStore(self.repo.dir)
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edgefleet-hub-controller-{id(self):x}",
-                                   protocol=broker_protocol(self.broker))
+        self._client = self.broker.client(broker_protocol(self.broker), f"edgefleet-hub-controller-{id(self):x}")
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -233,15 +231,6 @@ def run_controller(repo: HubRepository, broker: Broker, prefix: str, interval_s:
     asyncio.run(main())
 
 
-def broker_protocol(broker: Broker) -> MQTTProtocolVersion:
-    """The MQTT version to speak to `broker` (MQTT 5 unless it only takes 3.1.1, as RabbitMQ's
-    plugin does); MQTT 5 while it cannot be reached, as paho then keeps trying."""
-    try:
-        return negotiate_protocol(broker, timeout_s=5.0)
-    except HubUnreachable:
-        return MQTTProtocolVersion.MQTTv311 if broker.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
-
-
 def collect_fleet(broker: Broker, prefix: str, wait_s: float, clock: Callable[[], float] = time.time) -> FleetView:
     """The fleet view from the retained state, reported and update messages that arrive
     within `wait_s` (what `hub status` shows)."""
@@ -249,7 +238,7 @@ def collect_fleet(broker: Broker, prefix: str, wait_s: float, clock: Callable[[]
 
     fleet = FleetView(prefix)
     lock = threading.Lock()
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=broker_protocol(broker))
+    client = broker.client(broker_protocol(broker))
 
     def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         for kind in ("state", "reported", "update"):
@@ -259,7 +248,13 @@ def collect_fleet(broker: Broker, prefix: str, wait_s: float, clock: Callable[[]
         with lock:
             fleet.ingest(msg.topic, bytes(msg.payload), clock())
 
-    client.on_connect = on_connect
+    answers: list[Any] = []
+
+    def connected(client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        answers.append(reason)
+        on_connect(client, userdata, flags, reason, props)
+
+    client.on_connect = connected
     client.on_message = on_message
     try:
         client.connect(broker.host, broker.port)
@@ -271,5 +266,8 @@ def collect_fleet(broker: Broker, prefix: str, wait_s: float, clock: Callable[[]
     finally:
         client.disconnect()
         client.loop_stop()
+    if not answers or answers[0].is_failure:  # refused, or closed (a TLS broker refusing our certificate)
+        raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port} refused the connection: "
+                             f"{answers[0] if answers else refusal_cause(broker)}")
     with lock:
         return fleet

@@ -13,13 +13,15 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
+
+from security.tls import client_context
 
 from ..errors import HubUnreachable
 from ..mqtt.protocol import PROTOCOLS, UNSUPPORTED_PROTOCOL_VERSION, V5, V311
@@ -31,10 +33,42 @@ class Broker:
     port: int = 1883
     #: "5", "3.1.1", or "auto": MQTT 5, then 3.1.1 when the broker refuses MQTT 5
     protocol: str = "auto"
+    #: TLS (the broker's certificate checked against `ca_file`, else the system's trust store);
+    #: on by itself when a CA or client certificate is given
+    tls: bool = False
+    ca_file: str | None = None
+    #: the hub's client certificate and key, for a broker that authenticates by certificate
+    #: (``use_identity_as_username``: its CN is the user the ACL's ``user hub`` block names)
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f'MQTT protocol must be "5", "3.1.1" or "auto", got {self.protocol!r}')
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("the hub's MQTT client certificate and key go together (--mqtt-cert, --mqtt-key)")
+        if self.ca_file is not None or self.cert_file is not None:
+            object.__setattr__(self, "tls", True)
+
+    def configure(self, client: paho.Client) -> None:
+        """TLS and credentials on a new paho client (every hub client is made through this).
+        Raises HubUnreachable naming a file that cannot be used."""
+        if self.tls:
+            try:
+                client.tls_set_context(client_context(self.ca_file, self.cert_file, self.key_file))
+            except ValueError as exc:
+                raise HubUnreachable(f"MQTT TLS: {exc}") from None
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+
+    def client(self, version: MQTTProtocolVersion, client_id: str = "", **options: Any) -> paho.Client:
+        """A paho client for this broker (TLS and credentials set), not yet connected; `options`
+        go to paho (``manual_ack``, and ``clean_session`` for MQTT 3.1.1)."""
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **options)
+        self.configure(client)
+        return client
 
     @classmethod
     def parse(cls, text: str) -> Broker:
@@ -85,7 +119,7 @@ def _connect(broker: Broker, version: MQTTProtocolVersion, on_connect: OnConnect
              on_message: OnMessage | None, timeout_s: float) -> tuple[paho.Client | None, ReasonCode | None]:
     """(the connected client, None), or (None, the CONNACK's failure reason, None if the broker
     closed the connection without one)."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=version)
+    client = broker.client(version)
     answered = threading.Event()
     reasons: list[ReasonCode] = []
 
@@ -101,7 +135,7 @@ def _connect(broker: Broker, version: MQTTProtocolVersion, on_connect: OnConnect
         client.on_message = on_message
     try:
         client.connect(broker.host, broker.port)
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError too: the handshake failed (wrong CA, refused certificate)
         raise HubUnreachable(f"MQTT broker {broker.host}:{broker.port}: {exc}") from None
     client.loop_start()
     answered.wait(timeout_s)
@@ -196,3 +230,28 @@ def fleet_status(broker: Broker, prefix: str, wait_s: float = 1.0) -> list[dict[
             if not row["models"] and isinstance(serving, dict):
                 row["models"] = dict(serving)
     return [devices[d] for d in sorted(devices)]
+
+
+def broker_protocol(broker: Broker) -> MQTTProtocolVersion:
+    """The MQTT version to speak to `broker` (MQTT 5 unless it only takes 3.1.1, as RabbitMQ's
+    plugin does); MQTT 5 while it cannot be reached, as paho then keeps trying."""
+    try:
+        return negotiate_protocol(broker, timeout_s=5.0)
+    except HubUnreachable:
+        return MQTTProtocolVersion.MQTTv311 if broker.protocol == "3.1.1" else MQTTProtocolVersion.MQTTv5
+
+
+def refusal_cause(broker: Broker) -> str:
+    """Why a broker closed the connection before its CONNACK: with TLS, its alert about our
+    certificate (security/tls_probe.py), else that it closed it."""
+    if broker.tls:
+        from security.tls_probe import handshake_outcome
+
+        try:
+            cause = handshake_outcome(broker.host, broker.port,
+                                      client_context(broker.ca_file, broker.cert_file, broker.key_file))
+        except (OSError, ValueError) as exc:
+            cause = str(exc)
+        if cause is not None:
+            return f"TLS: {cause} (the hub's certificate: --mqtt-cert / --mqtt-key)"
+    return "it closed the connection before answering the CONNECT"

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from ..mqtt_tools import Broker
+from ..mqtt_tools import Broker, broker_protocol
 
 
 def topic_filters(prefix: str) -> list[str]:
@@ -33,8 +32,7 @@ class MqttSource:
         self._on_message, self._on_connection = on_message, on_connection
         self._keepalive_s = keepalive_s
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edgefleet-hub-view-{id(self):x}",
-                                   protocol=MQTTProtocolVersion.MQTTv5)
+        self._client = self.broker.client(broker_protocol(self.broker), f"edgefleet-hub-view-{id(self):x}")
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected

@@ -34,11 +34,11 @@ from typing import Any
 import aiohttp
 import orjson
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ..mqtt_tools import Broker
+from ..mqtt_tools import Broker, broker_protocol
 from .config import Endpoint
 from .delivery import Sender
 from .events import derive, topic_filters
@@ -82,8 +82,10 @@ class WebhookService:
         self.store = WebhookStore(self.hub_dir)
         digest = hashlib.sha256(str(Path(self.hub_dir).resolve()).encode()).hexdigest()[:12]
         self.client_id = f"edgefleet-hub-webhooks-{digest}"
-        self._client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                   protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+        self._version = broker_protocol(self.broker)
+        # a persistent session: what happens while this process is down waits in the broker
+        session = {"clean_session": False} if self._version == MQTTProtocolVersion.MQTTv311 else {}
+        self._client = self.broker.client(self._version, self.client_id, manual_ack=True, **session)
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -154,10 +156,13 @@ class WebhookService:
                 tasks.append(asyncio.create_task(sender.run(), name=f"webhook {endpoint.name}"))
             tasks.append(asyncio.create_task(self._ingest(), name="webhooks ingest"))
             tasks.append(asyncio.create_task(self._publish_status(), name="webhooks status"))
-            properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = SESSION_EXPIRY_S
-            self._client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
-                                       properties=properties)
+            if self._version == MQTTProtocolVersion.MQTTv5:
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = SESSION_EXPIRY_S
+                self._client.connect_async(self.broker.host, self.broker.port, keepalive=30, clean_start=False,
+                                           properties=properties)
+            else:  # 3.1.1: the session is kept until the broker's own expiry
+                self._client.connect_async(self.broker.host, self.broker.port, keepalive=30)
             self._client.loop_start()
             log.info("webhooks for %s: %d endpoint(s) (%s), MQTT %s:%d", self.hub_dir, len(self.endpoints),
                      ", ".join(e.name for e in self.endpoints), self.broker.host, self.broker.port)
