@@ -151,6 +151,18 @@ def test_the_controller_publishes_each_rollout_change_and_everything_again_after
 # ---- the page in a real browser -----------------------------------------------------------------
 
 AGENTS = ("press-1", "press-2")
+#: the real agent whose disk alert fires (never the one a test kills)
+ALERTING = AGENTS[0]
+
+
+def disk_threshold(path: Path) -> float:
+    import psutil
+
+    return max(0.0, round(psutil.disk_usage(str(path)).percent - 10, 1))
+
+
+def disk_rule(threshold: float) -> str:
+    return f"[alerts.disk]\nthreshold = {threshold}\nresolve = {threshold}\nfor_s = 0\nclear_for_s = 0\n"
 KEEPALIVE_S = 5  # the agents' MQTT keep-alive: the broker sends the Last Will after 1.5 x this
 SIM_GROUP = "warehouse"
 
@@ -173,12 +185,16 @@ class ViewFleet:
                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         from service_process import ServiceProcess, write_config
 
+        self.configs: dict[str, Path] = {}
         for device in AGENTS:
             home = embedding_state(root / device)
             extra = (f'[mqtt]\nhost = "{self.broker.host}"\nport = {self.broker.port}\ndevice_id = "{device}"\n'
                      f'group = "{GROUP}"\nkeepalive_s = {KEEPALIVE_S}\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n'
                      "[telemetry]\ninterval_s = 1.0\nenergy_sample_s = 0.5\n")
+            if device == ALERTING:  # its disk rule set below what the real filesystem uses: it fires
+                extra += "[alerts]\ninterval_s = 0.5\n" + disk_rule(disk_threshold(home))
             config = write_config(home / "agent.toml", home / "state", free_port(), [EMBED], extra=extra)
+            self.configs[device] = config
             (home / "log").mkdir()
             self.agents[device] = ServiceProcess(config, home / "log")
         self.sim = Publisher(self.broker.host, self.broker.port)
@@ -295,8 +311,10 @@ def test_the_page_shows_real_agents_and_simulated_devices_with_their_state(view_
     # the device page: charts and the update job history
     page.goto(f"{view_fleet.url}/devices/press-1")
     # a line of two points or more (a steady power draws a flat line, which has no height to be "visible")
-    line = page.wait_for_selector('.chart[data-chart="power (W)"] polyline', state="attached", timeout=30_000)
-    assert line is not None and len((line.get_attribute("points") or "").split()) >= 2
+    page.wait_for_function("""() => {
+        const line = document.querySelector('.chart[data-chart="power (W)"] polyline');
+        return line !== null && line.getAttribute("points").trim().split(/\\s+/).length >= 2;
+    }""", timeout=30_000)
     page.goto(f"{view_fleet.url}/devices/sim-behind")
     page.wait_for_selector("#jobs tbody tr")
     assert "rejected" in page.locator("#jobs tbody").inner_text()
@@ -337,6 +355,23 @@ def test_script_in_device_ids_and_refusal_texts_renders_as_text_and_junk_is_coun
     page.goto(f"{view_fleet.url}/devices/sim-evil")
     page.wait_for_selector("#device-title")
     assert evil in page.locator("td.update").inner_text() and page.evaluate("window.__xss") is None
+
+
+def test_a_device_alert_shows_on_the_page_and_goes_when_it_resolves(view_fleet: ViewFleet, page: Any) -> None:
+    """A real agent's disk alert fires (its rule is set below what the disk uses), reaches the
+    page through the retained alert topic, and leaves it when the operator's reload resolves it."""
+    import signal
+
+    page.goto(view_fleet.url)
+    flag = row(page, ALERTING).locator("td.flags .alerting")
+    expect(flag).to_have_text("alert disk", timeout=60_000)
+    expect(page.locator("header, #summary, body").first).to_contain_text("alerts firing")
+    config = view_fleet.configs[ALERTING]
+    text = config.read_text()
+    config.write_text(text.replace(text[text.index("[alerts.disk]"):text.index("clear_for_s = 0") + 15],
+                                   disk_rule(100.0).replace("resolve = 100.0", "resolve = 99.9").strip()))
+    view_fleet.agents[ALERTING].signal(signal.SIGHUP)  # the alerts read the reloaded config
+    expect(flag).to_have_count(0, timeout=60_000)
 
 
 def test_a_killed_agent_turns_red_within_the_last_will_delay(view_fleet: ViewFleet, page: Any) -> None:
