@@ -38,7 +38,7 @@ from agent.fleet.reported import reported_ctx
 from agent.fleet.telemetry import telemetry_ctx
 from agent.fleet.updates import recovery_ctx, updates_ctx, with_managed_models
 from agent.http import gate as request_gate
-from agent.http import models_api, openai_api, ops_api
+from agent.http import models_api, openai_api, ops_api, websocket
 from agent.http.errors import ApiError, error_response, to_api_error
 from agent.http.server import shutdown_grace_s
 from agent.kserve import http_api as kserve_api
@@ -253,6 +253,7 @@ def create_app(config: AgentConfig) -> web.Application:
     app.cleanup_ctx.append(audit_ctx)  # last: records update steps, forwards through the outbox; seals first
     app.on_shutdown.append(drain)
     openai_api.setup(app)
+    websocket.setup(app)  # /v1/realtime: chat streams over one WebSocket
     kserve_api.setup(app)
     ops_api.setup(app)
     models_api.setup(app)  # models without a hub: upload, import, remove, ps

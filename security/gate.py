@@ -53,6 +53,7 @@ ROUTE_SCOPES: dict[str, str] = {
     "/v1/models/{model}": AUTHENTICATED,
     "/v1/chat/completions": "infer",
     "/v1/completions": "infer",
+    "/v1/realtime": "infer",  # agent/http/websocket.py: the upgrade is checked
     "/v1/embeddings": "embeddings",
     "/v2": AUTHENTICATED,
     "/v2/models/{name}": "tensors",

@@ -105,7 +105,7 @@ async def get_model(request: web.Request) -> web.Response:
     return json_response(card)
 
 
-async def _served_for(request: web.Request, name: str, capability: Capability) -> ServedModel:
+async def served_for(request: web.Request, name: str, capability: Capability) -> ServedModel:
     check_model(request, name)  # 403 for a model the caller's key may not use
     served = await request.app[MODELS].acquire(name)  # reloads a model unloaded for being idle
     if capability not in served.info.capabilities:
@@ -130,7 +130,7 @@ async def _items(job: Job[GenerationResult]) -> AsyncIterator[TextDelta | TokenL
             yield item
 
 
-def _finish_reason(job: Job[GenerationResult], result: GenerationResult) -> str:
+def finish_reason(job: Job[GenerationResult], result: GenerationResult) -> str:
     """The result's finish_reason, with a stop by the runtime said as why it stopped."""
     if result.finish_reason != "cancelled":
         return result.finish_reason
@@ -159,7 +159,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         return await _generate(request, parsed, chat=False)
 
 
-def _count_usage(request: web.Request, done: asyncio.Future[GenerationResult]) -> None:
+def count_usage(request: web.Request, done: asyncio.Future[GenerationResult]) -> None:
     """Count what a generation used against the caller's key (agent/http/gate.py), whenever it
     ends: also when its client left mid-stream and the model stopped later."""
     if not done.cancelled() and done.exception() is None:
@@ -168,9 +168,9 @@ def _count_usage(request: web.Request, done: asyncio.Future[GenerationResult]) -
 
 
 async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) -> web.StreamResponse:
-    served = await _served_for(request, parsed.model, Capability.CHAT if chat else Capability.COMPLETION)
+    served = await served_for(request, parsed.model, Capability.CHAT if chat else Capability.COMPLETION)
     job = served.generate(parsed.request)
-    job.future.add_done_callback(lambda done: _count_usage(request, done))
+    job.future.add_done_callback(lambda done: count_usage(request, done))
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     try:
@@ -187,7 +187,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
         result = job.future.result()
     finally:
         job.cancel()  # no-op when finished; stops generation when this handler was cancelled
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish_reason(job, result), "logprobs": None}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(job, result), "logprobs": None}
     if parsed.request.logprobs is not None:
         choice["logprobs"] = chat_logprobs(logprobs) if chat else completion_logprobs(logprobs)
     if chat:
@@ -238,7 +238,7 @@ async def _stream(
 
     offset = 0  # characters streamed so far (text_offset of legacy logprobs)
 
-    def chunk(text: str | None, finish_reason: str | None = None, role: bool = False,
+    def chunk(text: str | None, finish: str | None = None, role: bool = False,
               logprobs: list[TokenLogprob] | None = None, delta: dict[str, Any] | None = None) -> str:
         nonlocal offset
         if chat:
@@ -252,7 +252,7 @@ async def _stream(
         if logprobs:
             choice["logprobs"] = chat_logprobs(logprobs) if chat else completion_logprobs(logprobs, offset)
         offset += len(text or "")
-        choice["finish_reason"] = finish_reason
+        choice["finish_reason"] = finish
         return dumps({**header, "choices": [choice]})
 
     tokens: list[TokenLogprob] = []  # log probabilities not sent yet: they go with the next text
@@ -284,11 +284,11 @@ async def _stream(
                         await send(sse, item)
                     async for item in items:
                         await send(sse, item)
-                    finish = _finish_reason(job, job.future.result())
+                    finish = finish_reason(job, job.future.result())
                 result = job.future.result()
             except ShuttingDownError:  # the model did not stop by the deadline: end the stream anyway
                 finish = "shutdown"
-            await sse.send(chunk(None if chat else "", finish_reason=finish, logprobs=tokens))
+            await sse.send(chunk(None if chat else "", finish=finish, logprobs=tokens))
             if parsed.include_usage and result is not None:
                 await sse.send(dumps({**header, "choices": [], "usage": _usage(result)}))
             await sse.send("[DONE]")
@@ -315,7 +315,7 @@ async def _send_tool_answer(sse: Any, chunk: Any, items: list[TextDelta | TokenL
             await sse.send(chunk(None, delta=delta))
         return "tool_calls"
     await sse.send(chunk(content or "", logprobs=logprobs))
-    return _finish_reason(job, result)
+    return finish_reason(job, result)
 
 
 async def embeddings(request: web.Request) -> web.Response:
@@ -326,7 +326,7 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def _embeddings(request: web.Request, parsed: ParsedEmbedding) -> web.Response:
-    served = await _served_for(request, parsed.model, Capability.EMBEDDING)
+    served = await served_for(request, parsed.model, Capability.EMBEDDING)
     dim = served.info.embedding_dim
     if parsed.dimensions is not None and parsed.dimensions != dim:
         raise bad_request(
