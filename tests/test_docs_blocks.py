@@ -759,8 +759,10 @@ def test_the_package_ships_every_page_and_every_link_between_them_resolves(tmp_p
     assert done.returncode == 0, done.stderr
     assert '"$here/install-docs.sh"' in (REPO / "packaging/build-deb.sh").read_text()  # the build runs it
     shipped = tmp_path / "usr/share/doc/edgefleet"
-    assert sorted(p.name for p in shipped.iterdir()) == sorted(p.name for p in (REPO / "docs").glob("*.md"))
-    for page in shipped.iterdir():
+    assert sorted(p.name for p in shipped.glob("*.md")) == sorted(p.name for p in (REPO / "docs").glob("*.md"))
+    assert sorted(p.name for p in (shipped / "img").glob("*.png")) == sorted(
+        p.name for p in (REPO / "docs/img").glob("*.png"))  # the screenshots the pages show
+    for page in shipped.glob("*.md"):
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
             if re.match(r"\w+://", target):
                 continue
