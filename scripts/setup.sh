@@ -3,7 +3,8 @@
 #   scripts/setup.sh          what the agent needs
 #   scripts/setup.sh --test   plus pytest, pytest-asyncio, the openai client and the
 #                             Debian tools the tests drive (curl, mosquitto, systemd-analyze,
-#                             podman, buildah, debootstrap;
+#                             podman, buildah, debootstrap, rabbitmq-server, promtool, chromium,
+#                             iproute2, iptables;
 #                             with EDGEFLEET_TEST_ARM64=1 also the arm64 cross tools and qemu)
 # llama-cpp-python compiles from source on the first install (about 8 minutes on
 # 2 cores); pip keeps the wheel in its cache, so later installs take seconds.
@@ -38,6 +39,10 @@ if [ -n "$extras" ]; then
   debian_packages rabbitmq-server:rabbitmq-server  # the MQTT 3.1.1 broker (tests/test_mqtt_brokers.py)
   # promtool checks and unit-tests the shipped rules (tests/test_prometheus_rules.py)
   debian_packages promtool:prometheus
+  # the fleet view in a real browser (tests/test_fleet_view.py: Playwright drives Debian's chromium)
+  debian_packages chromium:chromium
+  # several "devices" on one machine, and a cut uplink (tests/test_fleet_netns.py, tests/test_mqtt_bridge.py)
+  debian_packages ip:iproute2 tc:iproute2 iptables:iptables
   if [ "${EDGEFLEET_TEST_ARM64:-}" = 1 ]; then  # the opt-in arm64 package test (tests/test_arm64_package.py)
     debian_packages aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu aarch64-linux-gnu-g++:g++-aarch64-linux-gnu \
       cmake:cmake file:file qemu-aarch64-static:qemu-user-static debootstrap:debootstrap
