@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from .repository import HubRepository
 from .rollouts import actions
 from .rollouts.store import RolloutStore
 from .rollouts.topic import RolloutPublisher, rollout_message, rollout_topic
+from .run import run_until_signalled
 
 log = logging.getLogger("edgefleet.hub.controller")
 #: after a message, evaluate this soon (a burst of messages shares one evaluation)
@@ -220,15 +220,11 @@ def run_controller(repo: HubRepository, broker: Broker, prefix: str, interval_s:
     """`edgefleet hub control`: run until SIGTERM or SIGINT."""
     repo.settings  # noqa: B018 - refuses a directory that is not a hub
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def main(stop: asyncio.Event) -> None:
         await Controller(repo, broker, prefix, interval_s).run(stop)
         log.info("rollout controller stopped")
 
-    asyncio.run(main())
+    run_until_signalled(main)
 
 
 def collect_fleet(broker: Broker, prefix: str, wait_s: float, clock: Callable[[], float] = time.time) -> FleetView:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import signal
 import sqlite3
 import time
 from collections import Counter
@@ -39,6 +38,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ..mqtt_tools import Broker, broker_protocol
+from ..run import run_until_signalled
 from .config import Endpoint
 from .delivery import Sender
 from .events import derive, topic_filters
@@ -262,12 +262,8 @@ class WebhookService:
 def run_webhooks(hub_dir: Path, broker: Broker, prefix: str, endpoints: list[Endpoint]) -> None:
     """`edgefleet hub webhooks`: run until SIGTERM or SIGINT."""
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+    async def main(stop: asyncio.Event) -> None:
         await WebhookService(hub_dir, broker, endpoints, prefix).run(stop)
         log.info("webhooks stopped")
 
-    asyncio.run(main())
+    run_until_signalled(main)
