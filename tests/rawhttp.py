@@ -56,3 +56,13 @@ async def read_all(reader: asyncio.StreamReader) -> bytes:
 async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bytes:
     """Everything the server sends until it closes the connection (TimeoutError if it does not)."""
     return await asyncio.wait_for(reader.read(), timeout)
+
+
+async def read_response(reader: asyncio.StreamReader, timeout: float = 30.0) -> RawResponse:
+    """One response with a Content-Length, leaving the connection open for the next."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    response = parse(head)
+    assert response is not None
+    length = int(response.headers.get("content-length", "0"))
+    response.body = await asyncio.wait_for(reader.readexactly(length), timeout)
+    return response

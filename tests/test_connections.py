@@ -7,10 +7,11 @@ loaded machine does not fail them.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from conftest import EMBED
-from rawhttp import parse, read_all
+from rawhttp import parse, read_all, read_response
 
 FAST = {"keepalive_timeout_s": 1.0, "header_timeout_s": 1.0, "body_timeout_s": 1.0}
 EMBED_OK = {"model": EMBED, "input": "still serving"}
@@ -84,6 +85,26 @@ async def test_a_body_that_trickles_gets_408_in_api_json(make_agent):
         assert response.json()["error"]["code"] == "request_timeout"
         assert time.monotonic() - started < 10
         await still_serving(agent)
+
+
+async def test_a_body_in_many_pieces_does_not_start_a_header_deadline(make_agent):
+    """Body bytes are not a request's head: a keep-alive connection whose requests' bodies
+    arrived in many pieces is still there for the next request after header_timeout_s
+    (a timer armed by a body chunk once answered the next request with a 408)."""
+    async with make_agent(models=(EMBED,), keepalive_timeout_s=10.0, header_timeout_s=1.0,
+                          body_timeout_s=5.0) as agent:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(agent))
+        # a small request padded to 2 MB: its body keeps arriving over many reads
+        body = json.dumps({"model": EMBED, "input": "one piece after another"}).encode() + b" " * 2_000_000
+        head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        writer.write(head + body)
+        assert (await read_response(reader)).status == 200
+        await asyncio.sleep(2.5)  # past header_timeout_s, well within keepalive_timeout_s
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await read_response(reader)
+        writer.close()
+        assert response.status == 200, response.body
 
 
 async def test_connections_past_the_cap_get_503_and_the_agent_recovers(make_agent):

@@ -88,6 +88,7 @@ class GuardedRequestHandler(RequestHandler):
         self._header_timeout_s = config.header_timeout_s
         self._max_connections = config.max_connections
         self._header_timer: asyncio.TimerHandle | None = None
+        self._last_body: Any = None  # the newest request's payload stream, until its end arrives
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -98,11 +99,13 @@ class GuardedRequestHandler(RequestHandler):
             self._answer_and_close(TOO_MANY_CONNECTIONS)
 
     def data_received(self, data: bytes) -> None:
-        in_head = not self._request_in_progress and not self._messages
+        in_head = self._between_requests()
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:  # a request's head is complete
             self._cancel_header_timer()
+            if self._messages:
+                self._last_body = self._messages[-1][1]
         elif data and in_head and self._header_timer is None and self.transport is not None:
             # A request has begun: from here its header deadline governs, not the idle timeout
             # (aiohttp arms that again after the response).
@@ -110,6 +113,19 @@ class GuardedRequestHandler(RequestHandler):
                 self._keepalive_handle.cancel()
                 self._keepalive_handle = None
             self._header_timer = self._loop.call_later(self._header_timeout_s, self._header_timed_out, before)
+
+    def _between_requests(self) -> bool:
+        """Whether bytes arriving now begin a request's head, not continue a body.
+
+        Not just "no request queued or in progress": aiohttp pops a request before its
+        handler's task first runs, and a read in between would otherwise count the body's
+        next bytes as a new head, whose timer then answered the connection's next request
+        with a 408."""
+        if self._request_in_progress or self._messages:
+            return False
+        if self._last_body is not None and self._last_body.is_eof():
+            self._last_body = None  # all of it came: hold no buffer past its request
+        return self._last_body is None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_header_timer()
@@ -124,8 +140,8 @@ class GuardedRequestHandler(RequestHandler):
 
     def _header_timed_out(self, request_count: int) -> None:
         self._header_timer = None
-        if self._request_in_progress or self._messages:
-            return  # the bytes were a body arriving before its handler started: not a head
+        if not self._between_requests():
+            return  # a request is being handled, or its body is still arriving: not a head
         if self._request_count == request_count and self.transport is not None:
             log.info("closed a connection whose request headers took more than %gs (server.header_timeout_s)",
                      self._header_timeout_s)
