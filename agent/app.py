@@ -42,7 +42,6 @@ from agent.http import models_api, openai_api, ops_api, websocket
 from agent.http.errors import ApiError, error_response, to_api_error
 from agent.http.server import shutdown_grace_s
 from agent.kserve import http_api as kserve_api
-from agent.kserve.grpc_server import grpc_ctx
 from agent.local_models import with_imported_models
 from agent.metrics import Metrics
 from runtime.backend import ModelLimits
@@ -119,17 +118,36 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+def machine_settings(config: AgentConfig, tuned: bool = True) -> MachineSettings:
+    """The machine as `config` tells the runtime to use it (also what `edgefleet tune` measures);
+    `tuned`: GGUF loads read the tuning cache (agent/tuning.py, imported only then)."""
+    cpu_repack = None if config.runtime.cpu_repack == "auto" else bool(config.runtime.cpu_repack)
+    source = None
+    if tuned:
+        from agent import tuning
+
+        source = tuning.tuning_source(config)
+    return MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack,
+                           batching=config.batching, tuning=source)
+
+
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    cpu_repack = None if config.runtime.cpu_repack == "auto" else bool(config.runtime.cpu_repack)
-    machine = MachineSettings(cpu=describe_cpu(), threads=config.runtime.threads, cpu_repack=cpu_repack,
-                              batching=config.batching)
+    # Tuning is set up whatever is configured now: a GGUF model that arrives later (an update,
+    # `models import`) is measured when it becomes active (agent/tuning.py).
+    from agent import tuning
+
+    machine = machine_settings(config)
     models = ModelRegistry(machine, config.scheduler.max_pending, config.server.drain_timeout_s,
                            limits_for=lambda name: model_limits(app[LIVE].config, name))
     app[MODELS] = models
     app[METRICS].watch(models)
-    app[LOADER] = asyncio.create_task(_load_configured(config, models), name="load-models")
+    load = tuning.tune_then_load(config, machine, lambda: _load_configured(config, models)) if (
+        config.tuning.mode == "before_ready") else _load_configured(config, models)
+    app[LOADER] = asyncio.create_task(load, name="load-models")
+    tuner = tuning.start_worker(config, machine, models, app[LOADER])
     yield
+    await tuning.stop_worker(tuner)
     app[LOADER].cancel()
     await asyncio.gather(app[LOADER], return_exceptions=True)
     await models.close()
@@ -230,6 +248,18 @@ async def reconcile_models(config: AgentConfig, models: ModelRegistry) -> ModelC
     statuses = models.statuses()
     log.info("models: %s", ", ".join(f"{s.name}={s.state.value}" for s in statuses) or "none")
     return changes
+
+
+async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The KServe v2 gRPC server (agent/kserve/grpc_server.py), imported only when
+    ``server.grpc_port`` is set: grpc, protobuf and numpy are not loaded without it."""
+    if app[CONFIG].server.grpc_port is None:
+        yield
+        return
+    from agent.kserve import grpc_server
+
+    async for _ in grpc_server.grpc_ctx(app):
+        yield
 
 
 def create_app(config: AgentConfig) -> web.Application:

@@ -159,13 +159,23 @@ class LimitsConfig:
     #: Seconds of model time one request may use; generation stops with finish_reason
     #: "length" past it, other work gets a 400 model_time_exceeded.
     max_model_time_s: float = 120.0
+    #: WebSocket /v1/realtime, per connection (agent/http/websocket.py): responses in flight,
+    #: messages a second (a burst of twice that), and bytes of events held for a slow reader.
+    websocket_max_in_flight: int = 16
+    websocket_messages_per_s: float = 100.0
+    websocket_buffer_bytes: int = 256 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_messages", "max_prompt_chars", "max_embedding_inputs"):
+        for name in ("max_messages", "max_prompt_chars", "max_embedding_inputs", "websocket_max_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not self.max_model_time_s > 0:
             raise ValueError("max_model_time_s must be more than 0")
+        if not self.websocket_messages_per_s >= 1:
+            raise ValueError(f"websocket_messages_per_s must be at least 1, got {self.websocket_messages_per_s:g}")
+        if self.websocket_buffer_bytes < 4096:
+            raise ValueError(f"websocket_buffer_bytes must be at least 4096 (one event), got "
+                             f"{self.websocket_buffer_bytes}")
 
 
 def default_memory_budget_mb() -> int:
@@ -250,6 +260,34 @@ class TelemetryConfig:
             raise ValueError("max_plausible_w must be more than 0")
 
 
+#: The knobs `[tuning] knobs` may name (runtime/tuning/settings.py KNOBS).
+TUNING_KNOBS = ("attention", "prompt_chunk", "threads_batch", "threads", "ubatch", "repack")
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """``[tuning]``: llama.cpp settings measured per GGUF model on this machine (runtime/tuning/)."""
+
+    #: "background": measure after READY, apply at the model's reload; "before_ready": measure
+    #: before loading (READY waits); "off": never measure at start (a choice `edgefleet tune`
+    #: saved is still applied). A model is measured again when the CPU, GPU, llama.cpp build or
+    #: model file changes.
+    mode: Literal["background", "before_ready", "off"] = "background"
+    #: Seconds one model's search may take; candidates past it are skipped.
+    budget_s: float = 30.0
+    #: A candidate whose measuring process runs longer is killed and marked unsafe.
+    candidate_timeout_s: float = 60.0
+    #: Knobs to search (empty: all): attention, prompt_chunk, threads_batch, threads, ubatch, repack.
+    knobs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.budget_s > 0 or not self.candidate_timeout_s > 0:
+            raise ValueError("budget_s and candidate_timeout_s must be more than 0")
+        unknown = [k for k in self.knobs if k not in TUNING_KNOBS]
+        if unknown:
+            raise ValueError(f"knobs: unknown knob {unknown[0]!r} (known: {', '.join(TUNING_KNOBS)})")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     state_dir: str = field(default_factory=default_state_dir)
@@ -270,6 +308,8 @@ class AgentConfig:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     #: ``[audit]``: the tamper-evident audit log (security/audit.py).
     audit: AuditSettings = field(default_factory=AuditSettings)
+    #: ``[tuning]``: per-machine tuning of GGUF models (runtime/tuning/).
+    tuning: TuningConfig = field(default_factory=TuningConfig)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -13,13 +14,15 @@ from agent.config import AgentConfig
 from agent.metrics import Metrics
 from runtime.registry import ModelRegistry
 from security.audit import AuditLog
-from sync.mqtt import MqttLink
+
+if TYPE_CHECKING:  # its module imports paho: only an agent with [mqtt] loads it (agent/fleet/link.py)
+    from sync.mqtt import MqttLink
 
 CONFIG = web.AppKey("config", AgentConfig)
 MODELS = web.AppKey("models", ModelRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 #: Present only when ``[mqtt]`` is configured (agent/fleet/link.py).
-MQTT = web.AppKey("mqtt", MqttLink)
+MQTT: web.AppKey[MqttLink] = web.AppKey("mqtt")
 #: The audit log (agent/fleet/audit.py); absent while ``[audit]`` is off: callers use ``app.get(AUDIT)``.
 AUDIT = web.AppKey("audit", AuditLog)
 #: The task that loads the configured models at start; what must wait for them awaits it.

@@ -21,6 +21,7 @@ template, an HTTP method, a code): never a request's text or an error message.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -29,8 +30,10 @@ from prometheus_client.registry import Collector
 from runtime.registry import ModelRegistry, ModelState
 from runtime.sampler import Sampler
 from security.gate import GateCounters
-from sync.mqtt import LinkStatus
-from sync.telemetry import TelemetryPublisher
+
+if TYPE_CHECKING:  # the link (paho) and the telemetry outbox (sqlite3) load only with [mqtt]
+    from sync.mqtt import LinkStatus
+    from sync.telemetry import TelemetryPublisher
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -111,6 +114,7 @@ class _RegistryCollector(Collector):
         yield running
         yield waiting
         yield kv
+        yield _tuned_info(self._models)
         counters = {
             key: CounterMetricFamily(f"edgefleet_scheduler_{key}", help_, labels=["model"])
             for key, help_ in (
@@ -322,6 +326,23 @@ class _TelemetryCollector(Collector):
             model.add_metric([name, "active", e.method], m.energy_j)
             model.add_metric([name, "idle", e.method], max(0.0, m.energy_incl_idle_j - m.energy_j))
         yield model
+
+
+#: edgefleet_model_tuned_info's labels besides `model` (runtime/tuning/settings.py AppliedTuning.labels)
+TUNED_LABELS = ("kv_cache_type", "flash_attn", "prompt_chunk", "threads", "threads_batch", "ubatch")
+
+
+def _tuned_info(models: ModelRegistry) -> GaugeMetricFamily:
+    """1 per GGUF model serving with settings measured on this machine (runtime/tuning/), its
+    settings as labels; absent for a model on its defaults (not measured yet, or tuning off)."""
+    family = GaugeMetricFamily("edgefleet_model_tuned_info", "Settings measured on this machine that the model "
+                               "runs with (edgefleet tune; absent: defaults)", labels=["model", *TUNED_LABELS])
+    for served in models.serving():
+        applied = getattr(served.backend, "tuning", None)
+        if applied is not None:
+            labels = applied.labels()
+            family.add_metric([served.name, *(labels[k] for k in TUNED_LABELS)], 1)
+    return family
 
 
 def _gauge(name: str, help_: str, method: str, value: float) -> GaugeMetricFamily:

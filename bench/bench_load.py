@@ -1,16 +1,23 @@
 """Chat serving under concurrent load: the agent against llama.cpp's own llama-server, in one run.
 
     .venv/bin/python bench/bench_load.py [--clients 1,2,4,8] [--requests-per-client 3]
-        [--llama-server PATH|none] [--json PATH] [--quick]
+        [--llama-server PATH|none] [--peers default,tuned] [--ab-env KEY=VALUE]
+        [--json PATH] [--quick]
 
-Both servers run as their own processes on loopback, on the same GGUF file (the demo chat
+All servers run as their own processes on loopback, on the same GGUF file (the demo chat
 model, SmolLM2-135M-Instruct Q4_1, taken from the demo bundle the agent serves), with the same
-thread counts and weight repacking choice as the agent's (`-nr` on AMX CPUs). llama-server gets
-`--parallel 8 -c 8192` (8 slots of 1024 tokens); the agent uses its [batching] settings, so
+thread counts and weight repacking choice as the agent's (`-nr` on AMX CPUs). llama-server runs
+in two configurations at once (issue 29): as users run it (`--parallel 8 -c 16384 -t N`,
+"llama-server") and tuned like the agent (`-kvu -ctk KV -ctv KV -fa on` with the bundle's KV
+cache type, "llama-server-tuned"); ratios are taken against the better of the two at each
+level. The agent uses its [batching] settings, so
 `EDGEFLEET_BATCHING__GGUF_SLOTS=1 .venv/bin/python bench/bench_load.py` measures it with
-continuous batching off. --llama-server defaults to where shared/PEERS.md (next to the
-checkouts) builds it from the llama-cpp-python sdist the agent uses, so both run the same
-kernels; `--llama-server none` measures the agent alone.
+continuous batching off. `--ab-env KEY=VALUE` starts a second agent ("agent-B") with that
+environment, measured interleaved with the others: `--ab-env EDGEFLEET_BENCH_OLD_PATHS=wake,write,sample`
+is the agent with the per-token paths issue 29 replaced (a loop wake-up per token per stream,
+one socket write per SSE event, one argmax per greedy row). --llama-server defaults to where
+shared/PEERS.md (next to the checkouts) builds it from the llama-cpp-python sdist the agent
+uses, so all run the same kernels; `--llama-server none` measures the agent alone.
 
 Every request is an OpenAI streamed chat completion (stream=true, SSE) with a unique prompt
 (unique text at its very start, so llama-server's prompt cache cannot reuse another request's
@@ -19,14 +26,19 @@ is exactly --max-tokens (128) tokens; the usage chunk (stream_options.include_us
 and answers of another length are counted and reported.
 
 What it measures, in this order:
+  single    one stream's decode tokens/s (first to last token), the agent against
+            llama-cpp-python in this process with the agent's settings, --single-rounds
+            alternated (the measurement of bench/bench_inference.py).
   load      for each concurrency C in --clients: C closed-loop clients, --requests-per-client
-            requests each, after one warm-up request that is not counted; the agent at C, then
-            llama-server at C, so that machine noise hits both. Per level: aggregate decode
+            requests each, after one warm-up request that is not counted; every server at C
+            in turn, the order rotated per level, so that machine noise hits all. Per level: aggregate decode
             tokens/s (all completion tokens / wall time of the level), time to first token
             (request sent -> first content delta) p50/p95/max, inter-token latency (gaps
             between content deltas, all streams pooled) p50/p95/p99, and tokens/s relative to
-            the same server's 1-client figure.
-  ttft      one client, no other load: a unique ~376-token prompt, median TTFT of --ttft-rounds,
+            the same server's 1-client figure, and the CPU time of the server's main thread
+            per token (the agent's event loop: what its Python costs, which a shared machine
+            slows but does not inflate).
+  ttft      one client, no other load: a unique ~310-token prompt, median TTFT of --ttft-rounds,
             alternating the servers.
   starve    --steady-clients (8) clients stream steadily (closed loop, starts staggered); once
             each has finished a request, a newcomer sends a unique ~1,000-token prompt. Reported:
@@ -35,6 +47,10 @@ What it measures, in this order:
             gaps (p50/p99 outside that window), the newcomer's TTFT (which includes waiting for
             a free slot when all are busy), and the slowest TTFT of the steady clients' requests
             (each client's first request left out).
+
+At the end, issue 29's goals with PASS or MISS each: tokens/s against the better llama-server
+>= 0.97 at 1 client, >= 1.0 at 4, >= 1.05 at 8; TTFT alone <= 1.0; TTFT p50 under load <= 1.0
+(the worst level above 1 client); single stream >= 0.97 of in-process llama-cpp-python.
 
 How to read it: the ratios are what carry over between machines. tok/s xC1 near C means
 requests really run together; agent/llama-server near 1.0 means the agent's scheduler does what
@@ -185,15 +201,23 @@ def start_agent(procs: Processes, state_dir: Path, env_extra: dict[str, str] | N
     return proc, url
 
 
-def start_llama_server(procs: Processes, binary: Path, gguf: Path, placement: Any, kv_type: str,
+def peer_args(placement: Any, tuned: bool, kv_type: str) -> list[str]:
+    """llama-server's settings: as users run it (`--parallel 8 -c 16384 -t N`), or `tuned` like
+    the agent (one unified KV cache, the agent's KV cache type, flash attention on)."""
+    argv = ["--parallel", "8", "-c", "16384", "-t", str(placement.n_threads)]
+    if placement.n_threads_batch != placement.n_threads:
+        argv += ["-tb", str(placement.n_threads_batch)]
+    if not placement.use_extra_bufts:  # AMX: repacking crashes (PEERS.md); the agent turns it off too
+        argv.append("-nr")
+    if tuned:
+        argv += ["-kvu", "-ctk", kv_type, "-ctv", kv_type, "-fa", "on"]
+    return argv
+
+
+def start_llama_server(procs: Processes, binary: Path, gguf: Path, args: list[str],
                        log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    argv = [str(binary), "-m", str(gguf), "--parallel", "8", "-c", "8192",
-            "-t", str(placement.n_threads), "-tb", str(placement.n_threads_batch),
-            "-ctk", kv_type, "-ctv", kv_type,  # the agent's KV cache type: the same work for both
-            "--host", "127.0.0.1", "--port", str(port)]
-    if not placement.use_extra_bufts:  # AMX: repacking crashes (PEERS.md); the agent turns it off too
-        argv.insert(3, "-nr")
+    argv = [str(binary), "-m", str(gguf), *args, "--host", "127.0.0.1", "--port", str(port)]
     bindir = str(binary.parent)
     env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
         p for p in (bindir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
@@ -283,6 +307,8 @@ class Target:
         self.name, self.url, self.session = name, require_loopback(url), session
         self.eog, self.deadline, self.request_timeout_s = eog, deadline, request_timeout_s
         self.temperature = 0.0
+        #: the server's process id where this run started it (its loop thread's CPU time is read)
+        self.pid: int | None = None
 
     def expired(self) -> bool:
         return time.monotonic() >= self.deadline
@@ -389,10 +415,27 @@ async def load_level(target: Target, prompts: Prompts, clients: int, per_client:
                 return
             streams.append(await target.chat(prompts.chat(), max_tokens))
 
+    loop_cpu = main_thread_cpu_s(target.pid)
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - started
-    return {**summarize(streams, wall, max_tokens), "clients": clients, "partial": partial}
+    out = {**summarize(streams, wall, max_tokens), "clients": clients, "partial": partial}
+    if loop_cpu is not None and out["tokens"]:
+        after = main_thread_cpu_s(target.pid) or loop_cpu
+        out["main_thread_cpu_ms_per_token"] = (after - loop_cpu) * 1000 / out["tokens"]
+    return out
+
+
+def main_thread_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds of a process's main thread (the agent's event loop; llama-server's HTTP
+    thread) from /proc/PID/task/PID/schedstat: a machine shared with other work slows it
+    down but does not add to it, so it compares the agent's Python per token across runs."""
+    if pid is None:
+        return None
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 async def long_ttft(targets: list[Target], prompts: Prompts, tokens: int, rounds: int) -> dict[str, Any]:
@@ -481,6 +524,11 @@ def print_load(levels: dict[str, list[dict[str, Any]]]) -> None:
                   f"{ms(r['itl_p99_s']):>6}{flags}")
 
 
+#: Issue 29's goals for tokens/s, agent over the better llama-server, by clients.
+GOALS = {1: 0.97, 4: 1.0, 8: 1.05}
+PEERS = ("llama-server", "llama-server-tuned")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="1,2,4,8", help="concurrency levels, comma-separated")
@@ -489,17 +537,24 @@ def main() -> None:
     parser.add_argument("--llama-server",
                         default=str(LLAMA_SERVER_DEFAULT) if LLAMA_SERVER_DEFAULT.exists() else "none",
                         help="llama-server binary, or `none` to measure the agent alone")
+    parser.add_argument("--peers", default="default,tuned",
+                        help="llama-server configurations to run: default (as users run it), tuned (like the agent)")
+    parser.add_argument("--ab-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run a second agent with this environment (an A/B in the same run), "
+                             "e.g. EDGEFLEET_BENCH_OLD_PATHS=wake,write,sample for the per-token paths")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (greedy, the default) or sampled; the agent treats greedy requests as repeatable")
-    parser.add_argument("--ttft-tokens", type=int, default=376, help="long-prompt TTFT: prompt length in tokens")
+    parser.add_argument("--ttft-tokens", type=int, default=310, help="TTFT alone: prompt length in tokens")
     parser.add_argument("--ttft-rounds", type=int, default=5)
+    parser.add_argument("--single-rounds", type=int, default=3,
+                        help="single stream against in-process llama-cpp-python (0: skip)")
     parser.add_argument("--steady-clients", type=int, default=8)
     parser.add_argument("--newcomer-tokens", type=int, default=1000,
-                        help="starvation: the newcomer's prompt, in tokens (llama-server's slots hold 1024)")
+                        help="starvation: the newcomer's prompt, in tokens (llama-server's slots hold 2048)")
     parser.add_argument("--stagger-ms", type=float, default=400,
                         help="starvation: delay between steady clients' starts")
     parser.add_argument("--no-starvation", action="store_true")
-    parser.add_argument("--max-seconds", type=float, default=1200, help="bound on the whole run")
+    parser.add_argument("--max-seconds", type=float, default=2400, help="bound on the whole run")
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--state-dir", type=Path, default=None)
     parser.add_argument("--agent-url", default=None, help="a loopback agent already running (not started here)")
@@ -510,6 +565,7 @@ def main() -> None:
     if args.quick:
         args.clients, args.requests_per_client, args.max_tokens = "1,2", 1, 32
         args.ttft_rounds, args.steady_clients, args.newcomer_tokens, args.stagger_ms = 1, 2, 400, 100
+        args.single_rounds = min(args.single_rounds, 1)
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     for url in (args.agent_url, args.llama_url):
         if url:
@@ -519,52 +575,129 @@ def main() -> None:
 
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="edgefleet-load-"))
     bundles = {b.name: b for b in build_demo_bundles(state_dir / "models")}
-    gguf = Path(bundles[CHAT_MODEL].weights).resolve()
+    chat = bundles[CHAT_MODEL]
+    gguf = Path(chat.weights).resolve()
     placement = choose_llama_placement(describe_cpu(), llama_gpu_offload_supported())
     prompts = Prompts(gguf)
     binary = None if args.llama_server == "none" else Path(args.llama_server)
     if binary is not None and not binary.exists() and not args.llama_url:
         raise SystemExit(f"{binary}: no such llama-server (build it as PEERS.md says, or pass --llama-server none)")
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    kv_type = chat.manifest.gguf.kv_type
+    ab = dict(kv.split("=", 1) for kv in args.ab_env)
 
     results: dict[str, Any] = {"config": {
         "clients": clients, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "cpu": list(placement.reasons), "gguf": str(gguf), "llama_server": str(binary) if binary else args.llama_url,
-        "agent_env": {k: v for k, v in os.environ.items() if k.startswith("EDGEFLEET_BATCHING")},
-        "eog_banned": prompts.eog, "loadavg_before": os.getloadavg()}}
+        "peer_args": {"llama-server" if peer == "default" else "llama-server-tuned":
+                      " ".join(peer_args(placement, peer == "tuned", kv_type)) for peer in peers if binary},
+        "agent_env": {k: v for k, v in os.environ.items()
+                      if k.startswith(("EDGEFLEET_BATCHING", "EDGEFLEET_BENCH", "EDGEFLEET_TUNING"))},
+        "ab_env": ab, "eog_banned": prompts.eog, "loadavg_before": os.getloadavg()}}
     with Processes() as procs:
-        agent_url = args.agent_url or start_agent(procs, state_dir)[1]
-        llama_url = args.llama_url
-        if llama_url is None and binary is not None:
-            llama_url = start_llama_server(procs, binary, gguf, placement, bundles[CHAT_MODEL].manifest.gguf.kv_type,
-                                           state_dir / "llama-server.log")[1]
-        results.update(asyncio.run(run(args, clients, prompts, agent_url, llama_url)))
+        pids: dict[str, int] = {}
+        urls: dict[str, str] = {}
+        if args.agent_url:
+            urls["agent"] = args.agent_url
+        else:
+            proc, urls["agent"] = start_agent(procs, state_dir)
+            pids["agent"] = proc.pid
+        if ab:
+            (state_dir / "b").mkdir(exist_ok=True)
+            proc, urls["agent-B"] = start_agent(procs, state_dir / "b", ab, tag="agent-b")
+            pids["agent-B"] = proc.pid
+        if args.llama_url:
+            urls["llama-server"] = args.llama_url
+        elif binary is not None:
+            for peer in peers:
+                name = "llama-server" if peer == "default" else "llama-server-tuned"
+                proc, urls[name] = start_llama_server(procs, binary, gguf,
+                                                      peer_args(placement, peer == "tuned", kv_type),
+                                                      state_dir / f"{name}.log")
+                pids[name] = proc.pid
+        single = None
+        if args.single_rounds:
+            single = single_stream(args, chat, placement, urls["agent"], prompts.eog)
+        results.update(asyncio.run(run(args, clients, prompts, urls, pids)))
+        results["single"] = single
     results["config"]["loadavg_after"] = os.getloadavg()
     report(results, args)
 
 
-async def run(args: argparse.Namespace, clients: list[int], prompts: Prompts, agent_url: str,
-              llama_url: str | None) -> dict[str, Any]:
+def single_stream(args: argparse.Namespace, chat: Any, placement: Any, agent_url: str,
+                  eog: list[int]) -> dict[str, Any]:
+    """Decode tokens/s of one stream: the agent (streamed over HTTP, first to last token) against
+    llama-cpp-python in this process with the agent's settings, rounds alternated
+    (bench/bench_inference.py's measurement, with this run's request shape)."""
+    import llama_cpp
+
+    from runtime.gguf_backend import extra_buffer_types
+    from runtime.llama_params import kv_cache_args
+
+    with extra_buffer_types(placement.use_extra_bufts):
+        llm = llama_cpp.Llama(str(chat.weights), n_ctx=chat.manifest.gguf.n_ctx, n_threads=placement.n_threads,
+                              n_threads_batch=placement.n_threads_batch, n_gpu_layers=placement.n_gpu_layers,
+                              flash_attn=chat.manifest.gguf.flash_attn, verbose=False,
+                              **kv_cache_args(chat.manifest.gguf.kv_type))
+    bias = {t: -100.0 for t in eog}
+
+    def in_process() -> float:
+        stamps = []
+        for part in llm.create_completion(USER, max_tokens=args.max_tokens, temperature=0, stream=True,
+                                          logit_bias=bias):
+            if part["choices"][0]["text"]:
+                stamps.append(time.perf_counter())
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    def agent() -> float:
+        body = json.dumps({"model": CHAT_MODEL, "prompt": USER, "max_tokens": args.max_tokens, "temperature": 0,
+                           "stream": True, "logit_bias": {str(t): -100 for t in eog}}).encode()
+        req = urllib.request.Request(agent_url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        stamps = []
+        with urllib.request.urlopen(req, timeout=args.request_timeout) as resp:
+            for line in resp:
+                if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                    stamps.append(time.perf_counter())
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    agent(), in_process()  # warm both
+    base, ours = [], []
+    for _ in range(args.single_rounds):
+        time.sleep(SETTLE_S)
+        base.append(in_process())
+        time.sleep(SETTLE_S)
+        ours.append(agent())
+    return {"in_process_tokens_per_s": statistics.median(base), "agent_tokens_per_s": statistics.median(ours),
+            "rounds": args.single_rounds}
+
+
+async def run(args: argparse.Namespace, clients: list[int], prompts: Prompts, urls: dict[str, str],
+              pids: dict[str, int]) -> dict[str, Any]:
     deadline = time.monotonic() + args.max_seconds
     # A fresh connection per request (a loopback connect is far below a millisecond): llama-server
     # closes keep-alive connections after a few requests or seconds idle, and a pooled connection
-    # it has closed fails the next request ("Can not write request body"); both servers alike.
+    # it has closed fails the next request ("Can not write request body"); all servers alike.
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
-        targets = [Target("agent", agent_url, session, prompts.eog, deadline, args.request_timeout)]
-        if llama_url:
-            targets.append(Target("llama-server", llama_url, session, prompts.eog, deadline, args.request_timeout))
+        targets = [Target(name, url, session, prompts.eog, deadline, args.request_timeout)
+                   for name, url in urls.items()]
         for target in targets:
             target.temperature = args.temperature
+            target.pid = pids.get(target.name)
         levels: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
-        for c in clients:
-            for target in targets:
+        for n, c in enumerate(clients):
+            # interleaved, the order turned each level, so that machine noise hits every server
+            for target in targets[n % len(targets):] + targets[:n % len(targets)]:
                 if target.expired():
                     continue
                 levels[target.name].append(await load_level(target, prompts, c, args.requests_per_client,
                                                             args.max_tokens))
                 print(f"  {target.name} at {c} clients: {levels[target.name][-1]['tokens_per_s'] or 0:.1f} tok/s",
                       file=sys.stderr, flush=True)
+        for rows in levels.values():
+            rows.sort(key=lambda r: r["clients"])
         ttft = await long_ttft(targets, prompts, args.ttft_tokens, args.ttft_rounds)
         starve = {}
         if not args.no_starvation:
@@ -577,32 +710,92 @@ async def run(args: argparse.Namespace, clients: list[int], prompts: Prompts, ag
                 "timed_out": time.monotonic() >= deadline}
 
 
+def _best_peer(rows: dict[str, dict[int, dict[str, Any]]], clients: int, key: str,
+               higher: bool) -> tuple[str, float] | None:
+    """The better llama-server configuration's figure at `clients` (higher or lower is better)."""
+    seen = [(name, rows[name][clients][key]) for name in PEERS
+            if name in rows and clients in rows[name] and rows[name][clients].get(key)]
+    if not seen:
+        return None
+    return (max if higher else min)(seen, key=lambda item: item[1])
+
+
+def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """(goal, figure, bound, met) for issue 29's goals against the better llama-server."""
+    rows = {name: {r["clients"]: r for r in levels} for name, levels in results["load"].items()}
+    out: list[tuple[str, str, str, bool | None]] = []
+    agent = rows.get("agent", {})
+    for c, bound in GOALS.items():
+        best = _best_peer(rows, c, "tokens_per_s", higher=True)
+        if c in agent and best and agent[c]["tokens_per_s"]:
+            value = agent[c]["tokens_per_s"] / best[1]
+            out.append((f"tok/s at {c} client{'s' if c > 1 else ''} / {best[0]}", f"{value:.2f}", f">= {bound}",
+                        value >= bound))
+    ttft = results["ttft_long"]
+    peers = [(name, ttft[name]["ttft_median_s"]) for name in PEERS if name in ttft and ttft[name]["ttft_median_s"]]
+    if peers and ttft.get("agent", {}).get("ttft_median_s"):
+        name, best_s = min(peers, key=lambda item: item[1])
+        value = ttft["agent"]["ttft_median_s"] / best_s
+        out.append((f"TTFT alone / {name}", f"{value:.2f}", "<= 1.0", value <= 1.0))
+    loaded = []
+    for c in sorted(agent):
+        best = _best_peer(rows, c, "ttft_p50_s", higher=False)
+        if c > 1 and best and agent[c]["ttft_p50_s"]:
+            loaded.append((c, agent[c]["ttft_p50_s"] / best[1]))
+    if loaded:
+        worst = max(loaded, key=lambda item: item[1])
+        figures = ", ".join(f"{v:.2f}@{c}" for c, v in loaded)
+        out.append(("TTFT p50 under load (worst level)", figures, "<= 1.0", worst[1] <= 1.0))
+    single = results.get("single")
+    if single:
+        value = single["agent_tokens_per_s"] / single["in_process_tokens_per_s"]
+        out.append(("single stream / in-process llama-cpp-python", f"{value:.2f}", ">= 0.97", value >= 0.97))
+    return out
+
+
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     cfg = results["config"]
     print(f"cpu: {'; '.join(cfg['cpu'])}")
     print(f"load average before/after: {' '.join(f'{x:.2f}' for x in cfg['loadavg_before'])} / "
           f"{' '.join(f'{x:.2f}' for x in cfg['loadavg_after'])}")
     print(f"{cfg['max_tokens']}-token answers (EOS banned), unique prompts, {cfg['requests_per_client']} "
-          f"requests per client after 1 warm-up; agent env {cfg['agent_env'] or '(defaults)'}")
+          f"requests per client after 1 warm-up; agent env {cfg['agent_env'] or '(defaults)'}"
+          f"{'; agent-B env ' + str(cfg['ab_env']) if cfg['ab_env'] else ''}")
+    for name, argv in cfg["peer_args"].items():
+        print(f"{name}: {argv}")
     if results["timed_out"]:
         print(f"NOTE: --max-seconds {args.max_seconds:.0f} ran out; some figures are partial or missing")
     levels = results["load"]
     print_load(levels)
-    if "llama-server" in levels:
-        print(f"\n{'agent / llama-server':22} {'C':>2} {'tok/s':>6} {'TTFT p50':>9}")
-        ls_rows = {r["clients"]: r for r in levels["llama-server"]}
-        for r in levels["agent"]:
-            peer = ls_rows.get(r["clients"])
-            if peer:
-                print(f"{'':22} {r['clients']:>2} {ratio(r['tokens_per_s'], peer['tokens_per_s']):>6} "
-                      f"{ratio(r['ttft_p50_s'], peer['ttft_p50_s']):>9}")
+    rows = {name: {r["clients"]: r for r in level} for name, level in levels.items()}
+    if any(name in rows for name in PEERS):
+        print(f"\n{'against the better llama-server':32} {'C':>2} {'tok/s':>6} {'TTFT p50':>9}")
+        for name in [n for n in rows if not n.startswith("llama-server")]:
+            for c, r in rows[name].items():
+                tps = _best_peer(rows, c, "tokens_per_s", higher=True)
+                ttft = _best_peer(rows, c, "ttft_p50_s", higher=False)
+                print(f"{name:32} {c:>2} {ratio(r['tokens_per_s'], tps[1] if tps else None):>6} "
+                      f"{ratio(r['ttft_p50_s'], ttft[1] if ttft else None):>9}")
+    if "agent-B" in rows:
+        print("\nagent / agent-B (the A/B), tok/s:", ", ".join(
+            f"{c}: {ratio(r['tokens_per_s'], rows['agent-B'][c]['tokens_per_s'])}"
+            for c, r in rows["agent"].items() if c in rows["agent-B"]))
+    cpu = {name: {c: r["main_thread_cpu_ms_per_token"] for c, r in level.items() if "main_thread_cpu_ms_per_token" in r}
+           for name, level in rows.items()}
+    if any(cpu.values()):
+        print("main thread CPU per token (agent: the event loop), ms:")
+        for name, by_c in cpu.items():
+            if by_c:
+                print(f"  {name:19} " + ", ".join(f"{c}: {v:.3f}" for c, v in by_c.items()))
     print("\nTTFT, one long unique prompt, no other load (median):")
     ttft = results["ttft_long"]
     for name, t in ttft.items():
-        print(f"  {name:13} {ms(t['ttft_median_s']):>6} ms  ({t['prompt_tokens']} prompt tokens, "
+        print(f"  {name:19} {ms(t['ttft_median_s']):>6} ms  ({t['prompt_tokens']} prompt tokens, "
               f"{t['rounds']} rounds){' errors: ' + str(t['errors']) if t['errors'] else ''}")
-    if "llama-server" in ttft:
-        print(f"  agent / llama-server {ratio(ttft['agent']['ttft_median_s'], ttft['llama-server']['ttft_median_s'])}")
+    single = results.get("single")
+    if single:
+        print(f"\nsingle stream decode: agent {single['agent_tokens_per_s']:.1f} tok/s, in-process llama-cpp-python "
+              f"{single['in_process_tokens_per_s']:.1f} tok/s (median of {single['rounds']})")
     for name, s in results["starvation"].items():
         errors = f", errors {s['steady_errors']} {s['steady_error_samples']}" if s["steady_errors"] else ""
         print(f"\nstarvation ({name}): {s['steady_clients']} steady clients, {s['steady_requests']} requests{errors}")
@@ -614,6 +807,13 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
               f"p90 {ms(s['gap_during_prefill_p90_s'])} / largest {ms(s['max_gap_during_prefill_s'])} ms; "
               f"usual gap p50 {ms(s['usual_gap_p50_s'])} / p99 {ms(s['usual_gap_p99_s'])} ms")
         print(f"  steady requests' TTFT p50 {ms(s['steady_ttft_p50_s'])} ms, slowest {ms(s['steady_ttft_max_s'])} ms")
+    table = goals(results)
+    if table:
+        print("\nissue 29 goals (agent against the better llama-server configuration, same run):")
+        print(f"  {'goal':46} {'figure':>22} {'bound':>8}  verdict")
+        for what, figure, bound, met in table:
+            print(f"  {what:46} {figure:>22} {bound:>8}  {'PASS' if met else 'MISS'}")
+    results["goals"] = [{"goal": g, "figure": f, "bound": b, "met": m} for g, f, b, m in table]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nfigures written to {args.json}")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from .bundle import ModelBundle
     from .devices import MachineSettings
+    from .tool_calls import ToolRequest
 
 
 class Capability(StrEnum):
@@ -84,6 +85,9 @@ class GenerationRequest:
     #: How many most likely alternatives to report with each token's log probability
     #: (0..20); None: no log probabilities.
     logprobs: int | None = None
+    #: A chat with tools or tool messages, for a model whose template knows tools: it renders
+    #: this instead of `messages` and uses its own call grammar (runtime/chat_formats.py).
+    tools: ToolRequest | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,8 @@ class ModelInfo:
     context_length: int | None = None
     embedding_dim: int | None = None
     placement: tuple[str, ...] = ()
+    #: How the model writes tool calls (runtime/chat_formats.py): generic, hermes or llama3.
+    tool_format: str = "generic"
 
 
 class Backend(Protocol):

@@ -18,6 +18,7 @@ kind of request on the same model) runs alone between steps.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
@@ -33,18 +34,25 @@ from .backend import (
 )
 from .batching import BatchingSettings
 from .errors import WorkStopped
-from .gguf_batch import BatchEngine
-from .scheduler import Job, ModelScheduler, SchedulerStats
+from .scheduler import Job, ModelScheduler, SchedulerStats, fresh_jobs, wake
 
 if TYPE_CHECKING:
     import numpy as np
 
+    from .gguf_batch import BatchEngine  # imported by the GGUF backend: an agent without one never loads it
+
 log = logging.getLogger(__name__)
+
+#: False only to measure the old way (bench/bench_load.py's A/B): every stream wakes the loop
+#: on its own, once per token.
+WAKE_BY_STEP = "wake" not in os.environ.get("EDGEFLEET_BENCH_OLD_PATHS", "").split(",")
 
 
 def scheduler_for(name: str, backend: Backend, settings: BatchingSettings, max_pending: int,
                   limits: ModelLimits, stats: SchedulerStats) -> ModelScheduler:
     """The scheduler a loaded model gets: batching where its backend and the settings allow."""
+    from .gguf_batch import BatchEngine
+
     engine = getattr(backend, "engine", None)
     if isinstance(engine, BatchEngine):
         return ContinuousBatchScheduler(name, max_pending, engine, limits=limits, stats=stats)
@@ -90,13 +98,42 @@ class _BatchingScheduler(ModelScheduler):
 
 
 class ContinuousBatchScheduler(_BatchingScheduler):
-    """A GGUF model's thread, stepping every running generation together."""
+    """A GGUF model's thread, stepping every running generation together.
+
+    The loop hears of a step once: the tokens every stream got and the requests that ended
+    go to it in one `call_soon_threadsafe` per step (`_announce`), not one per token per
+    stream. Each wake-up is a write to the loop's self-pipe, and the loop's work competes
+    with llama.cpp's threads for the same cores."""
 
     def __init__(self, name: str, max_pending: int, engine: BatchEngine, limits: ModelLimits | None = None,
                  stats: SchedulerStats | None = None) -> None:
         self._engine = engine  # before the thread starts
+        #: the ends of a step's requests, handed to the loop with its tokens (None: at once)
+        self._step_reports: list[tuple[Job[Any], Any, BaseException | None, float, float]] | None = None
         super().__init__(name, max_pending, limits=limits, stats=stats)
         self.rates.slots = engine.slots  # tokens priced from its steps, by width
+
+    def _report(self, job: Job[Any], result: Any, error: BaseException | None, busy: float,
+                period: float) -> None:
+        if self._step_reports is None:
+            super()._report(job, result, error, busy, period)
+        else:
+            self._step_reports.append((job, result, error, busy, period))
+
+    def _announce(self, jobs: list[Job[Any]]) -> None:
+        """One wake-up of the loop for a step: the streams of `jobs` that got items, then the
+        requests that ended (their last items are already queued)."""
+        fresh, reports, self._step_reports = fresh_jobs(jobs), self._step_reports or [], None
+        if not fresh and not reports:
+            return
+        loop = (fresh or [report[0] for report in reports])[0]._loop  # every job of an agent has its loop
+        loop.call_soon_threadsafe(self._after_step, fresh, reports)
+
+    def _after_step(self, fresh: list[Job[Any]],
+                    reports: list[tuple[Job[Any], Any, BaseException | None, float, float]]) -> None:
+        wake(fresh)
+        for report in reports:
+            self._settle(*report)
 
     def kv_cache_usage(self) -> float | None:
         return self._engine.kv_cache_usage()
@@ -121,10 +158,14 @@ class ContinuousBatchScheduler(_BatchingScheduler):
                 if not isinstance(job.request, GenerationRequest):
                     self._run_alone(job)
                     continue
+                job.woken_by_step = WAKE_BY_STEP
                 try:
                     engine.add(job.request, job)
                 except BaseException as exc:  # noqa: BLE001 - the request's own error (400, 413, ...)
                     self._end(job, None, exc)
+            with self._cv:
+                stepping = list(self._running)
+            self._step_reports = []
             decoding = _DecodeTimer(self.stats)
             try:
                 finished = engine.step(decoding)
@@ -136,6 +177,7 @@ class ContinuousBatchScheduler(_BatchingScheduler):
             for ctx, result, error in finished:
                 assert isinstance(ctx, Job)  # the engine's contexts are the jobs added above
                 self._end(ctx, result, error)
+            self._announce(stepping)
 
 
 class _DecodeTimer:

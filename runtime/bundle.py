@@ -8,6 +8,7 @@ Parsing is strict so that a bad bundle is refused before any native code runs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -222,7 +223,8 @@ def write_manifest(path: Path, manifest: BundleManifest) -> None:
 
 
 def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # JSON's string escapes are TOML's basic-string escapes (a chat_template has newlines)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _toml_value(value: object) -> str:

@@ -14,8 +14,12 @@ import platform
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .batching import BatchingSettings
+
+if TYPE_CHECKING:
+    from .tuning.settings import TuningSource
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class MachineSettings:
     cpu_repack: bool | None = None
     #: How many requests a model serves at once (runtime/batching.py).
     batching: BatchingSettings = field(default_factory=BatchingSettings)
+    #: Where GGUF loads find settings measured on this machine (runtime/tuning/); None: defaults.
+    tuning: TuningSource | None = None
 
 
 @dataclass(frozen=True)

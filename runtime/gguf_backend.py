@@ -4,7 +4,9 @@ Chat prompts are rendered with the model's own Jinja template (from the GGUF
 metadata, as llama-cpp-python's `create_chat_completion` does) and tokenized
 here, so the prompt length is known before generation starts: a prompt that
 cannot fit is refused with `ContextLengthExceededError` instead of being
-silently truncated.
+silently truncated. A template that knows tools gets a chat with tools in its own terms
+(OpenAI's messages and tools), and the answer its own call grammar (runtime/chat_formats.py);
+the prompt as rendered is logged at debug level.
 
 The prompt is evaluated here too (`_prefill`), so that the same request gives
 the same tokens whatever ran before it: see `_prefill` and the determinism rule
@@ -38,6 +40,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from . import chat_formats
 from .backend import (
     BackendBase,
     Capability,
@@ -61,6 +64,7 @@ from .errors import (
 from .gguf_batch import BatchEngine, token_logprob
 from .llama_params import LLAMA_SAMPLING_DEFAULTS, PreparedPrompt, kv_bytes_per_token, kv_cache_args
 from .text_stream import TextStream
+from .tuning.settings import apply_tuning
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +153,9 @@ class GgufBackend(BackendBase):
             requested_threads=machine.threads,
             allow_cpu_repack=machine.cpu_repack,
         )
+        # settings measured on this machine (runtime/tuning/) for every knob the bundle and config leave open
+        options, placement, self.tuning = apply_tuning(
+            machine.tuning, bundle, options, placement, machine, prompt_chunk(options, placement))
         log.info("loading %s (%s): %s", bundle.name, bundle.weights.name, "; ".join(placement.reasons))
         self.placement = placement
         gpu = placement.n_gpu_layers != 0
@@ -164,6 +171,11 @@ class GgufBackend(BackendBase):
         #: Leading KV positions whose values came from whole aligned chunks (reusable).
         self._canonical = 0
         self._formatter = self._chat_formatter(options.chat_template)
+        #: How this model writes tool calls: its template's own format, or the generic one.
+        self.tool_format = chat_formats.detect(self._template) if self._formatter is not None else chat_formats.GENERIC
+        if self.tool_format != chat_formats.GENERIC:
+            log.info("%s: the chat template knows tools; tool calls use its %s format", bundle.name,
+                     self.tool_format)
         self._vocab = self._llm._model.vocab
         self._special_text = self._special_token_pattern(llama_cpp)
         self._token_to_piece = llama_cpp.llama_token_to_piece
@@ -190,6 +202,7 @@ class GgufBackend(BackendBase):
             platform="llama.cpp",
             context_length=self.n_ctx,
             placement=reasons,
+            tool_format=self.tool_format,
         )
 
     def _open(self, n_ctx: int) -> Any:
@@ -279,38 +292,81 @@ class GgufBackend(BackendBase):
         return tokens
 
     def _chat_formatter(self, override: str | None) -> Any:
+        import jinja2
         from llama_cpp import llama_chat_format
 
         template = override or self._llm.metadata.get("tokenizer.chat_template")
+        self._template: str | None = template
         if not template:
             return None
         model = self._llm._model
         eos_id, bos_id = self._llm.token_eos(), self._llm.token_bos()
-        return llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
-            bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
-            stop_token_ids=[eos_id],
-        )
+        try:
+            return llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
+                bos_token=model.token_get_text(bos_id) if bos_id != -1 else "",
+                stop_token_ids=[eos_id],
+            )
+        except jinja2.TemplateError as exc:
+            where = "the bundle's chat_template" if override else "the GGUF's tokenizer.chat_template"
+            line = f" (line {exc.lineno})" if isinstance(exc, jinja2.TemplateSyntaxError) else ""
+            raise ModelLoadError(f"{self._weights}: {where} is not a valid Jinja template{line}: "
+                                 f"{exc.message or exc}") from None
 
-    def _prompt_tokens(self, request: GenerationRequest, ctx: JobContext) -> tuple[list[int], list[str]]:
-        """Tokens of the prompt, and extra stop strings from the template.
+    def _render_chat(self, request: GenerationRequest) -> tuple[Any, str | None]:
+        """The chat through the model's template, and the grammar the answer keeps to.
+
+        A chat with tools for a template that knows them goes in the template's own terms
+        (OpenAI's messages and tools, as llama-server passes them); any other chat goes as
+        the HTTP layer wrote it (tools in the generic format: runtime/tool_calls.py). A
+        template that raises on the chat (its `raise_exception`) refuses the request (400);
+        any other template error is the model's fault (500)."""
+        import jinja2
+
+        assert request.messages is not None
+        tools = request.tools
+        native = tools is not None and self.tool_format != chat_formats.GENERIC
+        grammar = request.grammar
+        try:
+            if tools is not None and native:
+                shown = tools.choice != "none" and bool(tools.tools)
+                result = self._formatter(messages=[dict(m) for m in tools.messages],
+                                         tools=chat_formats.template_tools(list(tools.tools)) if shown else None,
+                                         **chat_formats.template_options(self.tool_format))
+                if shown:
+                    grammar = chat_formats.grammar(self.tool_format, list(tools.tools), tools.choice, tools.named,
+                                                   tools.parallel)
+            else:
+                result = self._formatter(messages=[{"role": m.role, "content": m.content} for m in request.messages])
+        except ValueError as exc:  # raise_exception() in the template: it refuses this chat
+            raise InvalidInputError(f"the model's chat template refused the messages: {exc}",
+                                    param="messages") from None
+        except (jinja2.TemplateError, TypeError, KeyError, AttributeError, IndexError) as exc:
+            raise InferenceError(f"the model's chat template failed on this chat: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("chat prompt (%s tool format, %s): %r", self.tool_format if native else chat_formats.GENERIC,
+                      "tools in the template" if native else "as written", result.prompt)
+        return result, grammar
+
+    def _prompt_tokens(self, request: GenerationRequest,
+                       ctx: JobContext) -> tuple[list[int], list[str], str | None]:
+        """Tokens of the prompt, extra stop strings from the template, and the grammar.
 
         The template's own stopping criterion only watches for the end-of-sequence
         token, which the decode loop stops on already (every end-of-generation token).
         """
         if request.messages is not None:
-            result = self._formatter(
-                messages=[{"role": m.role, "content": m.content} for m in request.messages]
-            )
+            result, grammar = self._render_chat(request)
             tokens = self._tokenize(result.prompt, not result.added_special, request.max_tokens, ctx)
             stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-            return tokens, stops
+            return tokens, stops, grammar
         if isinstance(request.prompt, list):
             self._check_token_ids(request.prompt, "prompt")
-            return list(request.prompt), []
+            return list(request.prompt), [], request.grammar
         # What create_completion does with a text prompt: BOS (if the model uses one), then the text.
-        return self._tokenize(request.prompt or "", True, request.max_tokens, ctx), []
+        return self._tokenize(request.prompt or "", True, request.max_tokens, ctx), [], request.grammar
 
     def _check_token_ids(self, ids: Iterable[int], param: str) -> None:
         n_vocab = self._llm.n_vocab()
@@ -327,7 +383,7 @@ class GgufBackend(BackendBase):
         if request.messages is not None and self._formatter is None:
             raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
         self._check_token_ids(request.logit_bias, "logit_bias")
-        tokens, template_stops = self._prompt_tokens(request, ctx)
+        tokens, template_stops, grammar = self._prompt_tokens(request, ctx)
         if not tokens:
             raise InvalidInputError("the prompt is empty: there is nothing to continue", param="prompt")
         if len(tokens) >= n_ctx or (
@@ -335,7 +391,7 @@ class GgufBackend(BackendBase):
         ):
             raise ContextLengthExceededError(n_ctx, len(tokens), request.max_tokens)
         max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(tokens)
-        return PreparedPrompt(tokens, list(request.stop) + template_stops, max_tokens)
+        return PreparedPrompt(tokens, list(request.stop) + template_stops, max_tokens, grammar)
 
     def generate(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
         """One request, run to its end on the calling thread: in the batching engine when
@@ -348,13 +404,13 @@ class GgufBackend(BackendBase):
         prepared = self.prepare(request, ctx)
         tokens, max_tokens = prepared.tokens, prepared.max_tokens
         grammar = None
-        if request.grammar:  # refused here, before the prompt is read, if llama.cpp cannot parse it
+        if prepared.grammar:  # refused here, before the prompt is read, if llama.cpp cannot parse it
             from llama_cpp.llama_grammar import LlamaGrammar
 
             from .gguf_batch import grammar_sampler
 
-            llama_cpp.llama_sampler_free(grammar_sampler(llama_cpp, self._vocab, request.grammar))
-            grammar = LlamaGrammar.from_string(request.grammar, verbose=False)
+            llama_cpp.llama_sampler_free(grammar_sampler(llama_cpp, self._vocab, prepared.grammar))
+            grammar = LlamaGrammar.from_string(prepared.grammar, verbose=False)
         row = None
         if request.logprobs is not None:
             import numpy as np

@@ -5,7 +5,8 @@ One context with `slots` sequences (llama.cpp's `n_seq_max`, one KV stream of
 step evaluates newcomers' prompt chunks (taking turns, for a bounded time), then one
 decode call that carries the last sampled token of every generating sequence (one
 `llama_batch`, one sequence id per slot), and samples each row with that request's own
-settings. New
+settings (the plain greedy rows of a call together, one argmax over the call's logits,
+`_greedy_choices`). New
 requests join between steps (`add`), finished and cancelled ones leave at the next
 step and free their slot at once. The scheduler (runtime/batch_scheduler.py) does
 the admitting; this module knows llama.cpp, not jobs' queues.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +90,9 @@ PROMPT_RATE_WEIGHT = 0.3
 #: Where any split of a prompt gives the same bits (`splits_free`), the smallest piece of a
 #: prompt read while others generate: smaller pieces would waste the pass over the weights.
 MIN_PIECE = 16
+#: False only to measure the old way (bench/bench_load.py's A/B): each greedy row is chosen by
+#: its own argmax over a copy of its row.
+SAMPLE_TOGETHER = "sample" not in os.environ.get("EDGEFLEET_BENCH_OLD_PATHS", "").split(",")
 #: llama-cpp-python's Llama.last_n_tokens_size: how far back repeat penalties look.
 PENALTY_LAST_N = 64
 #: A newcomer's prompt prefix cached in a slot it cannot use (one that would split the busy
@@ -304,6 +309,7 @@ class BatchEngine:
         # bound once: each runs per generated token
         self._eog, self._vocab, self._piece = llama_cpp.llama_vocab_is_eog, backend.vocab, backend.piece
         self._row_type = ctypes.c_float * self._n_vocab
+        self._rows_types: dict[int, Any] = {}  # ctypes arrays of n rows of logits, by n
         self._grammar_pick = GrammarPick(llama_cpp, self._n_vocab)
         self._closed = False
         #: Whether llama.cpp computes a decode row to the same bits whatever else is in the
@@ -367,7 +373,7 @@ class BatchEngine:
         tokens = prepared.tokens
         repeatable = request.temperature == 0 or request.seed is not None
         seed = request.seed if request.seed is not None else random.getrandbits(32)
-        grammar = grammar_sampler(self._lib, self._vocab, request.grammar) if request.grammar else None
+        grammar = grammar_sampler(self._lib, self._vocab, prepared.grammar) if prepared.grammar else None
         sampler = build_sampler(request, seed, self._n_vocab)
         slot, keep = self._pick_slot(tokens, repeatable)
         slot.busy = True
@@ -643,13 +649,43 @@ class BatchEngine:
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc != 0:
             return [self._fail(seq, f"llama.cpp failed (llama_decode returned {rc})") for seq in seqs]
+        chosen = self._greedy_choices(seqs) if SAMPLE_TOGETHER else [None] * len(seqs)
         done = []
         for i, seq in enumerate(seqs):
             seq.slot.history.append(seq.pending)  # type: ignore[arg-type]
-            finished = self._take_token(seq, i)
+            finished = self._take_token(seq, i, chosen[i])
             if finished:
                 done.append(finished)
         return done
+
+    def _greedy_choices(self, seqs: list[_Sequence]) -> list[int | None]:
+        """The tokens of a decode call's plain greedy rows (no sampler chain, no grammar, no
+        log probabilities), chosen by one argmax over the call's logits; None for the rows
+        left to `_take_token`. A row's logit bias is added in place first, as llama.cpp's
+        logit-bias sampler adds it (the same float32 sums as on a copy, so the same token);
+        nothing reads those rows again."""
+        plain = [i for i, seq in enumerate(seqs)
+                 if seq.sampler is None and seq.grammar is None and seq.logprobs is None]
+        if not plain:
+            return [None] * len(seqs)
+        import numpy as np
+
+        n, vocab = len(seqs), self._n_vocab
+        rows_type = self._rows_types.get(n)
+        if rows_type is None:
+            rows_type = self._rows_types[n] = ctypes.c_float * (n * vocab)
+        # every row of a decode call has logits, so output row i is batch row i
+        logits = np.frombuffer(rows_type.from_address(
+            ctypes.addressof(self._lib.llama_get_logits(self._ctx).contents)), dtype=np.float32).reshape(n, vocab)
+        for i in plain:
+            bias = seqs[i].bias
+            if bias is not None:
+                logits[i, bias[0]] += bias[1]
+        picked = (logits if len(plain) == n else logits[plain]).argmax(axis=1).tolist()
+        chosen: list[int | None] = [None] * n
+        for i, token in zip(plain, picked, strict=True):
+            chosen[i] = token
+        return chosen
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self._batch
@@ -734,10 +770,14 @@ class BatchEngine:
         return np.frombuffer(self._row_type.from_address(
             ctypes.addressof(self._get_logits(self._ctx, index).contents)), dtype=np.float32)
 
-    def _take_token(self, seq: _Sequence, index: int) -> tuple[JobContext, Any, BaseException | None] | None:
-        """Sample the next token of `seq` from batch row `index`; returns the request's end
-        when this token ends it (end of generation, stop sequence, max_tokens)."""
-        if seq.sampler is None:
+    def _take_token(self, seq: _Sequence, index: int,
+                    token: int | None = None) -> tuple[JobContext, Any, BaseException | None] | None:
+        """Sample the next token of `seq` from batch row `index` (unless `token` was already
+        chosen, `_greedy_choices`); returns the request's end when this token ends it (end of
+        generation, stop sequence, max_tokens)."""
+        if token is not None:
+            pass
+        elif seq.sampler is None:
             row = self._row(index)
             if seq.bias is not None:
                 row = row.copy()

@@ -43,3 +43,5 @@ class PreparedPrompt:
     tokens: list[int]
     stops: list[str]
     max_tokens: int
+    #: GBNF the output must keep to (the request's, or the model's own tool-call grammar)
+    grammar: str | None = None

@@ -31,7 +31,6 @@ import asyncio
 import collections
 import logging
 import math
-import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -163,6 +162,8 @@ class WorkRates:
                 return None
             nearest = min(self._steps, key=lambda n: (abs(n - width), -n))
             steps = list(self._steps[nearest])
+        import statistics  # here: with decimal and fractions, 0.5 MiB an idle agent does not need
+
         return statistics.median(steps) / nearest
 
     def price_s(self, request: Any, limits: ModelLimits, width: int = 1) -> float:
@@ -198,6 +199,10 @@ class Job(Generic[T]):
         self._events: collections.deque[Any] = collections.deque()
         self._wakeup: asyncio.Event = asyncio.Event()
         self._wakeup_pending = False
+        #: Set by a batching worker before the job runs: `emit` leaves waking the loop to the
+        #: worker, which wakes every stream a step fed with one call (`fresh_jobs`, `wake`).
+        self.woken_by_step = False
+        self._unannounced = False
         self.future: asyncio.Future[T] = loop.create_future()
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
@@ -219,7 +224,9 @@ class Job(Generic[T]):
         if self.first_emit_at is None:
             self.first_emit_at = time.monotonic()
         self._events.append(item)
-        if not self._wakeup_pending:
+        if self.woken_by_step:
+            self._unannounced = True
+        elif not self._wakeup_pending:
             self._wakeup_pending = True
             self._loop.call_soon_threadsafe(self._wake)
 
@@ -252,6 +259,24 @@ class Job(Generic[T]):
             yield item
         self.future.result()
 
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        """Like `stream`, but every item already emitted at once (what one engine step gave,
+        or several when the loop fell behind), so a writer sends them in one write."""
+        while True:
+            while not self._events:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            items: list[Any] = []
+            while self._events:
+                item = self._events.popleft()
+                if item is _DONE:
+                    if items:
+                        yield items
+                    self.future.result()
+                    return
+                items.append(item)
+            yield items
+
     async def result(self) -> T:
         return await asyncio.shield(self.future)
 
@@ -264,6 +289,21 @@ class Job(Generic[T]):
                 self.future.set_result(result)
         self._events.append(_DONE)
         self._wakeup.set()
+
+
+def fresh_jobs(jobs: list[Job[Any]]) -> list[Job[Any]]:
+    """Of `jobs` (woken by step, called on the model thread), those that emitted items since
+    the last call; each is then counted as told."""
+    fresh = [job for job in jobs if job._unannounced]
+    for job in fresh:
+        job._unannounced = False
+    return fresh
+
+
+def wake(jobs: list[Job[Any]]) -> None:
+    """On the loop: wake the streams of `jobs` (one call for a whole step's streams)."""
+    for job in jobs:
+        job._wake()
 
 
 class ModelScheduler:

@@ -20,9 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
-
-import numpy as np
+from typing import TYPE_CHECKING, TypeVar
 
 from .backend import (
     Backend,
@@ -44,6 +42,9 @@ from .devices import MachineSettings
 from .errors import ModelLoadError, ProbeFailedError, PromptTooLargeError, RuntimeLayerError
 from .latency import REQUEST_DURATION_BUCKETS_S, TIME_PER_OUTPUT_TOKEN_BUCKETS_S, LatencyHistogram
 from .scheduler import Job, ModelScheduler, SchedulerStats
+
+if TYPE_CHECKING:  # numpy comes with the first model that needs it (its backend, its probe)
+    import numpy as np
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -242,6 +243,8 @@ class ServedModel:
 
 
 async def _probe(served: ServedModel) -> str:
+    import numpy as np
+
     options = served.bundle.manifest.probe
     caps = served.info.capabilities
     try:
@@ -288,6 +291,8 @@ async def _probe(served: ServedModel) -> str:
 
 
 def _zeros(dtype: str, shape: tuple[int, ...], text: str) -> np.ndarray:
+    import numpy as np
+
     dims = tuple(d if d > 0 else 1 for d in shape)
     if dtype == "object":
         return np.full(dims, text, dtype=object)

@@ -18,6 +18,10 @@ Earlier turns come back to the model in the same format: an assistant message's
 ``tool_calls`` as the JSON object above, a ``tool`` message as a user message holding
 ``{"tool_response": {"tool_call_id", "name", "content"}}`` (llama.cpp's polyfill for
 templates without a tool role).
+
+A model whose own template knows tools uses its own format instead (runtime/chat_formats.py):
+the request carries a `ToolRequest` (the tools, the choice and the chat as the template reads
+it) beside the generic rendering, and the backend picks the one its template needs.
 """
 
 from __future__ import annotations
@@ -59,6 +63,20 @@ class Tool:
 
 
 @dataclass(frozen=True)
+class ToolRequest:
+    """A chat's tools as a model's own template takes them (runtime/chat_formats.py)."""
+
+    tools: tuple[Tool, ...]
+    #: "auto", "required", "none" or "function" (then `named` is the function)
+    choice: str
+    named: str | None
+    parallel: bool
+    #: the messages as chat templates read them: OpenAI's, with each call's arguments as an
+    #: object (templates write them with `tojson`) and tool results in the `tool` role
+    messages: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
 class ToolPlan:
     """What a request with tools adds: the system text and the grammar (None: free text)."""
 
@@ -70,12 +88,12 @@ def _literal(text: str) -> str:
     return json.dumps(json.dumps(text))  # a GBNF literal of the JSON string `"text"`
 
 
-def _call_rule(index: int, tool: Tool, param: str) -> tuple[str, str]:
-    """The rules for one call of `tool`: (rule name, GBNF)."""
+def call_rule(index: int, tool: Tool, param: str, key: str = "arguments") -> tuple[str, str]:
+    """The rules for one call of `tool`, ``{"name": ..., key: {...}}``: (rule name, GBNF)."""
     name = f"call{index}"
     args = schema_rules(tool.parameters, f"{param}[{index}].function.parameters", f"{name}-args")
     rule = (f'{name} ::= "{{" space "\\"name\\"" space ":" space {_literal(tool.name)} space "," '
-            f'space "\\"arguments\\"" space ":" space {name}-args "}}" space')
+            f'space {_literal(key)} space ":" space {name}-args "}}" space')
     return name, f"{rule}\n{args}"
 
 
@@ -93,7 +111,7 @@ def plan(tools: list[Tool], choice: str, named: str | None, parallel: bool, para
     names = []
     for i, tool in enumerate(tools):
         if tool in shown:
-            rule_name, text = _call_rule(i, tool, param)
+            rule_name, text = call_rule(i, tool, param)
             names.append(rule_name)
             rules.append(text)
     calls = f'call ::= {" | ".join(names)}'
@@ -151,9 +169,14 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def read_answer(text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, calls) of a generic-format answer: calls as OpenAI `tool_calls` entries.
-    Text that is not the format (cut by max_tokens, or tool_choice none) is content."""
+def read_answer(text: str, fmt: str = "generic") -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, calls) of an answer in tool format `fmt` (the model's `ModelInfo.tool_format`):
+    calls as OpenAI `tool_calls` entries. Text that is not the format (cut by max_tokens, or
+    tool_choice none) is content."""
+    if fmt != "generic":
+        from .chat_formats import read_native
+
+        return read_native(text, fmt)
     try:
         answer = json.loads(text)
     except ValueError:
@@ -184,3 +207,14 @@ def render_calls(calls: list[dict[str, Any]]) -> str:
 def render_result(call_id: str, name: str | None, content: str) -> str:
     """A tool message's content as the next turn shows it."""
     return json.dumps({"tool_response": {"tool_call_id": call_id, "name": name, "content": content}})
+
+
+def template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI `tool_calls` entry as chat templates read it: arguments as an object."""
+    function = call.get("function") or {}
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except ValueError:
+        arguments = function.get("arguments")
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function.get("name"), "arguments": arguments}}

@@ -20,9 +20,13 @@ Other processes (the keys CLI) append through `append_offline`; both sides take 
 ``flock`` on ``audit.lock`` around each append and read the chain's head from the file
 when it grew under them, so their records never interleave or fork the chain.
 
-The device key (``<state_dir>/device-key.pem``, 0600, made at first start by
-`load_or_create_device_key`) is the agent's Ed25519 identity; its public key goes into the
-MQTT birth message (agent/fleet/link.py).
+The device key (``<state_dir>/device-key.pem``, 0600, security/device_key.py) is the agent's
+Ed25519 identity; its public key goes into the MQTT birth message (agent/fleet/link.py). Given
+as a `DeviceKey`, it is loaded (or made) at the first checkpoint, so an agent that has not
+signed yet has not imported cryptography. A checkpoint the key cannot sign (the file is bad,
+unreadable, or cannot be made) is lost like a record the disk refuses: counted in `dropped`,
+logged, and the next record written is ``audit.dropped`` with the reason; the next try is a
+whole checkpoint period later.
 """
 
 from __future__ import annotations
@@ -38,21 +42,21 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from typing import TYPE_CHECKING, Any
 
 from runtime.files import write_file_atomic
 
 from .audit_chain import CHECKPOINT, GENESIS, ROTATED, checkpoint_detail, line_of, make_record, parse_line
+from .device_key import KEY_NAME, DeviceKey, load_or_create_device_key  # noqa: F401 - KEY_NAME, the loader: re-exported
+
+if TYPE_CHECKING:  # imported when the key is loaded: `[audit]` settings alone do not need it
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 
 LOG_NAME = "audit.log"
 LOCK_NAME = "audit.lock"
 CHECKPOINT_NAME = "audit.checkpoint"
-KEY_NAME = "device-key.pem"
 #: A detail value longer than this is cut (with "…"); more keys than MAX_DETAIL_KEYS are dropped.
 MAX_DETAIL_CHARS = 1024
 MAX_DETAIL_KEYS = 16
@@ -91,32 +95,6 @@ class AuditSettings:
 
     def directory(self, state_dir: str | Path) -> Path:
         return Path(self.dir) if self.dir else Path(state_dir) / "audit"
-
-
-# ---- the device key ------------------------------------------------------------------------
-
-
-def load_or_create_device_key(state_dir: Path) -> Ed25519PrivateKey:
-    """``<state_dir>/device-key.pem``, made (0600) at first use. Raises ValueError naming the
-    file when it exists but is not an Ed25519 private key, OSError when it cannot be made."""
-    path = state_dir / KEY_NAME
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        state_dir.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(path, pem, mode=0o600)
-        log.info("audit: made the device key %s", path)
-        return key
-    try:
-        loaded = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"{path}: not a readable PEM private key ({exc})") from None
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 key")
-    return loaded
 
 
 # ---- the file ------------------------------------------------------------------------------
@@ -220,13 +198,16 @@ def append_offline(state_dir: Path, actor: str, action: str, target: str, outcom
 class AuditLog:
     """The agent's audit log: one writer thread, owned by whoever calls `open` and `close`."""
 
-    def __init__(self, directory: Path, device: str, key: Ed25519PrivateKey, settings: AuditSettings | None = None,
-                 on_line: Callable[[bytes], None] | None = None) -> None:
-        """`on_line`: called on the writer thread with each line once it is on disk (forwarding)."""
+    def __init__(self, directory: Path, device: str, key: Ed25519PrivateKey | DeviceKey,
+                 settings: AuditSettings | None = None, on_line: Callable[[bytes], None] | None = None) -> None:
+        """`key`: the signing key, or a `DeviceKey` loaded at the first checkpoint.
+        `on_line`: called on the writer thread with each line once it is on disk (forwarding)."""
         self.directory = directory
         self.path = directory / LOG_NAME
         self.device = device
         self.key = key
+        #: why the last checkpoint could not be signed (None once one is)
+        self.key_error: str | None = None
         self.settings = settings or AuditSettings()
         self.on_line = on_line
         #: records written, and those the disk refused (dropped, counted)
@@ -360,8 +341,10 @@ class AuditLog:
             return False
         return True
 
-    def _write_one(self, entry: tuple[str, str, str, str, dict[str, Any], float], checkpoint: bool = False) -> bool:
-        """Append `entry` under the file lock; False (and `error` set) when the disk refuses it."""
+    def _write_one(self, entry: tuple[str, str, str, str, dict[str, Any], float],
+                   checkpoint: Ed25519PrivateKey | None = None) -> bool:
+        """Append `entry` (signed with `checkpoint`, a key, for a checkpoint) under the file lock;
+        False (and `error` set) when the disk refuses it."""
         action = entry[1]
         try:
             if self._fd is None:
@@ -390,12 +373,13 @@ class AuditLog:
         return True
 
     def _append_locked(self, entry: tuple[str, str, str, str, dict[str, Any], float],
-                       checkpoint: bool) -> dict[str, Any]:
+                       checkpoint: Ed25519PrivateKey | None) -> dict[str, Any]:
+        """`checkpoint`: the key that signs this record (a checkpoint), else None."""
         actor, action, target, outcome, detail, at = entry
         self._follow_file()
         assert self._fd is not None
-        if checkpoint:
-            detail = checkpoint_detail(self.key, self.device, self._head.seq, self._head.hash, at)
+        if checkpoint is not None:
+            detail = checkpoint_detail(checkpoint, self.device, self._head.seq, self._head.hash, at)
         record = make_record(self._head.seq + 1, at, actor, action, target, outcome, detail, self._head.hash)
         self._head = _append(self._fd, self._head, record)
         return record
@@ -437,7 +421,28 @@ class AuditLog:
         """A signed checkpoint, if any record is not sealed yet."""
         if self._since_checkpoint == 0:
             return
-        self._write_one(("local", CHECKPOINT, self.device, "ok", {}, time.time()), checkpoint=True)
+        try:
+            key = self.key.get() if isinstance(self.key, DeviceKey) else self.key
+        except (OSError, ValueError) as exc:
+            self._key_failed(f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror
+                             else str(exc))
+            return
+        if self.key_error is not None:
+            log.warning("audit: the device key signs checkpoints again")
+            self.key_error = None
+        self._write_one(("local", CHECKPOINT, self.device, "ok", {}, time.time()), checkpoint=key)
+
+    def _key_failed(self, reason: str) -> None:
+        """The checkpoint due now cannot be signed: lost and counted like a refused record; the
+        next try waits a whole checkpoint period (records go on being chained meanwhile)."""
+        if reason != self.key_error:
+            log.error("audit: a checkpoint cannot be signed: %s: records are still chained but not sealed; the lost "
+                      "checkpoint is counted (edgefleet_audit_dropped_total) and alerted (audit_dropping); fix the "
+                      "key file (edgefleet doctor checks it)", reason)
+        self.key_error = reason
+        self._lost_reason = f"the device key cannot sign: {reason}"
+        self._note_loss(1)
+        self._since_checkpoint, self._first_unsealed = 0, time.time()
 
     def _rotate_locked(self) -> dict[str, Any] | None:
         """Under the file lock: audit.log -> audit.log.1 -> … (the oldest past `keep_files`
@@ -458,7 +463,7 @@ class AuditLog:
             log.error("audit: cannot rotate %s (%s): it grows on", self.path, exc.strerror)
             return None
         entry = ("local", ROTATED, LOG_NAME, "ok", {"from": f"{LOG_NAME}.1" if keep else None}, time.time())
-        return self._append_locked(entry, checkpoint=False)
+        return self._append_locked(entry, checkpoint=None)
 
     def _note_loss(self, count: int, counted: bool = False) -> None:
         if not counted:

@@ -25,11 +25,10 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:  # cryptography is imported where a key is used, not by an agent that only reads settings
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 GENESIS = "0" * 64
 CHECKPOINT = "audit.checkpoint"
@@ -66,12 +65,17 @@ def line_of(record: Mapping[str, Any]) -> bytes:
 
 def public_key_text(key: Ed25519PublicKey) -> str:
     """``ed25519:<base64 of the 32 raw bytes>``: how the birth message and the CLI name it."""
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "ed25519:" + base64.b64encode(raw).decode("ascii")
 
 
 def parse_public_key(text: str) -> Ed25519PublicKey:
     """``ed25519:<base64>``, or a PEM public or private key; raises ValueError saying what is wrong."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
     text = text.strip()
     if text.startswith("-----BEGIN"):
         data = text.encode("ascii")
@@ -110,6 +114,8 @@ def checkpoint_detail(key: Ed25519PrivateKey, device: str, count: int, head: str
 
 
 def checkpoint_signature_ok(record: Mapping[str, Any], key: Ed25519PublicKey) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     detail = record.get("detail")
     if not isinstance(detail, Mapping):
         return False

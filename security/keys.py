@@ -16,18 +16,12 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    BestAvailableEncryption,
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    load_pem_private_key,
-)
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from typing import TYPE_CHECKING
 
 from .errors import KeyStoreError
+
+if TYPE_CHECKING:  # loaded when a key is made or read: the role names alone (the CLI's parser) need neither
+    from securesystemslib.signer import CryptoSigner, SSlibKey
 
 PASSPHRASE_ENV = "EDGEFLEET_HUB_KEY_PASSPHRASE"
 ROLES = ("root", "targets", "snapshot", "timestamp")
@@ -56,6 +50,15 @@ class KeyStore:
 
     def generate(self, role: str) -> StoredKey:
         """A new Ed25519 key for `role`, written 0600 before anyone can read it."""
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import (
+            BestAvailableEncryption,
+            Encoding,
+            NoEncryption,
+            PrivateFormat,
+        )
+        from securesystemslib.signer import CryptoSigner
+
         if role not in ROLES:
             raise KeyStoreError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
         private = Ed25519PrivateKey.generate()
@@ -102,6 +105,9 @@ class KeyStore:
         os.chmod(self.directory, 0o700)
 
     def _load(self, path: Path, role: str) -> StoredKey:
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+        from securesystemslib.signer import CryptoSigner
+
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             raise KeyStoreError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")

@@ -35,11 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # cryptography is imported once TLS is configured (the functions below), grpc by its server
     import grpc
+    from cryptography import x509
 
 ClientCertMode = Literal["off", "optional", "required"]
 
@@ -90,6 +88,8 @@ def _read(key: str, path: str) -> bytes:
 
 
 def _certificates(key: str, path: str, pem: bytes) -> list[x509.Certificate]:
+    from cryptography import x509
+
     try:
         certificates = x509.load_pem_x509_certificates(pem)
     except ValueError:
@@ -101,6 +101,8 @@ def _certificates(key: str, path: str, pem: bytes) -> list[x509.Certificate]:
 
 def load_tls(files: TlsFiles) -> LoadedTls:
     """Read and check `files` into a server context (TLS 1.2+); TlsFilesError otherwise."""
+    from cryptography.hazmat.primitives import serialization
+
     cert_pem = _read("tls_cert_file", files.cert_file)
     key_pem = _read("tls_key_file", files.key_file)
     leaf = _certificates("tls_cert_file", files.cert_file, cert_pem)[0]
@@ -198,6 +200,9 @@ def local_client_context(cert_file: str, client_cert_file: str | None = None,
     exactly the agent's own certificate (the first in its `cert_file`, not its issuers, so no
     other certificate passes and the names in it do not matter), and present a client
     certificate when one is configured. ValueError naming the file that failed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     try:
         pem = Path(cert_file).read_bytes()
         leaf = x509.load_pem_x509_certificates(pem)[0]

@@ -51,7 +51,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -80,11 +80,14 @@ from .errors import (
     UpdateTimedOut,
 )
 from .journal import JobRecord, Journal
-from .mqtt import InboundMessage, MqttLink, Topics
+from .mqtt import Topics
 from .reporter import Reporter
 from .tuf_client import HubClient, HubView, SignedFile
 from .update_health import Health, UpdateHealth
 from .update_settings import UpdateSettings
+
+if TYPE_CHECKING:  # the link's module imports paho: only an agent with [mqtt] loads it
+    from .mqtt import InboundMessage, MqttLink
 
 log = logging.getLogger(__name__)
 

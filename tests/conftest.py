@@ -4,6 +4,7 @@ packages, and agents listening on real loopback ports."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -18,12 +19,17 @@ from mqtt_broker import MosquittoBroker
 
 from agent.app import create_app, wait_until_loaded
 from agent.cli.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles
-from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig
+from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig, TuningConfig
 from agent.http.server import start_server
 from runtime.devices import choose_llama_placement, describe_cpu
 
 CHAT = CHAT_MODEL
 EMBED = EMBEDDING_MODEL
+
+# Agents the tests start measure no llama.cpp settings (runtime/tuning/) unless a test asks
+# (tests/test_tuning.py): a background search would load the CPUs and reload models under
+# other tests. Agent processes read this; in-process agents get it from demo_config.
+os.environ.setdefault("EDGEFLEET_TUNING__MODE", "off")
 
 
 def cpu_path() -> str:
@@ -145,6 +151,7 @@ def demo_config(state_dir: Path, models: tuple[str, ...] = (CHAT, EMBED), **serv
         state_dir=str(state_dir),
         server=replace(ServerConfig(), port=free_port(), **server),
         models=[ModelEntry(name=m) for m in models],
+        tuning=TuningConfig(mode="off"),
     )
 
 

@@ -296,3 +296,58 @@ async def test_a_full_audit_disk_keeps_serving_counts_the_loss_and_alerts(tiny_d
         assert tail[0]["detail"]["count"] == dropped
     code, out, err = cli("audit", "verify", "--state-dir", str(state_dir), str(log))
     assert code == 0, out + err
+
+
+# ---- the device key, loaded at the first checkpoint ---------------------------------------------
+
+
+def corrupt_device_key(state: Path) -> Path:
+    """A device key that looks right (an Ed25519 PKCS#8 PEM block, 0600) but does not parse: its
+    DER is cut one byte short, as a bad restore or a flipped disk block would leave it."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    der = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption())
+    path = state / "device-key.pem"
+    state.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"-----BEGIN PRIVATE KEY-----\n" + base64.b64encode(der[:-1]) + b"\n-----END PRIVATE KEY-----\n")
+    path.chmod(0o600)
+    return path
+
+
+async def test_a_bad_device_key_is_reported_at_the_first_checkpoint_and_serving_goes_on(tmp_path: Path) -> None:
+    from test_doctor_checks import doctor, finding
+
+    state = tmp_path / "state"
+    corrupt_device_key(state)
+    config = replace(demo_config(state, ()), audit=AuditSettings(checkpoint_every=2),
+                     alerts=AlertSettings(interval_s=0.2))
+    async with start_agent(config) as agent:
+        audit = agent.app[AUDIT]  # the log is on: records are chained, only the seal is missing
+        audit.record("local", "test.one", "x", "ok")
+        audit.record("local", "test.two", "y", "ok")  # the first checkpoint is due: the key fails to load
+        assert await asyncio.to_thread(audit.flush)
+        assert (await agent.get("/readyz"))[0] == 200
+        assert await agent.metric("edgefleet_audit_dropped_total") == 1
+        for _ in range(50):
+            if await agent.metric("edgefleet_alert_firing", rule="audit_dropping", severity="warning") == 1:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("audit_dropping did not fire")
+        audit.record("local", "test.three", "z", "ok")
+        assert await asyncio.to_thread(audit.flush)
+        tail = records(state / "audit" / "audit.log")[-2:]
+        assert [r["action"] for r in tail] == ["audit.dropped", "test.three"]
+        assert tail[0]["detail"]["count"] == 1
+        assert "the device key cannot sign" in tail[0]["detail"]["reason"]
+        assert "device-key.pem" in tail[0]["detail"]["reason"]
+    code, out, err = cli("audit", "verify", "--state-dir", str(state), "--public-key", "ed25519:" + "A" * 43 + "=")
+    assert code == 0 and "0 checkpoints" in out, out + err  # the chain holds; nothing was signed
+    code, out = doctor(tmp_path, f'state_dir = "{state}"\n[server]\nport = {free_port()}\n')
+    [line] = finding(out, "device key")
+    assert line.startswith("[FAIL] device key: ") and "not a readable PEM private key" in line, line
+    assert "fix: restore the key" in line and code == 1

@@ -60,6 +60,8 @@ path = "/opt/bundles/embed"
         ("[mqtt]\nhost = 'b'\nca_file = '/ca.pem'", {}, "mqtt: ca_file / cert_file are set but tls = false"),
         ("[mqtt]\nhost = 'b'\nkeepalive_s = 1", {}, "mqtt: keepalive_s must be 5..65535"),
         ("[mqtt]\nhots = 'b'", {}, "unknown key mqtt.hots"),
+        ("[limits]\nwebsocket_messages_per_s = 0", {}, "limits: websocket_messages_per_s must be at least 1, got 0"),
+        ("[limits]\nwebsocket_max_in_flight = 0", {}, "limits: websocket_max_in_flight must be at least 1"),
     ],
 )
 def test_mistakes_are_reported_with_the_file_and_key(tmp_path, text, environ, fragment):

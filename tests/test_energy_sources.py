@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pynvml
 import pytest
 
-from runtime.energy import Attribution, EnergyMeter, SourceUnavailable
+from runtime.energy import Attribution, EnergyMeter, SourceUnavailable, nvml
 from runtime.energy.battery import BatterySource
 from runtime.energy.estimate import CpuEstimateSource
 from runtime.energy.hwmon import HwmonSource
@@ -203,6 +204,7 @@ def fake_gpu(monkeypatch):
     """NVML's own module functions, answering for one GPU with scripted values."""
     state = {"energy_mj": [1_000_000, 1_050_000, 20_000, 30_000], "supported": True, "power_mw": 150_000}
     handle = object()
+    monkeypatch.setattr(nvml, "nvml_library_present", lambda: True)  # the driver's library, as if installed
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
     monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
@@ -249,9 +251,18 @@ def test_nvml_without_a_driver_is_unavailable_with_nvmls_reason(monkeypatch):
     def no_library() -> None:
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
 
+    monkeypatch.setattr(nvml, "nvml_library_present", lambda: True)  # a library NVML itself then refuses
     monkeypatch.setattr(pynvml, "nvmlInit", no_library)
     with pytest.raises(SourceUnavailable, match="NVML"):
         NvmlSource()
+
+
+def test_without_the_nvidia_library_pynvml_is_not_imported(monkeypatch):
+    monkeypatch.setattr(nvml, "NVML_LIBRARY", "libnvidia-ml-absent.so.1")  # a name no machine has
+    monkeypatch.delitem(sys.modules, "pynvml")
+    with pytest.raises(SourceUnavailable, match="no NVIDIA driver") as refused:
+        NvmlSource()
+    assert refused.value.code == "absent" and "pynvml" not in sys.modules  # never holds its 4 MiB for nothing
 
 
 def test_the_estimate_on_this_machine_says_it_is_an_estimate_and_names_its_model():

@@ -59,6 +59,10 @@ BOUNDED: dict[str, Callable[[str], bool]] = {
     "by": lambda v: v in {"models", "agent", "other"},
     "le": lambda v: not math.isnan(float(v)),
     # the device alerts' ALERTS-like gauge (agent/fleet/alerts.py): rule names from the config
+    # edgefleet_model_tuned_info (runtime/tuning/): the settings a model was measured fastest with
+    "kv_cache_type": lambda v: v in {"f16", "q8_0"},
+    "flash_attn": lambda v: v in {"true", "false"},
+    "prompt_chunk": str.isdigit, "threads": str.isdigit, "threads_batch": str.isdigit, "ubatch": str.isdigit,
     "rule": lambda v: WORD.match(v) is not None,
     "severity": lambda v: v in {"info", "warning", "critical"},
 }

@@ -11,14 +11,16 @@ import contextlib
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from conftest import CHAT
+from conftest import CHAT, demo_config, start_agent
 from test_request_gate import auth, make_keys
 
+from agent.config import LimitsConfig
 from security.identity import KeyLimits
 
 EOS = 2  # SmolLM2's <|im_end|>; banned so that generation only stops at max_tokens
@@ -217,3 +219,47 @@ async def test_a_keys_token_limit_applies_to_each_response_on_the_socket(make_ag
         assert error["error"]["code"] == "rate_limit_exceeded" and error["error"]["event_id"] == "r2"
         await ws.send_json({"type": "session.update", "event_id": "u"})
         assert (await asyncio.wait_for(ws.receive_json(), 30))["error"]["code"] == "unknown_event"
+
+
+async def test_logprobs_come_with_the_deltas_and_in_response_done_as_http_gives_them(agent) -> None:
+    body = ask("Name three colours.", 12, logprobs=True, top_logprobs=3)
+    status, reply, _ = await agent.post("/v1/chat/completions", json=body)
+    assert status == 200, reply
+    expected = reply["choices"][0]["logprobs"]["content"]
+    assert len(expected) == reply["usage"]["completion_tokens"]
+    async with agent.http.ws_connect(ws_url(agent)) as ws:
+        await ws.send_json({"type": "response.create", "event_id": "lp", "response": body})
+        events = await events_until(ws, {"lp"})
+    def shape(items: list[dict]) -> list[tuple]:
+        """What must match exactly; the values are compared to float rounding, as batched
+        and alone may differ there (docs/api.md)."""
+        return [(i["token"], i["bytes"], [t["token"] for t in i["top_logprobs"]]) for i in items]
+
+    def values(items: list[dict]) -> list[float]:
+        return [v for i in items for v in (i["logprob"], *(t["logprob"] for t in i["top_logprobs"]))]
+
+    done = done_of(events, "lp")["output"][0]["logprobs"]  # token, logprob, bytes, top_logprobs, as HTTP's
+    assert shape(done) == shape(expected) and values(done) == pytest.approx(values(expected), abs=1e-4)
+    streamed = [item for e in events if e["type"] == "response.output_text.delta" for item in e.get("logprobs", [])]
+    assert streamed and shape(streamed) == shape(done[:len(streamed)])  # each delta carries its tokens', in order
+    assert values(streamed) == values(done[:len(streamed)])
+    assert "".join(item["token"] for item in streamed) == text_of(events, "lp")
+    # without logprobs asked, none are sent
+    async with agent.http.ws_connect(ws_url(agent)) as ws:
+        await ws.send_json({"type": "response.create", "event_id": "plain", "response": ask("Hi", 4)})
+        events = await events_until(ws, {"plain"})
+    assert not any("logprobs" in e for e in events if e["type"] == "response.output_text.delta")
+    assert "logprobs" not in done_of(events, "plain")["output"][0]
+
+
+async def test_the_in_flight_limit_per_connection_comes_from_the_config(state_dir: Path) -> None:
+    config = demo_config(state_dir, (CHAT,))
+    config = replace(config, limits=LimitsConfig(websocket_max_in_flight=2))
+    async with start_agent(config) as agent, agent.http.ws_connect(ws_url(agent)) as ws:
+        for rid in ("a", "b", "c"):
+            await ws.send_json({"type": "response.create", "event_id": rid,
+                                "response": ask("Write a long story.", 64, logit_bias={str(EOS): -100})})
+        events = await events_until(ws, {"a", "b"})
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert [(e["code"], e["event_id"], e["status"]) for e in errors] == [("too_many_responses", "c", 429)]
+    assert errors[0]["message"].startswith("2 responses are in flight")

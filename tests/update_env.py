@@ -25,7 +25,7 @@ from conftest import free_port
 from mqtt_broker import MosquittoBroker, Watcher
 
 from agent.cli.demo import DEMO_MODELS, EMBEDDING_MODEL, build_bundle
-from agent.config import AgentConfig, ModelEntry, ServerConfig
+from agent.config import AgentConfig, ModelEntry, ServerConfig, TuningConfig
 from runtime.bundle import read_bundle
 from runtime.store import ModelStore
 from sync.hub.publish import BundleSource, PublishResult, publish
@@ -239,6 +239,7 @@ def agent_config(
         models=[ModelEntry(name=m) for m in models],
         mqtt=mqtt,
         updates=settings,
+        tuning=TuningConfig(mode="off"),  # no measuring beside the updates under test
     )
 
 

@@ -18,12 +18,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from security.audit import CHECKPOINT_NAME, KEY_NAME, LOG_NAME, AuditSettings
 from security.audit_chain import Verdict, parse_line, parse_public_key, public_key_text, verify_lines
+
+if TYPE_CHECKING:  # cryptography: loaded when a key is read (security/audit_chain.py), not with the parser
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 
 class AuditCliError(Exception):

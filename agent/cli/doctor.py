@@ -20,6 +20,7 @@ from typing import TextIO
 
 from agent.cli.doctor_network import check_mqtt, check_ports, check_updates
 from agent.cli.doctor_tls import check_tls
+from agent.cli.doctor_tuning import check_tuning
 from agent.cli.findings import Finding, Level
 from agent.config import AgentConfig
 from runtime.bundle import read_bundle
@@ -92,6 +93,31 @@ def check_energy(powercap: Path = POWERCAP) -> list[Finding]:
                         "/usr/lib/tmpfiles.d/edgefleet.conf (the package does this at boot), "
                         "and run the agent in that group")]
     return [Finding(Level.OK, "energy", f"{len(counters)} RAPL counters readable")]
+
+
+def check_device_key(config: AgentConfig) -> list[Finding]:
+    """The key that signs the audit log's checkpoints (security/device_key.py), parsed as the
+    agent parses it at its first checkpoint; never made here."""
+    from security.device_key import KEY_NAME, load_or_create_device_key, precheck_device_key
+
+    if not config.audit.enabled:
+        return []
+    path = Path(config.state_dir) / KEY_NAME
+    problem, warning = precheck_device_key(path)
+    if problem is None and path.exists():
+        try:
+            load_or_create_device_key(path.parent)
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+    if problem is not None:
+        return [Finding(Level.FAIL, "device key", f"{problem}: audit checkpoints are not signed (each one is "
+                        "lost and counted in edgefleet_audit_dropped_total)",
+                        "restore the key from the state dir's backup (a new key is a new identity: the hub "
+                        "must be given its public half)")]
+    if warning is not None:
+        return [Finding(Level.WARN, "device key", warning, f"chmod 600 {path}")]
+    detail = f"{path}" if path.exists() else f"none yet: made at the agent's first audit checkpoint ({path})"
+    return [Finding(Level.OK, "device key", detail)]
 
 
 def check_state_dir(state_dir: Path) -> list[Finding]:
@@ -207,8 +233,10 @@ def diagnose(load_config: Callable[[], AgentConfig], powercap: Path = POWERCAP) 
     findings += check_ports(config)
     findings += check_tls(config)
     findings += check_state_dir(Path(config.state_dir))
+    findings += check_device_key(config)
     findings += check_telemetry_outbox(Path(config.state_dir))
     findings += check_models(config)
+    findings += check_tuning(config)
     findings += check_mqtt(config.mqtt)
     findings += check_updates(config)
     return findings

@@ -26,15 +26,16 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from security.desired import Scope
 from security.errors import SecurityError
 from security.keys import ROLES
 from sync.errors import SyncError
-from sync.hub.mqtt_tools import Broker, follow_updates, ring_doorbell
-from sync.hub.publish import BundleSource, publish
-from sync.hub.repository import HubRepository, HubSettings
+
+if TYPE_CHECKING:  # the hub's tools (paho, python-tuf) load when a hub command runs, not with the parser
+    from sync.hub.mqtt_tools import Broker
+    from sync.hub.repository import HubRepository
 
 MQTT_ENV = "EDGEFLEET_HUB_MQTT"
 HUB_ENV = "EDGEFLEET_HUB"
@@ -152,6 +153,8 @@ def add_mqtt_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _broker(args: argparse.Namespace) -> Broker:
+    from sync.hub.mqtt_tools import Broker
+
     env = os.environ
 
     def option(name: str) -> str | None:
@@ -208,6 +211,10 @@ def run_hub(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from sync.hub.mqtt_tools import follow_updates, ring_doorbell
+    from sync.hub.publish import BundleSource, publish
+    from sync.hub.repository import HubRepository, HubSettings
+
     command = args.hub_command
     if command == "init":
         settings = HubSettings()
@@ -327,6 +334,7 @@ def _view(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from sync.hub.controller import collect_fleet
+    from sync.hub.repository import HubRepository
     from sync.hub.rollouts.store import RolloutStore
     from sync.hub.status import device_rows
 

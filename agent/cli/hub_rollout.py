@@ -18,16 +18,16 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sync.errors import HubError, SyncError
-from sync.hub.mqtt_tools import Broker, ring_doorbell
-from sync.hub.publish import BundleSource, PublishResult, rollout_target
-from sync.hub.repository import HubRepository
-from sync.hub.rollouts import actions
 from sync.hub.rollouts.record import OUTCOMES, Plan, RolloutRecord
 from sync.hub.rollouts.store import RolloutStore
-from sync.hub.rollouts.topic import publish_rollout
+
+if TYPE_CHECKING:  # paho and python-tuf load when a rollout command runs, not when the parser is built
+    from sync.hub.mqtt_tools import Broker
+    from sync.hub.publish import PublishResult
+    from sync.hub.repository import HubRepository
 
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -116,6 +116,9 @@ def add_rollout_commands(sub: Any, add_hub_dir: Any, add_mqtt_args: Any) -> None
 
 def run_rollout(args: argparse.Namespace, broker: Any, error: Any) -> int:
     """`broker(args)` -> Broker; `error(message, code)` -> the CLI's exception."""
+    from sync.hub.repository import HubRepository
+    from sync.hub.rollouts import actions
+
     repo = HubRepository(args.dir)
     store = RolloutStore(args.dir)
     repo.settings  # noqa: B018 - refuses a directory that is not a hub
@@ -152,6 +155,7 @@ def run_rollout(args: argparse.Namespace, broker: Any, error: Any) -> int:
 def run_control(args: argparse.Namespace, broker: Broker) -> int:
     from agent.lifecycle.logs import setup_logging
     from sync.hub.controller import run_controller
+    from sync.hub.repository import HubRepository
 
     setup_logging("info")
     run_controller(HubRepository(args.dir), broker, args.topic_prefix, args.interval)
@@ -159,6 +163,9 @@ def run_control(args: argparse.Namespace, broker: Broker) -> int:
 
 
 def _start(args: argparse.Namespace, repo: HubRepository, store: RolloutStore, broker: Any, error: Any) -> int:
+    from sync.hub.publish import BundleSource, rollout_target
+    from sync.hub.rollouts import actions
+
     if bool(args.bundle) == bool(args.version):
         raise error("rollout start: give the new release as BUNDLE_DIR or as --version NAME=VERSION (one of them)",
                     2)
@@ -191,6 +198,8 @@ def _start(args: argparse.Namespace, repo: HubRepository, store: RolloutStore, b
 
 
 def _ring(args: argparse.Namespace, broker: Broker, result: PublishResult) -> None:
+    from sync.hub.mqtt_tools import ring_doorbell
+
     topic = result.doorbell_topic(args.topic_prefix)
     try:
         ring_doorbell(broker, topic, result.doorbell)
@@ -202,6 +211,8 @@ def _ring(args: argparse.Namespace, broker: Broker, result: PublishResult) -> No
 def _announce(args: argparse.Namespace, broker: Broker, record: RolloutRecord) -> None:
     """The rollout's status, retained on its topic (sync/hub/rollouts/topic.py); a broker that
     is away delays it to the controller's next look, it changes nothing signed."""
+    from sync.hub.rollouts.topic import publish_rollout
+
     try:
         topic = publish_rollout(broker, args.topic_prefix, record)
         print(f"status published on {topic}")

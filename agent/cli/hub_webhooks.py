@@ -10,9 +10,10 @@ connects. The work lives in sync/hub/webhooks/.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sync.hub.mqtt_tools import Broker
+if TYPE_CHECKING:  # paho: loaded when the command runs, not when the parser is built
+    from sync.hub.mqtt_tools import Broker
 
 
 def add_webhooks_command(sub: Any, add_hub_dir: Any, add_mqtt_args: Any) -> None:

@@ -19,14 +19,9 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from agent import __version__
-from agent.cli.demo import DEMO_MODELS, build_demo_bundles
-from agent.cli.hub import HubCliError, add_hub_commands, run_hub
-from agent.cli.keys import KeysCliError, add_keys_commands, run_keys
-from agent.cli.models import fetch_command, rollback_command
-from agent.cli.models_commands import add_local_model_commands, run_local_model_command
-from agent.cli.models_local import list_command
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, ConfigError, ModelEntry, load_config
 from agent.lifecycle.logs import setup_logging
 from runtime.errors import RuntimeLayerError
@@ -46,7 +41,9 @@ class CliError(Exception):
         self.code = code
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with `command` "serve", that one alone, so the daemon does not
+    import the other commands' modules (docs/performance.md#idle-footprint)."""
     parser = argparse.ArgumentParser(prog="edgefleet", description="Edge AI agent")
     parser.add_argument("--version", action="version", version=f"edgefleet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default 8080)")
     serve.add_argument("--grpc-port", type=int,
                        help="also serve KServe v2 over gRPC on this port (default: off; 8081 with --demo)")
+    if command == "serve":
+        return parser
+    from agent.cli.hub import add_hub_commands
+    from agent.cli.keys import add_keys_commands
+    from agent.cli.models_commands import add_local_model_commands
 
     models = commands.add_parser("models", help="inspect model bundles")
     models_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
@@ -100,10 +102,23 @@ def _parser() -> argparse.ArgumentParser:
 
     add_audit_arguments(audit_verify)
 
+    from agent.cli.tune import add_tune_command
+
+    add_tune_command(commands, add_config)  # `edgefleet tune` (agent/cli/tune.py)
+
     doctor = commands.add_parser("doctor", help="check this machine and the config; say what to fix")
     doctor.add_argument("--config", type=Path, help="TOML config (default as for serve)")
     doctor.add_argument("--state-dir", help="where models and state live (overrides the config)")
     return parser
+
+
+def _one_line_errors() -> tuple[type[Any], ...]:  # each has .code
+    """The errors shown as one line with their exit code. Evaluated only once something was
+    raised, so `serve` does not import the hub's and the keys' commands for their errors."""
+    from agent.cli.hub import HubCliError
+    from agent.cli.keys import KeysCliError
+
+    return CliError, HubCliError, KeysCliError
 
 
 def config_path(explicit: Path | None) -> Path | None:
@@ -150,6 +165,8 @@ def _with_demo(args: argparse.Namespace, config: AgentConfig, locked: bool = Fal
     process holds it already) and serve them beside the configured models."""
     if not getattr(args, "demo", False):
         return config
+    from agent.cli.demo import DEMO_MODELS, build_demo_bundles
+
     setup_logging(config.log_level)  # what the demo replaces or keeps is logged
     if locked:
         build_demo_bundles(Path(config.state_dir) / "models")
@@ -180,10 +197,33 @@ def _serve(args: argparse.Namespace, config: AgentConfig) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace, config: AgentConfig) -> int:
+    """`models …`: rollback and fetch (the hub's tools), list, and the local commands."""
+    if args.models_command == "rollback":
+        from agent.cli.models import rollback_command
+
+        return rollback_command(_with_demo(args, config), args.name)
+    if args.models_command == "fetch":
+        from agent.cli.models import fetch_command
+
+        with StateDirLock(config.state_dir, "models fetch"):
+            return fetch_command(_with_demo(args, config, locked=True))
+    if args.models_command != "list":
+        from agent.cli.models_commands import run_local_model_command
+
+        return run_local_model_command(args, _with_demo(args, config))
+    from agent.cli.models_local import list_command
+
+    return list_command(_with_demo(args, config), args.json)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     try:
         if args.command == "demo":
+            from agent.cli.demo import build_demo_bundles
+
             config = _load(args)
             setup_logging(config.log_level)
             with StateDirLock(config.state_dir, "demo build"):
@@ -192,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{bundle.name}: {bundle.path} -> {bundle.path.resolve()}")
             return 0
         if args.command == "hub":
+            from agent.cli.hub import run_hub
+
             return run_hub(args)
         if args.command == "doctor":
             from agent.cli.doctor import run_doctor
@@ -199,23 +241,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_doctor(lambda: _load(args))
         config = _load(args)
         if args.command == "keys":
+            from agent.cli.keys import run_keys
+
             return run_keys(args, config)
         if args.command == "audit":
             from agent.cli import audit as audit_cli
 
             return audit_cli.run(audit_cli.verify_command, args, Path(config.state_dir), config.audit)
         setup_logging(config.log_level)
-        if args.command == "models" and args.models_command == "rollback":
-            return rollback_command(_with_demo(args, config), args.name)
-        if args.command == "models" and args.models_command == "fetch":
-            with StateDirLock(config.state_dir, "models fetch"):
-                return fetch_command(_with_demo(args, config, locked=True))
-        if args.command == "models" and args.models_command != "list":
-            return run_local_model_command(args, _with_demo(args, config))
-        if args.command == "models":
-            return list_command(_with_demo(args, config), args.json)
+        if args.command == "tune":
+            from agent.cli.tune import TuneCliError, run_tune
+
+            try:
+                return run_tune(_with_demo(args, config), args)
+            except TuneCliError as exc:
+                print(f"edgefleet: {exc}", file=sys.stderr)
+                return exc.code
+        if args.command == "models":  # each command imports what it needs: `serve` loads no hub or download code
+            return _models(args, config)
         return _serve(args, config)
-    except (CliError, HubCliError, KeysCliError) as exc:
+    except _one_line_errors() as exc:
         print(f"edgefleet: {exc}", file=sys.stderr)
         return exc.code
     except RuntimeLayerError as exc:

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -46,10 +46,12 @@ from runtime.sampler import Sampler
 from sync.alerts.engine import AlertBook, CounterWindow, HistogramWindow, Transition, quantile
 from sync.alerts.payload import alert_payload
 from sync.alerts.settings import RULE_NAMES, AlertSettings, RuleSettings
-from sync.mqtt import ConnectInfo, MqttLink
-from sync.telemetry import TelemetryPublisher
 from sync.update_health import Health
-from sync.updates import UpdateService
+
+if TYPE_CHECKING:  # paho, the outbox's sqlite3 and python-tuf load only with [mqtt] / [updates]
+    from sync.mqtt import ConnectInfo, MqttLink
+    from sync.telemetry import TelemetryPublisher
+    from sync.updates import UpdateService
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,12 @@
 """The audit log as one of the app's cleanup contexts: what it records, and where it goes.
 
 On unless ``[audit] enabled = false``. It opens ``<state_dir>/audit/audit.log``
-(security/audit.py) with the device key (``<state_dir>/device-key.pem``, made at first
-start), puts the log under ``app[AUDIT]`` for whoever records admin calls and failed
+(security/audit.py) with the device key (``<state_dir>/device-key.pem``, security/device_key.py):
+at start the key file is only checked (without cryptography: a bad one is logged then, and
+`edgefleet doctor` names it), and it is loaded, or made, at the first checkpoint — unless MQTT
+is on, whose birth message carries the key's public half, and then at start. A key that cannot
+sign loses that checkpoint, counted and alerted (``audit_dropping``) like a record the disk
+refuses; serving goes on. It puts the log under ``app[AUDIT]`` for whoever records admin calls and failed
 authentications (the request gate calls ``app.get(AUDIT).record(...)``), and records
 every signed-update transition itself (`UpdateService.on_transition`): actor ``hub``
 for a step of a signed update, ``local`` for the operator's rollback.
@@ -28,8 +32,8 @@ from agent.context import AUDIT, CONFIG, METRICS, MQTT
 from agent.fleet.telemetry import PUBLISHER
 from agent.fleet.updates import UPDATES
 from agent.metrics import watch_audit
-from security.audit import AuditLog, load_or_create_device_key
-from security.audit_chain import public_key_text
+from security.audit import AuditLog
+from security.device_key import DeviceKey
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +49,11 @@ def audit_topic(prefix: str, device: str) -> str:
 
 def device_key_field(app: web.Application) -> dict[str, str]:
     """The birth message's ``device_key`` (agent/fleet/link.py), once the audit log holds the key."""
+    from security.audit_chain import public_key_text
+
     audit = app.get(AUDIT)
-    return {"device_key": public_key_text(audit.key.public_key())} if audit is not None else {}
+    key = audit.key.loaded if audit is not None and isinstance(audit.key, DeviceKey) else None
+    return {"device_key": public_key_text(key.public_key())} if key is not None else {}
 
 
 def record_transition(audit: AuditLog, payload: dict[str, Any]) -> None:
@@ -69,12 +76,16 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     state_dir = Path(config.state_dir)
-    try:
-        key = await asyncio.to_thread(load_or_create_device_key, state_dir)
-    except (OSError, ValueError) as exc:
-        log.error("audit: off: the device key cannot be used: %s", exc)
-        yield
-        return
+    key = DeviceKey(state_dir)
+    problem = await asyncio.to_thread(key.precheck)
+    if problem is not None:
+        log.error("audit: the device key cannot sign checkpoints: %s: records are chained but not sealed until "
+                  "it is fixed (edgefleet doctor checks it)", problem)
+    elif config.mqtt.enabled:  # the birth message carries its public half: loaded (or made) now
+        try:
+            await asyncio.to_thread(key.get)
+        except (OSError, ValueError) as exc:
+            log.error("audit: the device key cannot sign checkpoints: %s", exc)
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[bytes] = asyncio.Queue()
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -22,7 +22,9 @@ from agent import __version__
 from agent.context import CONFIG, MODELS, MQTT
 from runtime.registry import RegistryEvent, RegistryEventKind
 from sync.errors import SyncError
-from sync.mqtt import MqttLink
+
+if TYPE_CHECKING:  # the link's module imports paho: only an agent with [mqtt] loads it
+    from sync.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ async def mqtt_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.enabled:
         yield
         return
+    from sync.mqtt import MqttLink  # paho: loaded only by an agent with [mqtt]
+
     link = MqttLink(settings, state_fields=lambda: state_fields(app))
     try:
         await link.start()

@@ -20,7 +20,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -29,8 +29,10 @@ from agent.context import CONFIG, MODELS, MQTT
 from agent.fleet.link import Republisher
 from agent.fleet.updates import UPDATES, UPDATES_PROBLEM
 from runtime.registry import ModelState
-from sync.mqtt import MqttLink
 from sync.update_health import Health, UpdateHealth
+
+if TYPE_CHECKING:  # the link's module imports paho: only an agent with [mqtt] loads it
+    from sync.mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,12 +26,14 @@ from agent.fleet.link import boot_id
 from runtime.energy.meter import default_meter
 from runtime.sampler import Sampler
 from runtime.system import SystemMonitor
-from sync.telemetry import Outbox, OutboxStats, RecordHeader, StorageHealth, TelemetryPublisher, build_record
+
+if TYPE_CHECKING:  # the publisher and its outbox (sqlite3) are imported once the MQTT link is there
+    from sync.telemetry import OutboxStats, StorageHealth, TelemetryPublisher
 
 log = logging.getLogger(__name__)
 
 SAMPLER = web.AppKey("sampler", Sampler)
-PUBLISHER = web.AppKey("telemetry_publisher", TelemetryPublisher)
+PUBLISHER: web.AppKey[TelemetryPublisher] = web.AppKey("telemetry_publisher")
 
 
 async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -58,6 +60,8 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     publisher: TelemetryPublisher | None = None
     link = app.get(MQTT)
     if link is not None:
+        from sync.telemetry import Outbox, RecordHeader, TelemetryPublisher, build_record
+
         # opened on first use: a full disk at start-up is reported by the publisher, never fatal
         outbox = Outbox(Path(config.state_dir) / "outbox", settings.outbox_max_records)
         header = RecordHeader(config.mqtt.device_id, config.mqtt.group, __version__, boot_id(), run_id,

@@ -28,6 +28,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -41,12 +42,13 @@ from security.errors import SecurityError
 from sync.errors import SyncError
 from sync.journal import Journal
 from sync.mqtt import Topics
-from sync.tuf_client import HubClient
-from sync.updates import UpdateService, journal_path, recover_after_crash
+
+if TYPE_CHECKING:  # sync.updates brings python-tuf, urllib3 and securesystemslib: imported once updates are on
+    from sync.updates import UpdateService
 
 log = logging.getLogger(__name__)
 
-UPDATES = web.AppKey("updates", UpdateService)
+UPDATES: web.AppKey[UpdateService] = web.AppKey("updates")
 STORE = web.AppKey("store", ModelStore)
 #: why the update service did not start (code, message): the reported state says so
 UPDATES_PROBLEM = web.AppKey("updates_problem", tuple)
@@ -60,6 +62,8 @@ def with_managed_models(config: AgentConfig) -> AgentConfig:
     names it lists; `hub publish --remove NAME` stops it there)."""
     if not config.updates.enabled:
         return config
+    from sync.updates import journal_path
+
     listed = {m.name for m in config.models}
     desired = Journal(journal_path(Path(config.state_dir))).data.desired
     stored = set(ModelStore(config.state_dir).names())
@@ -71,6 +75,9 @@ def with_managed_models(config: AgentConfig) -> AgentConfig:
 
 
 def build_service(config: AgentConfig, store: ModelStore, app: web.Application) -> UpdateService:
+    from sync.tuf_client import HubClient
+    from sync.updates import UpdateService
+
     settings = config.updates
     assert settings.hub_url is not None
     try:
@@ -88,6 +95,8 @@ def build_service(config: AgentConfig, store: ModelStore, app: web.Application) 
 async def recovery_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     if config.updates.enabled:
+        from sync.updates import recover_after_crash
+
         store = ModelStore(config.state_dir)
         store.ensure_layout()
         app[STORE] = store
@@ -159,6 +168,8 @@ def setup(app: web.Application) -> None:
 def offline_rollback(config: AgentConfig, name: str) -> str:
     """`models rollback` while no agent runs: switch `current` on disk to the last version that
     served well before it, and deny the version rolled back from (the next start serves it)."""
+    from sync.updates import journal_path
+
     store = ModelStore(config.state_dir)
     current = store.current(name)
     journal = Journal(journal_path(Path(config.state_dir)))

@@ -12,15 +12,18 @@ through the same `to_api_error` and turns the result into a gRPC status with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import grpc
 from aiohttp import http_exceptions, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from agent.http.jsonio import json_response
-from agent.kserve.tensors import TensorError
+from agent.kserve import TensorError
 from runtime import errors as rt
 from security.gate import Refusal
+
+if TYPE_CHECKING:  # grpc is imported by the gRPC server (agent/kserve/grpc_server.py), when it is on
+    import grpc
 
 
 @dataclass
@@ -148,30 +151,32 @@ def _closing(response: web.Response, err: ApiError) -> web.Response:
     return response
 
 
-#: HTTP status -> gRPC status code, as gRPC's own HTTP mapping and Triton's server do it.
+#: HTTP status -> gRPC status code name, as gRPC's own HTTP mapping and Triton's server do it.
 _GRPC_BY_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    429: grpc.StatusCode.UNAVAILABLE,  # retryable: the queue is full now
-    501: grpc.StatusCode.UNIMPLEMENTED,
-    503: grpc.StatusCode.UNAVAILABLE,
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    429: "UNAVAILABLE",  # retryable: the queue is full now
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
 }
 
 
 def grpc_status(err: ApiError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
     """`err` as a gRPC status code and trailing metadata (``retry-after`` when the HTTP
     answer would carry Retry-After); the message is `err.message` on both transports."""
+    import grpc
+
     if err.code == "model_time_exceeded":
         code = grpc.StatusCode.DEADLINE_EXCEEDED
     elif err.status == 429 and err.code != "queue_full":  # a key's limit (the gate), not a full queue
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     else:
-        code = _GRPC_BY_STATUS.get(err.status, grpc.StatusCode.INTERNAL if err.status >= 500
-                                   else grpc.StatusCode.FAILED_PRECONDITION)
+        code = grpc.StatusCode[_GRPC_BY_STATUS.get(err.status, "INTERNAL" if err.status >= 500
+                                                   else "FAILED_PRECONDITION")]
     trailers = tuple((name.lower(), value) for name, value in err.headers.items()
                      if name == "Retry-After" or name.startswith("x-ratelimit-"))
     return code, trailers

@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from aiohttp_sse import sse_response
+from aiohttp_sse import EventSourceResponse, sse_response
 
 from agent.context import LIVE, MODELS
 from agent.http.bodies import read_json
@@ -51,6 +52,9 @@ from runtime.served_model import ServedModel
 from runtime.tool_calls import read_answer
 
 log = logging.getLogger(__name__)
+
+#: False only to measure the old way (bench/bench_load.py's A/B): one write per SSE event.
+WRITE_PER_STEP = "write" not in os.environ.get("EDGEFLEET_BENCH_OLD_PATHS", "").split(",")
 
 
 def setup(app: web.Application) -> None:
@@ -130,6 +134,45 @@ async def _items(job: Job[GenerationResult]) -> AsyncIterator[TextDelta | TokenL
             yield item
 
 
+async def _item_batches(job: Job[GenerationResult]) -> AsyncIterator[list[TextDelta | TokenLogprob]]:
+    """`_items`, every one already generated at once: what one engine step gave the stream
+    (several steps' when the loop fell behind)."""
+    async for items in job.batches():
+        if WRITE_PER_STEP:
+            batch = [item for item in items if isinstance(item, (TextDelta, TokenLogprob))]
+            if batch:
+                yield batch
+        else:
+            for item in items:
+                if isinstance(item, (TextDelta, TokenLogprob)):
+                    yield [item]
+
+
+class EventStream(EventSourceResponse):
+    """aiohttp-sse's response with one more way to send: several events in one write."""
+
+    async def send_all(self, events: list[str]) -> None:
+        """Each of `events` as its own SSE event (``data:`` lines, as `send` writes them), all
+        in one write to the socket, under `send`'s timeout and with its error handling."""
+        if not WRITE_PER_STEP:
+            for data in events:
+                await self.send(data)
+            return
+        sep = self._sep
+        text = "".join("".join(f"data: {line}{sep}" for line in self.LINE_SEP_EXPR.split(data)) + sep
+                       for data in events)
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await self.write(text.encode("utf-8"))
+        except ConnectionResetError:
+            self.stop_streaming()
+            raise
+        except TimeoutError:
+            self.stop_streaming()
+            self._abort_transport()
+            raise
+
+
 def finish_reason(job: Job[GenerationResult], result: GenerationResult) -> str:
     """The result's finish_reason, with a stop by the runtime said as why it stopped."""
     if result.finish_reason != "cancelled":
@@ -191,7 +234,7 @@ async def _generate(request: web.Request, parsed: ParsedGeneration, chat: bool) 
     if parsed.request.logprobs is not None:
         choice["logprobs"] = chat_logprobs(logprobs) if chat else completion_logprobs(logprobs)
     if chat:
-        content, calls = read_answer(text) if parsed.tools else (text, [])
+        content, calls = read_answer(text, served.info.tool_format) if parsed.tools else (text, [])
         choice["message"] = {"role": "assistant", "content": content}
         if calls:
             choice["message"]["tool_calls"] = calls
@@ -220,12 +263,12 @@ async def _stream(
     ident: str,
     created: int,
 ) -> web.StreamResponse:
-    items = _items(job)
+    batches = _item_batches(job)
     # Wait for the first piece (or the error) before committing to a 200 stream. An answer in
     # the tool format is read whole first: whether it is a call or text shows at its end.
     pending: list[TextDelta | TokenLogprob] = []
-    async for item in items:
-        pending.append(item)
+    async for items in batches:
+        pending += items
         if not parsed.tools:
             break
     header = {
@@ -257,12 +300,16 @@ async def _stream(
 
     tokens: list[TokenLogprob] = []  # log probabilities not sent yet: they go with the next text
 
-    async def send(sse: Any, item: TextDelta | TokenLogprob) -> None:
-        if isinstance(item, TokenLogprob):
-            tokens.append(item)
-            return
-        await sse.send(chunk(item.text, logprobs=tokens[:]))
-        tokens.clear()
+    def events(items: list[TextDelta | TokenLogprob]) -> list[str]:
+        """One chunk per text delta, as OpenAI streams them (each token its own event)."""
+        out = []
+        for item in items:
+            if isinstance(item, TokenLogprob):
+                tokens.append(item)
+                continue
+            out.append(chunk(item.text, logprobs=tokens[:]))
+            tokens.clear()
+        return out
 
     response: web.StreamResponse | None = None
     # How long a send may wait for a client that reads nothing (aiohttp-sse then aborts the
@@ -271,27 +318,27 @@ async def _stream(
     timeout_s = request.app[LIVE].config.server.write_timeout_s
     try:
         async with sse_response(request, sep="\n", allow_all_methods=True, send_timeout=timeout_s,
-                                headers={"X-Accel-Buffering": "no"}) as sse:
+                                headers={"X-Accel-Buffering": "no"}, response_cls=EventStream) as sse:
             response = sse
-            if chat:
-                await sse.send(chunk("", role=True))
+            opening = [chunk("", role=True)] if chat else []
             result: GenerationResult | None = None
             try:
                 if parsed.tools:
-                    finish = await _send_tool_answer(sse, chunk, pending, job)
+                    await sse.send_all(opening)
+                    finish = await _send_tool_answer(sse, chunk, pending, job, served.info.tool_format)
                 else:
-                    for item in pending:
-                        await send(sse, item)
-                    async for item in items:
-                        await send(sse, item)
+                    # one write per engine step: the tokens it gave this stream, one event each
+                    await sse.send_all(opening + events(pending))
+                    async for items in batches:
+                        await sse.send_all(events(items))
                     finish = finish_reason(job, job.future.result())
                 result = job.future.result()
             except ShuttingDownError:  # the model did not stop by the deadline: end the stream anyway
                 finish = "shutdown"
-            await sse.send(chunk(None if chat else "", finish=finish, logprobs=tokens))
+            ending = [chunk(None if chat else "", finish=finish, logprobs=tokens)]
             if parsed.include_usage and result is not None:
-                await sse.send(dumps({**header, "choices": [], "usage": _usage(result)}))
-            await sse.send("[DONE]")
+                ending.append(dumps({**header, "choices": [], "usage": _usage(result)}))
+            await sse.send_all([*ending, "[DONE]"])
     except ConnectionError:
         # The client left between two chunks; the caller's finally stops the model.
         log.debug("client of %s left mid-stream", ident)
@@ -303,14 +350,16 @@ async def _stream(
 
 
 async def _send_tool_answer(sse: Any, chunk: Any, items: list[TextDelta | TokenLogprob],
-                            job: Job[GenerationResult]) -> str:
-    """Stream an answer in the generic tool format, read whole (`items`): its calls as
+                            job: Job[GenerationResult], tool_format: str = "generic") -> str:
+    """Stream an answer in the model's tool format, read whole (`items`): its calls as
     OpenAI's `delta.tool_calls` pieces, or its text as content. Returns the finish reason."""
     result = job.future.result()
     text = "".join(item.text for item in items if isinstance(item, TextDelta))
     logprobs = [item for item in items if isinstance(item, TokenLogprob)]
-    content, calls = read_answer(text)
+    content, calls = read_answer(text, tool_format)
     if calls:
+        if content:  # text the model wrote before its calls (a model's own format allows it)
+            await sse.send(chunk(content))
         for delta in tool_call_deltas(calls):
             await sse.send(chunk(None, delta=delta))
         return "tool_calls"

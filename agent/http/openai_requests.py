@@ -9,7 +9,10 @@ refused rather than silently dropped.
 Structured output (`response_format` json_object / json_schema) and tools become a
 grammar on the request (runtime/grammar.py, runtime/tool_calls.py: the generic tool
 format); a schema or tool list past the limits there is a 400 naming the field, before
-anything is queued. Tool-role messages must answer a call made by an earlier assistant
+anything is queued. A chat with tools also carries them and its messages in OpenAI's terms
+(`GenerationRequest.tools`), for a model whose own template knows tools
+(runtime/chat_formats.py): which of the two the model reads is the model's choice.
+Tool-role messages must answer a call made by an earlier assistant
 message of the same request (`tool_call_id`), as OpenAI requires.
 """
 
@@ -224,11 +227,11 @@ def parse_chat(body: Any) -> ParsedGeneration:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("messages must be a non-empty array", param="messages")
-    parsed = _messages(messages)
+    parsed, template_messages = _messages(messages)
     if body.get("functions"):
         raise bad_request("the deprecated functions parameter is not supported; use tools", param="functions")
     grammar = _response_format(body)
-    toolplan = _tools(body)
+    toolplan, native = _tools(body, template_messages)
     if toolplan.system is not None:
         if parsed[0].role == "system":
             parsed[0] = ChatMessage("system", parsed[0].content + "\n\n" + toolplan.system)
@@ -241,14 +244,16 @@ def parse_chat(body: Any) -> ParsedGeneration:
         stream=stream,
         include_usage=include_usage,
         request=GenerationRequest(messages=parsed, grammar=grammar, logprobs=_chat_logprobs(body),
-                                  **_sampling(body)),
+                                  tools=native, **_sampling(body)),
         tools=toolplan.system is not None,
     )
 
 
-def _messages(messages: list[Any]) -> list[ChatMessage]:
-    """The chat as the model reads it: tool calls and tool results in the generic format."""
+def _messages(messages: list[Any]) -> tuple[list[ChatMessage], list[dict[str, Any]]]:
+    """The chat as the model reads it: tool calls and tool results in the generic format;
+    and as a template that knows tools reads it (OpenAI's messages, arguments as objects)."""
     parsed: list[ChatMessage] = []
+    native: list[dict[str, Any]] = []
     calls: dict[str, str | None] = {}  # id -> function name, of calls made earlier in this chat
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -266,6 +271,9 @@ def _messages(messages: list[Any]) -> list[ChatMessage]:
                                   param=f"messages.[{i}].tool_calls")
             calls.update((c["id"], c["function"].get("name")) for c in made)
             parsed.append(ChatMessage("assistant", tool_calls.render_calls(made)))
+            text = message.get("content")
+            native.append({"role": "assistant", "content": _content(message, i) if text else None,
+                           "tool_calls": [tool_calls.template_call(c) for c in made]})
             continue
         if role == "tool":
             call_id = message.get("tool_call_id")
@@ -275,19 +283,27 @@ def _messages(messages: list[Any]) -> list[ChatMessage]:
                     "earlier assistant message", param=f"messages.[{i}].tool_call_id")
             parsed.append(ChatMessage("user", tool_calls.render_result(call_id, calls[call_id],
                                                                         _content(message, i))))
+            native.append({"role": "tool", "tool_call_id": call_id, "name": calls[call_id],
+                           "content": _content(message, i)})
             continue
         parsed.append(ChatMessage(role="system" if role == "developer" else role,
                                   content=_content(message, i)))
-    return parsed
+        native.append({"role": parsed[-1].role, "content": parsed[-1].content})
+    return parsed, native
 
 
-def _tools(body: dict[str, Any]) -> tool_calls.ToolPlan:
+def _tools(body: dict[str, Any],
+           messages: list[dict[str, Any]]) -> tuple[tool_calls.ToolPlan, tool_calls.ToolRequest | None]:
+    """The generic format's plan, and the tools for a template that knows them (None: the
+    chat has neither tools nor tool messages)."""
     raw = body.get("tools")
     choice = body.get("tool_choice")
     if not raw:
         if choice not in (None, "none", "auto"):
             raise bad_request("tool_choice needs tools", param="tool_choice")
-        return tool_calls.ToolPlan(None, None)
+        history = any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        native = tool_calls.ToolRequest((), "none", None, False, tuple(messages)) if history else None
+        return tool_calls.ToolPlan(None, None), native
     try:
         tools = tool_calls.parse_tools(raw)
     except SchemaError as exc:
@@ -310,9 +326,10 @@ def _tools(body: dict[str, Any]) -> tool_calls.ToolPlan:
     if not isinstance(parallel, bool):
         raise bad_request("parallel_tool_calls must be a boolean", param="parallel_tool_calls")
     try:
-        return tool_calls.plan(tools, choice, named, parallel)
+        plan = tool_calls.plan(tools, choice, named, parallel)
     except SchemaError as exc:
         raise bad_request(str(exc), param=exc.param) from None
+    return plan, tool_calls.ToolRequest(tuple(tools), choice, named, parallel, tuple(messages))
 
 
 def parse_completion(body: Any) -> ParsedGeneration:

@@ -4,6 +4,8 @@ the KServe v2 model-repository extension to load and unload models at run time.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -15,7 +17,9 @@ from agent.http.jsonio import json_response
 from agent.local_models import with_imported_models
 from runtime.bundle import read_bundle
 from runtime.registry import ModelStatus
-from sync.telemetry import TelemetryPublisher
+
+if TYPE_CHECKING:  # its outbox (sqlite3) is imported with [mqtt] only
+    from sync.telemetry import TelemetryPublisher
 
 
 def setup(app: web.Application) -> None:

@@ -4,7 +4,10 @@ The text events of the OpenAI Realtime API, so a client written for it finds its
 the client sends ``response.create`` (its ``response`` is a /v1/chat/completions body, and
 its ``event_id`` names the response) and ``response.cancel`` (``response_id``); the agent
 answers ``response.created``, ``response.output_text.delta`` and ``response.done`` (status,
-finish_reason, usage), or ``error`` naming the event it answers. docs/api.md has the format.
+finish_reason, usage), or ``error`` naming the event it answers. A request with ``logprobs``
+gets them as the Responses API streams them: each delta's ``logprobs`` are its tokens' (the
+chat stream's ``logprobs.content`` entries), and ``response.done`` has them all. docs/api.md
+has the format.
 
 Each request goes the chat endpoint's way (agent/http/openai_api.py): the same parsing and
 400s (agent/http/openai_requests.py), the same model checks and token accounting for the
@@ -15,13 +18,13 @@ same scheduler, where a cancel stops the sequence at the next step and frees its
 
 Why the writing goes through one `Outbox`: the streams' deltas are coalesced per stream
 while a write is under way (one frame per stream per engine step, not one per token), and
-a client that stops reading holds at most `OUTBOX_BYTES` here plus aiohttp's writer buffer:
+a client that stops reading holds at most ``limits.websocket_buffer_bytes`` here plus aiohttp's writer buffer:
 a write that waits ``server.write_timeout_s`` drops the connection, and with it every
 stream it carried. The heartbeat drops a client that answers no ping in that time too.
 
 Bad input is answered, never traceback'd: a frame over ``server.max_body_bytes`` is closed
 with 1009 (aiohttp), binary frames, non-JSON and unknown events get an ``error`` event and
-the connection goes on, and a client sending more than `MESSAGES_PER_S` gets ``error``
+the connection goes on, and a client sending more than ``limits.websocket_messages_per_s`` gets ``error``
 events and then close 1008, so a flood costs other clients nothing.
 """
 
@@ -41,8 +44,9 @@ from agent.http.gate import GATE, identity_of
 from agent.http.jsonio import dumps, loads
 from agent.http.keep_alive import keep_alive
 from agent.http.openai_api import count_usage, finish_reason, served_for
+from agent.http.openai_choices import chat_logprobs
 from agent.http.openai_requests import ParsedGeneration, parse_chat
-from runtime.backend import Capability, GenerationResult, TextDelta
+from runtime.backend import Capability, GenerationResult, TextDelta, TokenLogprob
 from runtime.scheduler import Job
 from runtime.served_model import ServedModel
 from runtime.tool_calls import read_answer
@@ -50,13 +54,9 @@ from runtime.tool_calls import read_answer
 log = logging.getLogger(__name__)
 
 PATH = "/v1/realtime"
-#: Bytes of events waiting for a client that reads slowly, per connection.
-OUTBOX_BYTES = 256 * 1024
-#: Responses in flight on one connection.
-MAX_IN_FLIGHT = 16
-#: Messages a second a connection may send (a burst of twice that), and how many over it are
-#: answered with an error event before the connection is closed with 1008.
-MESSAGES_PER_S = 100.0
+#: Messages over the rate (``limits.websocket_messages_per_s``, agent/config.py, read when a
+#: connection opens, as the in-flight and buffer limits are) answered with an error event
+#: before the connection is closed with 1008.
 MAX_OVER_LIMIT = 10
 #: Longest client-chosen id.
 MAX_ID_CHARS = 128
@@ -70,7 +70,7 @@ class Outbox:
     """Events for one client, bounded in bytes, written by one task; deltas of a stream that
     wait together leave as one event."""
 
-    def __init__(self, ws: web.WebSocketResponse, timeout_s: float, limit: int = OUTBOX_BYTES) -> None:
+    def __init__(self, ws: web.WebSocketResponse, timeout_s: float, limit: int) -> None:
         self._ws, self._timeout_s, self._limit = ws, timeout_s, limit
         self._events: list[dict[str, Any]] = []
         self._bytes = 0
@@ -93,7 +93,8 @@ class Outbox:
     def put_nowait(self, event: dict[str, Any]) -> None:
         """Queue `event` past the bound (errors about the client's own input: few and small)."""
         self._events.append(event)
-        self._bytes += len(event.get("delta", "")) + 128
+        self._bytes += len(event.get("delta", "")) + 128 + sum(64 + 64 * len(item["top_logprobs"])
+                                                                for item in event.get("logprobs", ()))
         self._idle.clear()
         self._ready.set()
 
@@ -107,6 +108,8 @@ class Outbox:
             if event["type"] == "response.output_text.delta":
                 if rid in last_delta:
                     last_delta[rid]["delta"] += event["delta"]
+                    if "logprobs" in event:  # the tokens of the merged text, in order
+                        last_delta[rid].setdefault("logprobs", []).extend(event["logprobs"])
                     continue
                 last_delta[rid] = dict(event)
                 merged.append(last_delta[rid])
@@ -150,17 +153,19 @@ class Connection:
 
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, timeout_s: float) -> None:
         self.request, self.ws = request, ws
-        self.outbox = Outbox(ws, timeout_s)
+        limits = request.app[LIVE].config.limits
+        self.max_in_flight, self.rate = limits.websocket_max_in_flight, limits.websocket_messages_per_s
+        self.outbox = Outbox(ws, timeout_s, limits.websocket_buffer_bytes)
         self.streams: dict[str, asyncio.Task[None]] = {}
         self.cancelled: set[str] = set()
         self.created: set[str] = set()  # responses whose response.created went out
-        self._allowance = 2 * MESSAGES_PER_S
+        self._allowance = 2 * self.rate
         self._seen = time.monotonic()
         self._over = 0
 
     def _within_rate(self) -> bool:
         now = time.monotonic()
-        self._allowance = min(2 * MESSAGES_PER_S, self._allowance + (now - self._seen) * MESSAGES_PER_S)
+        self._allowance = min(2 * self.rate, self._allowance + (now - self._seen) * self.rate)
         self._seen = now
         if self._allowance >= 1:
             self._allowance -= 1
@@ -190,10 +195,10 @@ class Connection:
                 if self._over > MAX_OVER_LIMIT:
                     await self.outbox.flush()  # the error events first, then the close
                     await self.ws.close(code=WSCloseCode.POLICY_VIOLATION,
-                                        message=f"more than {MESSAGES_PER_S:g} messages a second".encode())
+                                        message=f"more than {self.rate:g} messages a second".encode())
                     return
                 self.outbox.put_nowait(_error(
-                    "rate_limit_exceeded", f"More than {MESSAGES_PER_S:g} messages a second: this one is "
+                    "rate_limit_exceeded", f"More than {self.rate:g} messages a second: this one is "
                     "dropped; the connection closes if it goes on", None, 429, kind="rate_limit_error"))
                 continue
             if msg.type == WSMsgType.BINARY:
@@ -239,8 +244,8 @@ class Connection:
         elif event_id in self.streams:
             self.outbox.put_nowait(_error("duplicate_id", f"A response {event_id!r} is already in flight",
                                           event_id, param="event_id"))
-        elif len(self.streams) >= MAX_IN_FLIGHT:
-            self.outbox.put_nowait(_error("too_many_responses", f"{MAX_IN_FLIGHT} responses are in flight "
+        elif len(self.streams) >= self.max_in_flight:
+            self.outbox.put_nowait(_error("too_many_responses", f"{self.max_in_flight} responses are in flight "
                                           "on this connection; wait for one to finish", event_id, 429,
                                           kind="rate_limit_error"))
         elif self.request.app[LIVE].draining:
@@ -251,9 +256,12 @@ class Connection:
             self.streams[event_id] = task
             task.add_done_callback(lambda _: self.streams.pop(event_id, None))
 
-    async def _generate(self, rid: str, request: web.Request, parsed: ParsedGeneration,
-                        body: Any) -> tuple[GenerationResult, list[str], Job[GenerationResult], ServedModel]:
-        """Run one response on the model, its deltas into the outbox: the chat endpoint's path."""
+    async def _generate(self, rid: str, request: web.Request, parsed: ParsedGeneration, body: Any,
+                        tokens: list[TokenLogprob]) -> tuple[GenerationResult, list[str], Job[GenerationResult],
+                                                             ServedModel]:
+        """Run one response on the model, its deltas into the outbox: the chat endpoint's path.
+        Each delta carries the log probabilities of the tokens its text came from (when asked,
+        as a chat stream's chunks do); all of them are gathered in `tokens`."""
         put = self.outbox.put
         async with keep_alive(request, parsed.model, body):
             served = await served_for(request, parsed.model, Capability.CHAT)
@@ -264,12 +272,20 @@ class Connection:
                     "id": rid, "object": "realtime.response", "status": "in_progress", "model": served.name}})
                 self.created.add(rid)
                 pieces: list[str] = []
+                unsent: list[TokenLogprob] = []  # log probabilities whose text has not gone out
                 async for item in job.stream():
-                    if isinstance(item, TextDelta):
+                    if isinstance(item, TokenLogprob):
+                        tokens.append(item)
+                        unsent.append(item)
+                    elif isinstance(item, TextDelta):
                         pieces.append(item.text)
                         if not parsed.tools:  # a tool answer is read whole, as the chat endpoint does
-                            await put({"type": "response.output_text.delta", "response_id": rid,
-                                       "output_index": 0, "content_index": 0, "delta": item.text})
+                            delta = {"type": "response.output_text.delta", "response_id": rid,
+                                     "output_index": 0, "content_index": 0, "delta": item.text}
+                            if unsent:
+                                delta["logprobs"] = chat_logprobs(unsent)["content"]
+                                unsent.clear()
+                            await put(delta)
                 result = job.future.result()
             finally:
                 job.cancel()  # no-op when finished; stops the sequence when this task was cancelled
@@ -278,18 +294,21 @@ class Connection:
     async def _respond(self, rid: str, body: Any) -> None:
         """One response: created, its deltas, done; or an error event naming `rid`."""
         request, put = self.request, self.outbox.put
+        tokens: list[TokenLogprob] = []
         try:
             parsed = parse_chat(body)  # a 400 here is an error event, as the chat endpoint's 400
             identity = identity_of(request)  # each response is a call of the key: its limits apply
             admitted = request.app[GATE].admit(identity, "infer") if identity is not None else contextlib.nullcontext()
             with admitted:
-                result, pieces, job, served = await self._generate(rid, request, parsed, body)
+                result, pieces, job, served = await self._generate(rid, request, parsed, body, tokens)
             text = "".join(pieces)
-            content, calls = read_answer(text) if parsed.tools else (text, [])
+            content, calls = read_answer(text, served.info.tool_format) if parsed.tools else (text, [])
             finish = "tool_calls" if calls else finish_reason(job, result)
             output: dict[str, Any] = {"type": "message", "role": "assistant", "content": content}
             if calls:
                 output["tool_calls"] = calls
+            if parsed.request.logprobs is not None:  # every token's, as the chat completion's logprobs.content
+                output["logprobs"] = chat_logprobs(tokens)["content"]
             await put({"type": "response.done", "response": {
                 "id": rid, "object": "realtime.response", "model": served.name,
                 "status": "completed" if finish in ("stop", "tool_calls") else "incomplete",

@@ -19,9 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import orjson
 from aiohttp import web
 
@@ -42,6 +41,9 @@ from agent.kserve.tensors import (
     to_values,
     v2_datatype,
 )
+
+if TYPE_CHECKING:  # numpy comes with the first tensor decoded (agent/kserve/tensors.py)
+    import numpy as np
 
 #: The request / response header giving the JSON header's length when binary data follows it.
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -210,6 +212,8 @@ def _slice_binary(headers: list[_InputHeader], binary: memoryview | None) -> lis
 
 
 def _decode(header: _InputHeader, raw: memoryview | None) -> np.ndarray:
+    import numpy as np
+
     if raw is None:
         return from_values(header.name, header.datatype, header.shape, header.data)
     # A view into the body, at whatever offset the JSON header's length left it: copy it

@@ -16,9 +16,12 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from agent.kserve import TensorError
+
+if TYPE_CHECKING:  # numpy is imported by the functions that make or read arrays, so the REST routes and
+    import numpy as np  # the datatype tables cost nothing in an agent that serves no tensor model
 
 #: KServe v2 datatype -> numpy dtype name.
 V2_TO_NUMPY: dict[str, str] = {
@@ -27,10 +30,6 @@ V2_TO_NUMPY: dict[str, str] = {
     "FP16": "float16", "FP32": "float32", "FP64": "float64", "BYTES": "object",
 }
 NUMPY_TO_V2: dict[str, str] = {v: k for k, v in V2_TO_NUMPY.items()}
-
-
-class TensorError(ValueError):
-    """A tensor in a request is malformed; the message names it and says why."""
 
 
 def v2_datatype(array: np.ndarray) -> str:
@@ -68,6 +67,8 @@ def element_count(name: str, shape: Sequence[int], limit: int) -> int:
 
 def from_values(name: str, datatype: str, shape: Sequence[int], values: Any) -> np.ndarray:
     """An array from typed values (JSON `data`, gRPC typed contents), checked against shape."""
+    import numpy as np
+
     dtype = V2_TO_NUMPY[datatype]
     try:
         if datatype == "BYTES":
@@ -91,6 +92,8 @@ def _not_bytes(name: str, value: Any) -> bytes:
 
 def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memoryview) -> np.ndarray:
     """An array from raw tensor bytes, which must hold exactly shape x datatype."""
+    import numpy as np
+
     count = math.prod(shape)
     if datatype == "BYTES":
         return _bytes_from_raw(name, shape, count, memoryview(raw))
@@ -108,6 +111,8 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memory
 
 
 def _bytes_from_raw(name: str, shape: Sequence[int], count: int, raw: memoryview) -> np.ndarray:
+    import numpy as np
+
     items: list[bytes] = []
     offset, end = 0, len(raw)
     while offset < end:
@@ -133,6 +138,8 @@ def _bytes_from_raw(name: str, shape: Sequence[int], count: int, raw: memoryview
 
 def to_raw(array: np.ndarray) -> bytes:
     """Raw tensor bytes of an array: row-major little-endian, BYTES length-prefixed."""
+    import numpy as np
+
     if array.dtype.kind in "OSU":
         parts: list[bytes] = []
         for item in array.ravel():
@@ -167,6 +174,8 @@ def bounded_count(name: str, shape: Sequence[int], limit: int) -> int:
 
 def raw_itemsize(datatype: str) -> int | None:
     """Bytes per element in the raw form, or None for BYTES, whose elements vary in length."""
+    import numpy as np
+
     if datatype == "BYTES":
         return None
     return np.dtype(V2_TO_NUMPY[datatype]).itemsize

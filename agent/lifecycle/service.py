@@ -46,6 +46,7 @@ from agent.context import AUDIT, CHECKED, LIVE, MODELS
 from agent.http.gate import GATE, KEYS_KEPT, reload_keys
 from agent.http.server import SERVER_TLS, bind_reason, start_server
 from agent.lifecycle.logs import setup_logging
+from agent.lifecycle.process import trim_heap
 from agent.lifecycle.sdnotify import Notifier, watchdog_interval_s
 from runtime.registry import ModelRegistry, ModelState
 from security.keys_file import KeyFileError
@@ -179,6 +180,7 @@ class Service:
             return
         self.notifier.send(READY=1, STATUS=self._serving_line(models))
         log.info("ready", extra={"models": len(models.serving())})
+        await asyncio.to_thread(trim_heap)  # start-up's freed heap back to the system (agent/lifecycle/process.py)
 
     async def _probe_all(self, models: ModelRegistry, names: list[str] | None = None) -> None:
         for served in models.serving():

@@ -4,16 +4,37 @@ Per GPU: the total-energy counter (millijoules since the driver loaded; Volta an
 later) where the card supports it, else power samples (milliwatts) that the meter
 integrates. A counter that goes down is a driver reload (a reset), handled by the
 meter. Without the NVIDIA driver the source is unavailable, with NVML's reason.
+
+pynvml is one large module of ctypes structures (about 4 MiB resident, kept for the
+agent's life once imported), so it is imported only where the driver's library
+(`NVML_LIBRARY`, the name pynvml itself opens on Linux) can be opened: on a machine
+without an NVIDIA GPU the agent never holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
+import sys
 from types import ModuleType
 from typing import Any
 
 from .sources import DomainReading, Method, SourceUnavailable
+
+#: What pynvml opens on Linux (on Windows it looks in System32 and Program Files).
+NVML_LIBRARY = "libnvidia-ml.so.1"
+
+
+def nvml_library_present() -> bool:
+    """Whether the NVIDIA driver's NVML library can be opened here (True off Linux: pynvml decides)."""
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        ctypes.CDLL(NVML_LIBRARY)
+    except OSError:
+        return False
+    return True
 
 
 class NvmlSource:
@@ -22,6 +43,8 @@ class NvmlSource:
     description = "NVIDIA GPUs, whole board (NVML)"
 
     def __init__(self) -> None:
+        if not nvml_library_present():
+            raise SourceUnavailable(f"NVML: {NVML_LIBRARY} not found (no NVIDIA driver)", "absent")
         try:
             self._nvml: ModuleType = importlib.import_module("pynvml")
         except ImportError:

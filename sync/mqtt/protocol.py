@@ -20,9 +20,10 @@ from typing import Any
 import orjson
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from .settings import PROTOCOLS
+
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("5", "3.1.1", "auto")
 #: CONNACK "Unsupported Protocol Version" (MQTT 5 reason 0x84; paho maps a 3.1.1 return code 1 to it).
 UNSUPPORTED_PROTOCOL_VERSION = 0x84
 #: Closes before any CONNACK that "auto" takes as a refusal of MQTT 5: more than one, so a single

@@ -12,7 +12,9 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .protocol import PROTOCOLS
+#: the ``protocol`` setting's values (sync/mqtt/protocol.py says what each does); here, so the
+#: settings read without paho
+PROTOCOLS = ("5", "3.1.1", "auto")
 
 #: Device ids and group names become single topic levels: no '/', '+', '#', spaces.
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

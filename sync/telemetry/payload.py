@@ -12,16 +12,18 @@ sees a restart as a new ``run_id`` (and a reboot as a new ``boot_id``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.energy import AttributionSnapshot, EnergySnapshot
 from runtime.registry import ModelRegistry
 from runtime.served_model import ModelUsage
 from runtime.system import SystemSample
 
-from ..mqtt import LinkStatus
 from .outbox import OutboxStats
 from .publisher import StorageHealth
+
+if TYPE_CHECKING:  # the link's module imports paho: only an agent with [mqtt] loads it
+    from ..mqtt import LinkStatus
 
 SCHEMA = "edgefleet.telemetry/1"
 
@@ -99,6 +101,8 @@ def energy_fields(e: EnergySnapshot, a: AttributionSnapshot) -> dict[str, Any]:
 def model_fields(models: ModelRegistry, attribution: AttributionSnapshot | None) -> dict[str, Any]:
     statuses = {s.name: s for s in models.statuses()}
     depths = {s.name: s.scheduler.depth for s in models.serving()}
+    # settings measured on this machine (runtime/tuning/), None for a model on its defaults
+    tuned = {s.name: t.to_json() for s in models.serving() if (t := getattr(s.backend, "tuning", None)) is not None}
     busy = models.busy_seconds()
     out: dict[str, Any] = {}
     usages = models.usage()
@@ -116,6 +120,7 @@ def model_fields(models: ModelRegistry, attribution: AttributionSnapshot | None)
             "version": status.version if status else None,
             "state": status.state.value if status else "removed",
             "keep_alive_s": models.keep_alive_s.get(name, 0.0),
+            "tuned": tuned.get(name),
             "idle_unloads": usage.idle_unloads,
             "reloads": usage.reloads,
             "requests": dict(usage.requests),

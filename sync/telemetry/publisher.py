@@ -36,13 +36,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
 from ..errors import LinkClosedError, PublishRefusedError, SyncError
-from ..mqtt import MqttLink
 from .outbox import Outbox, OutboxMessage, OutboxStats, OutboxStorageError
+
+if TYPE_CHECKING:  # the link's module imports paho: only an agent with [mqtt] loads it
+    from ..mqtt import MqttLink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
