@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from runtime.batching import BatchingSettings
 from runtime.bundle import NAME_RE
+from runtime.scheduling.batching import BatchingSettings
 from runtime.structured import SchemaError, from_mapping
 from security.audit import AuditSettings
 from sync.alerts.settings import AlertSettings
@@ -302,7 +302,7 @@ class AgentConfig:
     #: ``[updates]``: signed model updates from a hub (sync/update_settings.py); off while ``hub_url`` is unset.
     updates: UpdateSettings = field(default_factory=UpdateSettings)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
-    #: ``[batching]``: continuous batching for GGUF, dynamic batching for ONNX (runtime/batching.py).
+    #: ``[batching]``: continuous batching for GGUF, dynamic batching for ONNX (runtime/scheduling/batching.py).
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     #: ``[alerts]``: rules evaluated on the device, published on MQTT (sync/alerts/settings.py).
     alerts: AlertSettings = field(default_factory=AlertSettings)

@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from runtime.energy.sampler import Sampler
 from runtime.registry import ModelRegistry, ModelState
-from runtime.sampler import Sampler
 from security.gate import GateCounters
 
 if TYPE_CHECKING:  # the link (paho) and the telemetry outbox (sqlite3) load only with [mqtt]

@@ -44,8 +44,8 @@ from agent.cli.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
 from runtime.backend import GenerationRequest  # noqa: E402
 from runtime.bundle import read_bundle  # noqa: E402
 from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
-from runtime.gguf_backend import GgufBackend, extra_buffer_types  # noqa: E402
-from runtime.llama_params import LLAMA_SAMPLING_DEFAULTS, kv_cache_args  # noqa: E402
+from runtime.gguf.gguf_backend import GgufBackend, extra_buffer_types  # noqa: E402
+from runtime.gguf.llama_params import LLAMA_SAMPLING_DEFAULTS, kv_cache_args  # noqa: E402
 
 SYSTEM = ("You are the on-call assistant of a fleet of edge devices. Answer briefly, name the device, "
           "say what to check first, and never invent figures. ") * 6

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from agent.cli.demo import EMBEDDING_MODEL, build_demo_bundles
 from runtime.backend import ModelLimits, load_backend
-from runtime.batching import BatchingSettings
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
+from runtime.scheduling.batching import BatchingSettings
 
 
 class Ctx:

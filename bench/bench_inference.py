@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from agent.cli.demo import CHAT_MODEL, EMBEDDING_MODEL, build_demo_bundles  # noqa: E402
 from runtime.devices import choose_llama_placement, describe_cpu, llama_gpu_offload_supported  # noqa: E402
-from runtime.gguf_backend import extra_buffer_types  # noqa: E402
-from runtime.llama_params import kv_cache_args  # noqa: E402
+from runtime.gguf.gguf_backend import extra_buffer_types  # noqa: E402
+from runtime.gguf.llama_params import kv_cache_args  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper."
 EOS = 2

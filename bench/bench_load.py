@@ -632,8 +632,8 @@ def single_stream(args: argparse.Namespace, chat: Any, placement: Any, agent_url
     (bench/bench_inference.py's measurement, with this run's request shape)."""
     import llama_cpp
 
-    from runtime.gguf_backend import extra_buffer_types
-    from runtime.llama_params import kv_cache_args
+    from runtime.gguf.gguf_backend import extra_buffer_types
+    from runtime.gguf.llama_params import kv_cache_args
 
     with extra_buffer_types(placement.use_extra_bufts):
         llm = llama_cpp.Llama(str(chat.weights), n_ctx=chat.manifest.gguf.n_ctx, n_threads=placement.n_threads,

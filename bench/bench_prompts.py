@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_prompts.py [--rounds 6] [--cases 4x48,8x48,2x64,4x16]
 
 Why: the batching engine reads the prompts of requests that wait together in one call, an
-equal piece of each (runtime/gguf_batch.py, `_read_prompts_together`), as llama-server
+equal piece of each (runtime/gguf/gguf_batch.py, `_read_prompts_together`), as llama-server
 reads every waiting prompt in one batch. This bench shows what that saves on this machine,
 on the context the engine makes (the demo chat model, 8 slots of 2048 cells, the agent's KV
 cache type, thread counts and weight-repacking choice: the engine itself, loaded as the agent
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.cli.demo import CHAT_MODEL, build_demo_bundles  # noqa: E402
 from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
-from runtime.gguf_backend import GgufBackend  # noqa: E402
+from runtime.gguf.gguf_backend import GgufBackend  # noqa: E402
 
 
 def main() -> None:

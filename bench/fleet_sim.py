@@ -56,11 +56,11 @@ from agent.fleet.link import mqtt_ctx  # noqa: E402
 from agent.fleet.updates import UPDATES, recovery_ctx, updates_ctx  # noqa: E402
 from runtime import backend as backends  # noqa: E402
 from runtime.backend import BackendBase, Capability, JobContext, ModelInfo, TensorSpec  # noqa: E402
-from runtime.batching import BatchingSettings  # noqa: E402
 from runtime.bundle import MODEL_TOML, BundleManifest, ModelBundle, write_manifest  # noqa: E402
 from runtime.devices import MachineSettings, describe_cpu  # noqa: E402
 from runtime.errors import RuntimeLayerError  # noqa: E402
 from runtime.registry import ModelRegistry  # noqa: E402
+from runtime.scheduling.batching import BatchingSettings  # noqa: E402
 from runtime.store import ModelStore  # noqa: E402
 from sync.mqtt import MqttSettings  # noqa: E402
 from sync.update_settings import UpdateSettings  # noqa: E402

@@ -65,7 +65,7 @@ version=$(cd "$src" && "$python" -c 'import re; print(re.search(r"__version__ = 
 # llama-cpp-python also installs its CMake output at the top of site-packages: libs and
 # headers (the package loads its own copies from llama_cpp/lib: 37 MB of dead weight) and, in a
 # GGML_BACKEND_DL build (--portable, arm64), the CPU variants libggml-cpu-*.so in bin/, where
-# nothing looks for them: they go into llama_cpp/lib, where runtime/llama_backends.py loads them.
+# nothing looks for them: they go into llama_cpp/lib, where runtime/gguf/llama_backends.py loads them.
 llama_backends_into_package() {
   local site=$1 lib
   if [ -d "$site/bin" ]; then

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import BundleError, UnsupportedOperationError
+from runtime.errors import BundleError, UnsupportedOperationError
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .bundle import ModelBundle
-    from .devices import MachineSettings
-    from .tool_calls import ToolRequest
+    from runtime.bundle import ModelBundle
+    from runtime.devices import MachineSettings
+    from runtime.gguf.tool_calls import ToolRequest
 
 
 class Capability(StrEnum):
@@ -80,13 +80,13 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     #: GBNF (root rule `root`) that every generated token must keep the text within
-    #: (structured output, tool calls; runtime/grammar.py); None: free text.
+    #: (structured output, tool calls; runtime/gguf/grammar.py); None: free text.
     grammar: str | None = None
     #: How many most likely alternatives to report with each token's log probability
     #: (0..20); None: no log probabilities.
     logprobs: int | None = None
     #: A chat with tools or tool messages, for a model whose template knows tools: it renders
-    #: this instead of `messages` and uses its own call grammar (runtime/chat_formats.py).
+    #: this instead of `messages` and uses its own call grammar (runtime/gguf/chat_formats.py).
     tools: ToolRequest | None = None
 
 
@@ -173,7 +173,7 @@ class ModelInfo:
     context_length: int | None = None
     embedding_dim: int | None = None
     placement: tuple[str, ...] = ()
-    #: How the model writes tool calls (runtime/chat_formats.py): generic, hermes or llama3.
+    #: How the model writes tool calls (runtime/gguf/chat_formats.py): generic, hermes or llama3.
     tool_format: str = "generic"
 
 
@@ -217,8 +217,8 @@ class BackendBase:
 #: loads llama.cpp (and an idle agent loads neither).
 #: "format:task" picks a backend for one task of a format (GGUF embeddings: embedding mode).
 BACKENDS: dict[str, str] = {
-    "gguf": "runtime.gguf_backend:GgufBackend",
-    "gguf:embedding": "runtime.gguf_embedding:GgufEmbeddingBackend",
+    "gguf": "runtime.gguf.gguf_backend:GgufBackend",
+    "gguf:embedding": "runtime.gguf.gguf_embedding:GgufEmbeddingBackend",
     "onnx": "runtime.onnx_backend:OnnxBackend",
 }
 

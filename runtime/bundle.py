@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .errors import BundleError
-from .structured import SchemaError, from_mapping
+from runtime.errors import BundleError
+from runtime.structured import SchemaError, from_mapping
 
 MODEL_TOML = "model.toml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -51,7 +51,7 @@ class GgufOptions:
     #: alone and beside others; with q8_0 every shape takes one path, and on the 2-core VM
     #: decode is faster too (docs/architecture.md, "Repeatable greedy output").
     kv_cache_type: Literal["auto", "f16", "q8_0"] = "auto"
-    #: task "embedding" only (runtime/gguf_embedding.py): how token vectors become one vector;
+    #: task "embedding" only (runtime/gguf/gguf_embedding.py): how token vectors become one vector;
     #: "auto": what the GGUF metadata says (<arch>.pooling_type), else mean.
     pooling: Literal["auto", "mean", "cls", "last"] = "auto"
     #: task "embedding" only: L2-normalize the vectors (a request's `normalize` overrides it).
@@ -89,7 +89,7 @@ class OnnxOptions:
     hidden_state_output: str | None = None
     #: Execution providers to prefer over the automatic choice, e.g. ["CUDAExecutionProvider"].
     providers: list[str] = field(default_factory=list)
-    #: Working-set estimate per row of a run (runtime/working_set.py): bytes per token
+    #: Working-set estimate per row of a run (runtime/scheduling/working_set.py): bytes per token
     #: (per value of the row) and per token pair (attention). Defaults measured on
     #: all-MiniLM-L6-v2 int8, with a margin.
     bytes_per_token: int = 8192

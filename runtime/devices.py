@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .batching import BatchingSettings
+from runtime.scheduling.batching import BatchingSettings
 
 if TYPE_CHECKING:
-    from .tuning.settings import TuningSource
+    from runtime.tuning.settings import TuningSource
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class MachineSettings:
     threads: int = 0
     #: None: decide llama.cpp CPU weight repacking from the CPU (off on AMX).
     cpu_repack: bool | None = None
-    #: How many requests a model serves at once (runtime/batching.py).
+    #: How many requests a model serves at once (runtime/scheduling/batching.py).
     batching: BatchingSettings = field(default_factory=BatchingSettings)
     #: Where GGUF loads find settings measured on this machine (runtime/tuning/); None: defaults.
     tuning: TuningSource | None = None
@@ -202,7 +202,7 @@ def llama_gpu_offload_supported() -> bool:
     """Whether the installed llama.cpp was built with a GPU backend that found a device."""
     import llama_cpp
 
-    from .llama_backends import load_llama_backends
+    from runtime.gguf.llama_backends import load_llama_backends
 
     load_llama_backends()
 
@@ -253,7 +253,7 @@ def llama_system_info() -> str:
     """llama.cpp's report of its compiled-in CPU features ("AVX2 = 1 | ...")."""
     import llama_cpp
 
-    from .llama_backends import load_llama_backends
+    from runtime.gguf.llama_backends import load_llama_backends
 
     load_llama_backends()
     return llama_cpp.llama_print_system_info().decode(errors="replace")

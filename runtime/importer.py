@@ -30,10 +30,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .bundle import MODEL_TOML, BundleManifest, GgufOptions, check_model_name, read_bundle, write_manifest
-from .errors import BundleError, ModelLoadError, StoreError
-from .files import sha256_file, write_file_atomic
-from .store import FILE_NAME_RE, ModelStore, check_version
+from runtime.bundle import MODEL_TOML, BundleManifest, GgufOptions, check_model_name, read_bundle, write_manifest
+from runtime.errors import BundleError, ModelLoadError, StoreError
+from runtime.files import sha256_file, write_file_atomic
+from runtime.store import FILE_NAME_RE, ModelStore, check_version
 
 GGUF_MAGIC = b"GGUF"
 #: imported GGUFs get at most this context by default (model.toml's gguf.n_ctx can say more)
@@ -142,7 +142,7 @@ def _native_stderr_silenced() -> Iterator[None]:
 
 
 def _gguf_metadata(path: Path) -> dict[str, str]:
-    from .gguf_embedding import read_gguf_metadata
+    from runtime.gguf.gguf_embedding import read_gguf_metadata
 
     try:
         with _native_stderr_silenced():
@@ -152,7 +152,7 @@ def _gguf_metadata(path: Path) -> dict[str, str]:
 
 
 def _gguf_manifest(path: Path) -> BundleManifest:
-    from .gguf_embedding import metadata_pooling
+    from runtime.gguf.gguf_embedding import metadata_pooling
 
     metadata = _gguf_metadata(path)
     arch = metadata.get("general.architecture", "")

@@ -8,7 +8,7 @@ the bundle's tokenizer.json, run, mean-pool over the attention mask (or take the
 CLS token), optionally L2-normalise.
 
 Memory: a request runs as micro-batches that fit the model's memory budget
-(runtime/working_set.py): texts sorted by length and padded per micro-batch, KServe
+(runtime/scheduling/working_set.py): texts sorted by length and padded per micro-batch, KServe
 tensors split along their batch dimension when every input and output has a free
 first dimension. The job's cancel flag is checked between micro-batches.
 
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import (
+from runtime.backend import (
     BackendBase,
     Capability,
     EmbeddingResult,
@@ -46,10 +46,10 @@ from .backend import (
     ModelInfo,
     TensorSpec,
 )
-from .bundle import ModelBundle
-from .devices import MachineSettings, choose_onnx_placement, onnx_available_providers
-from .errors import InferenceError, InvalidInputError, ModelLoadError, WorkingSetTooLargeError, WorkStopped
-from .working_set import MB, WorkingSetModel, length_sorted_batches, rows_that_fit
+from runtime.bundle import ModelBundle
+from runtime.devices import MachineSettings, choose_onnx_placement, onnx_available_providers
+from runtime.errors import InferenceError, InvalidInputError, ModelLoadError, WorkingSetTooLargeError, WorkStopped
+from runtime.scheduling.working_set import MB, WorkingSetModel, length_sorted_batches, rows_that_fit
 
 log = logging.getLogger(__name__)
 

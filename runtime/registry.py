@@ -31,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from .backend import ModelInfo, ModelLimits
-from .bundle import ModelBundle
-from .devices import MachineSettings
-from .errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError, RuntimeLayerError
-from .served_model import ModelUsage, ServedModel, open_version
+from runtime.backend import ModelInfo, ModelLimits
+from runtime.bundle import ModelBundle
+from runtime.devices import MachineSettings
+from runtime.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError, RuntimeLayerError
+from runtime.served_model import ModelUsage, ServedModel, open_version
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from .backend import (
+from runtime.backend import (
     Backend,
     Capability,
     ChatMessage,
@@ -36,12 +36,12 @@ from .backend import (
     ModelLimits,
     load_backend,
 )
-from .batch_scheduler import scheduler_for
-from .bundle import ModelBundle
-from .devices import MachineSettings
-from .errors import ModelLoadError, ProbeFailedError, PromptTooLargeError, RuntimeLayerError
-from .latency import REQUEST_DURATION_BUCKETS_S, TIME_PER_OUTPUT_TOKEN_BUCKETS_S, LatencyHistogram
-from .scheduler import Job, ModelScheduler, SchedulerStats
+from runtime.bundle import ModelBundle
+from runtime.devices import MachineSettings
+from runtime.errors import ModelLoadError, ProbeFailedError, PromptTooLargeError, RuntimeLayerError
+from runtime.scheduling.batch_scheduler import scheduler_for
+from runtime.scheduling.latency import REQUEST_DURATION_BUCKETS_S, TIME_PER_OUTPUT_TOKEN_BUCKETS_S, LatencyHistogram
+from runtime.scheduling.scheduler import Job, ModelScheduler, SchedulerStats
 
 if TYPE_CHECKING:  # numpy comes with the first model that needs it (its backend, its probe)
     import numpy as np

@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .bundle import MODEL_TOML, NAME_RE, ModelBundle, read_bundle
-from .errors import StoreError
-from .files import fsync_dir, sha256_file, write_file_atomic
+from runtime.bundle import MODEL_TOML, NAME_RE, ModelBundle, read_bundle
+from runtime.errors import StoreError
+from runtime.files import fsync_dir, sha256_file, write_file_atomic
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 #: A bundle's file name: one path component, no leading dot (so never `.`, `..` or a temp name).

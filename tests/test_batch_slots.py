@@ -22,8 +22,8 @@ from conftest import CHAT
 from runtime.backend import GenerationRequest, GenerationResult, ModelLimits, TextDelta
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
-from runtime.gguf_backend import GgufBackend
-from runtime.gguf_batch import MIN_PIECE
+from runtime.gguf.gguf_backend import GgufBackend
+from runtime.gguf.gguf_batch import MIN_PIECE
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 from conftest import CHAT
 
 from runtime.devices import choose_llama_placement, describe_cpu
-from runtime.gguf_backend import extra_buffer_types
-from runtime.llama_params import kv_cache_args
+from runtime.gguf.gguf_backend import extra_buffer_types
+from runtime.gguf.llama_params import kv_cache_args
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -33,7 +33,7 @@ from conftest import CHAT, Executions, RunningAgent, demo_config, start_agent
 
 from agent.config import LimitsConfig, SchedulerConfig
 from agent.context import MODELS
-from runtime.batching import BatchingSettings
+from runtime.scheduling.batching import BatchingSettings
 
 pytestmark = pytest.mark.slow
 

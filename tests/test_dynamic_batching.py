@@ -22,7 +22,7 @@ from conftest import EMBED, Executions, RunningAgent, demo_config, start_agent
 
 from agent.config import ModelEntry, SchedulerConfig
 from agent.context import MODELS
-from runtime.batching import BatchingSettings
+from runtime.scheduling.batching import BatchingSettings
 
 pytestmark = pytest.mark.slow
 

@@ -93,7 +93,7 @@ async def test_a_gguf_embedding_input_longer_than_its_context_is_a_400(gguf_agen
 
 
 def test_pooling_auto_follows_the_gguf_metadata():
-    from runtime.gguf_embedding import metadata_pooling
+    from runtime.gguf.gguf_embedding import metadata_pooling
 
     assert metadata_pooling({"general.architecture": "bert", "bert.pooling_type": "2"}) == "cls"
     assert metadata_pooling({"general.architecture": "nomic-bert", "nomic-bert.pooling_type": "1"}) == "mean"

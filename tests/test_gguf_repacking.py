@@ -8,7 +8,7 @@ from conftest import CHAT
 from runtime.backend import GenerationRequest
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
-from runtime.gguf_backend import GgufBackend
+from runtime.gguf.gguf_backend import GgufBackend
 
 
 class Collect:
@@ -47,7 +47,7 @@ def test_model_generates_with_and_without_weight_repacking(state_dir, repack):
 @pytest.mark.cpu_path
 def test_the_agent_picks_and_logs_the_safe_path_for_this_cpu(state_dir, caplog):
     bundle = read_bundle(state_dir / "models" / CHAT / "current")
-    with caplog.at_level("INFO", logger="runtime.gguf_backend"):
+    with caplog.at_level("INFO", logger="runtime.gguf.gguf_backend"):
         backend = GgufBackend(bundle, MachineSettings(cpu=describe_cpu()))
     try:
         assert backend._llm.model_params.use_extra_bufts is (not AMX)

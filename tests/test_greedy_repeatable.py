@@ -16,11 +16,11 @@ import llama_cpp
 import pytest
 from conftest import CHAT, EMBED
 
-from runtime.batching import BatchingSettings
 from runtime.bundle import read_bundle
 from runtime.devices import choose_llama_placement, describe_cpu
-from runtime.gguf_backend import extra_buffer_types
-from runtime.llama_params import kv_cache_args
+from runtime.gguf.gguf_backend import extra_buffer_types
+from runtime.gguf.llama_params import kv_cache_args
+from runtime.scheduling.batching import BatchingSettings
 
 pytestmark = [pytest.mark.cpu_path, pytest.mark.slow]
 
@@ -182,7 +182,7 @@ def test_the_last_prompt_logits_are_bit_identical_cached_or_not(state_dir):
 
     from runtime.backend import GenerationRequest
     from runtime.devices import MachineSettings
-    from runtime.gguf_backend import GgufBackend
+    from runtime.gguf.gguf_backend import GgufBackend
 
     # The one-at-a-time path (batching.gguf_slots = 1), whose prefill this reads directly; the
     # batching engine keeps the same rule per slot (tests/test_continuous_batching.py).

@@ -1,4 +1,4 @@
-"""Tool calls in a model's own format, when its chat template knows tools (runtime/chat_formats.py).
+"""Tool calls in a model's own format, when its chat template knows tools (runtime/gguf/chat_formats.py).
 
 The models are the demo SmolLM2 weights with a Qwen 2.5 (Hermes) and a Llama 3.2 chat
 template written into their GGUF metadata (tests/tool_templates.py), imported as a user
@@ -28,8 +28,8 @@ from test_tool_calls import PROMPTS, TOOLSETS, WEATHER_TOOLS
 from tool_templates import HERMES_TEMPLATE, LLAMA3_TEMPLATE, rewrite_chat_template
 
 from agent.config import ModelEntry
-from runtime import chat_formats
 from runtime.bundle import BundleManifest, GgufOptions, write_manifest
+from runtime.gguf import chat_formats
 from runtime.importer import import_files, inspect_model
 from runtime.store import ModelStore
 
@@ -98,7 +98,7 @@ def prompts(caplog: pytest.LogCaptureFixture, fmt: str) -> list[str]:
     """The prompts the backend logged rendering chats with tools in `fmt`."""
     marker = f"chat prompt ({fmt} tool format"
     return [str(record.args[-1]) for record in caplog.records
-            if record.name == "runtime.gguf_backend" and record.getMessage().startswith(marker)
+            if record.name == "runtime.gguf.gguf_backend" and record.getMessage().startswith(marker)
             and isinstance(record.args, tuple)]
 
 
@@ -112,7 +112,7 @@ def check_calls(message: Any, tools: list[dict[str, Any]], only: str | None = No
 
 
 def test_the_format_is_told_from_the_template_and_a_template_without_tools_stays_generic():
-    from runtime.gguf_embedding import read_gguf_metadata
+    from runtime.gguf.gguf_embedding import read_gguf_metadata
 
     assert chat_formats.detect(HERMES_TEMPLATE) == chat_formats.HERMES
     assert chat_formats.detect(LLAMA3_TEMPLATE) == chat_formats.LLAMA3
@@ -137,7 +137,7 @@ def test_answers_are_read_as_llama_cpp_reads_them():
 @pytest.mark.parametrize("model", [HERMES, LLAMA3])
 async def test_the_openai_example_gets_calls_in_the_models_own_format_from_its_own_template(
         client, caplog, model):
-    caplog.set_level(logging.DEBUG, logger="runtime.gguf_backend")
+    caplog.set_level(logging.DEBUG, logger="runtime.gguf.gguf_backend")
     completion = await client.chat.completions.create(model=model, messages=ASK, tools=WEATHER_TOOLS,
                                                       tool_choice="required", temperature=0)
     assert completion.choices[0].finish_reason == "tool_calls"
@@ -214,7 +214,7 @@ async def test_required_and_named_calls_parse_in_50_varied_requests_in_both_form
 
 @pytest.mark.parametrize("model", [HERMES, LLAMA3])
 async def test_a_tool_result_goes_back_through_the_models_own_template(client, caplog, model):
-    caplog.set_level(logging.DEBUG, logger="runtime.gguf_backend")
+    caplog.set_level(logging.DEBUG, logger="runtime.gguf.gguf_backend")
     messages: list[Any] = list(ASK)
     first = await client.chat.completions.create(model=model, messages=messages, tools=WEATHER_TOOLS,
                                                  tool_choice="required", temperature=0)

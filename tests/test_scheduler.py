@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from runtime.errors import OverloadedError, ShuttingDownError
-from runtime.scheduler import ModelScheduler
+from runtime.scheduling.scheduler import ModelScheduler
 
 
 async def test_jobs_run_one_at_a_time_in_arrival_order_on_the_model_thread():

@@ -14,7 +14,7 @@ import pytest
 from conftest import CHAT, demo_config, start_agent
 from schema_check import problems
 
-from runtime.batching import BatchingSettings
+from runtime.scheduling.batching import BatchingSettings
 
 NAME = {"type": "string", "minLength": 1, "maxLength": 24}
 

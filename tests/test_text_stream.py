@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.text_stream import TextStream
+from runtime.gguf.text_stream import TextStream
 
 
 def feed(stream: TextStream, pieces: list[bytes]) -> list[str]:

@@ -1,5 +1,5 @@
 """Tool calls in the OpenAI form, through the unmodified `openai` client, against the demo chat
-model (whose template knows no tools: the generic format of runtime/tool_calls.py)."""
+model (whose template knows no tools: the generic format of runtime/gguf/tool_calls.py)."""
 
 from __future__ import annotations
 

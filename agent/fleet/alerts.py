@@ -39,10 +39,10 @@ from agent.context import AUDIT, CONFIG, LIVE, METRICS, MODELS, MQTT
 from agent.fleet.telemetry import PUBLISHER, SAMPLER
 from agent.fleet.updates import UPDATES
 from agent.metrics import Metrics, watch_alerts
+from runtime.energy.sampler import Sampler
 from runtime.files import write_file_atomic
-from runtime.latency import LATENCY_BUCKETS_S
 from runtime.registry import ModelRegistry, ModelState
-from runtime.sampler import Sampler
+from runtime.scheduling.latency import LATENCY_BUCKETS_S
 from sync.alerts.engine import AlertBook, CounterWindow, HistogramWindow, Transition, quantile
 from sync.alerts.payload import alert_payload
 from sync.alerts.settings import RULE_NAMES, AlertSettings, RuleSettings

@@ -24,7 +24,7 @@ from agent import __version__
 from agent.context import CONFIG, LIVE, METRICS, MODELS, MQTT
 from agent.fleet.link import boot_id
 from runtime.energy.meter import default_meter
-from runtime.sampler import Sampler
+from runtime.energy.sampler import Sampler
 from runtime.system import SystemMonitor
 
 if TYPE_CHECKING:  # the publisher and its outbox (sqlite3) are imported once the MQTT link is there

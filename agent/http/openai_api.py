@@ -46,10 +46,10 @@ from agent.http.openai_requests import (
 )
 from runtime.backend import Capability, GenerationResult, TextDelta, TokenLogprob
 from runtime.errors import ShuttingDownError
+from runtime.gguf.tool_calls import read_answer
 from runtime.registry import ModelState, ModelStatus
-from runtime.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
+from runtime.scheduling.scheduler import STOP_SHUTDOWN, STOP_TIME_LIMIT, Job
 from runtime.served_model import ServedModel
-from runtime.tool_calls import read_answer
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ OpenAI-compatible servers do; fields we cannot honour (n > 1, images, audio) are
 refused rather than silently dropped.
 
 Structured output (`response_format` json_object / json_schema) and tools become a
-grammar on the request (runtime/grammar.py, runtime/tool_calls.py: the generic tool
+grammar on the request (runtime/gguf/grammar.py, runtime/gguf/tool_calls.py: the generic tool
 format); a schema or tool list past the limits there is a 400 naming the field, before
 anything is queued. A chat with tools also carries them and its messages in OpenAI's terms
 (`GenerationRequest.tools`), for a model whose own template knows tools
-(runtime/chat_formats.py): which of the two the model reads is the model's choice.
+(runtime/gguf/chat_formats.py): which of the two the model reads is the model's choice.
 Tool-role messages must answer a call made by an earlier assistant
 message of the same request (`tool_call_id`), as OpenAI requires.
 """
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.http.errors import bad_request
-from runtime import tool_calls
 from runtime.backend import ChatMessage, GenerationRequest
-from runtime.grammar import SchemaError, json_object_grammar, schema_rules
+from runtime.gguf import tool_calls
+from runtime.gguf.grammar import SchemaError, json_object_grammar, schema_rules
 
 MAX_STOP_SEQUENCES = 4
 #: OpenAI's ceiling for top_logprobs.
@@ -38,7 +38,7 @@ class ParsedGeneration:
     stream: bool
     include_usage: bool
     request: GenerationRequest
-    #: the answer is in the generic tool format (runtime/tool_calls.py): read it as calls or text
+    #: the answer is in the generic tool format (runtime/gguf/tool_calls.py): read it as calls or text
     tools: bool = False
 
 

@@ -47,9 +47,9 @@ from agent.http.openai_api import count_usage, finish_reason, served_for
 from agent.http.openai_choices import chat_logprobs
 from agent.http.openai_requests import ParsedGeneration, parse_chat
 from runtime.backend import Capability, GenerationResult, TextDelta, TokenLogprob
-from runtime.scheduler import Job
+from runtime.gguf.tool_calls import read_answer
+from runtime.scheduling.scheduler import Job
 from runtime.served_model import ServedModel
-from runtime.tool_calls import read_answer
 
 log = logging.getLogger(__name__)
 

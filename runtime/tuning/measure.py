@@ -98,10 +98,10 @@ def _serve(backend: Any, requests: list[Any]) -> tuple[list[_Collect], list[Any]
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Load the candidate of `job` and measure it (see the module docstring)."""
     from runtime.backend import GenerationRequest
-    from runtime.batching import BatchingSettings
     from runtime.bundle import read_bundle
     from runtime.devices import MachineSettings, describe_cpu
-    from runtime.gguf_backend import GgufBackend
+    from runtime.gguf.gguf_backend import GgufBackend
+    from runtime.scheduling.batching import BatchingSettings
 
     from .settings import FixedChoice, TunedSettings
 

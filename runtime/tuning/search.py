@@ -143,7 +143,7 @@ async def run_child(job: dict[str, Any], timeout_s: float) -> tuple[str, str | N
 def baseline(bundle: ModelBundle, machine: MachineSettings) -> tuple[TunedSettings, tuple[str, ...], bool]:
     """The settings `bundle` loads with untuned here, the knobs pinned, and whether it runs on
     a GPU (blocking: asks llama.cpp about GPU offload)."""
-    from runtime.gguf_backend import prompt_chunk
+    from runtime.gguf.gguf_backend import prompt_chunk
 
     options = bundle.manifest.gguf
     placement = choose_llama_placement(machine.cpu, gpu_offload_supported=llama_gpu_offload_supported(),
@@ -171,7 +171,7 @@ async def tune_model(bundle: ModelBundle, machine: MachineSettings, tuning_dir: 
                 "ctx_per_slot": machine.batching.gguf_ctx_per_slot,
                 "prompt_tokens": options.prompt_tokens, "decode_tokens": options.decode_tokens}
     if not slots:
-        from runtime.batching import choose_slots
+        from runtime.scheduling.batching import choose_slots
 
         job_base["slots"] = choose_slots(machine.batching, gpu)
     outcomes: list[Outcome] = []

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import WorkingSetTooLargeError
+from runtime.errors import WorkingSetTooLargeError
 
 MB = 1 << 20
 

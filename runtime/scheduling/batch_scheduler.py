@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
-from .backend import (
+from runtime.backend import (
     Backend,
     Capability,
     EmbeddingResult,
@@ -32,14 +32,14 @@ from .backend import (
     InferRequest,
     ModelLimits,
 )
-from .batching import BatchingSettings
-from .errors import WorkStopped
-from .scheduler import Job, ModelScheduler, SchedulerStats, fresh_jobs, wake
+from runtime.errors import WorkStopped
+from runtime.scheduling.batching import BatchingSettings
+from runtime.scheduling.scheduler import Job, ModelScheduler, SchedulerStats, fresh_jobs, wake
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .gguf_batch import BatchEngine  # imported by the GGUF backend: an agent without one never loads it
+    from runtime.gguf.gguf_batch import BatchEngine  # imported by the GGUF backend: an agent without one never loads it
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ WAKE_BY_STEP = "wake" not in os.environ.get("EDGEFLEET_BENCH_OLD_PATHS", "").spl
 def scheduler_for(name: str, backend: Backend, settings: BatchingSettings, max_pending: int,
                   limits: ModelLimits, stats: SchedulerStats) -> ModelScheduler:
     """The scheduler a loaded model gets: batching where its backend and the settings allow."""
-    from .gguf_batch import BatchEngine
+    from runtime.gguf.gguf_batch import BatchEngine
 
     engine = getattr(backend, "engine", None)
     if isinstance(engine, BatchEngine):

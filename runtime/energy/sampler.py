@@ -16,11 +16,11 @@ import contextlib
 import logging
 import time
 
-from .energy import Attribution, AttributionSnapshot, EnergyMeter, EnergySnapshot
-from .energy.cpu_share import CpuClock, CpuWindow
-from .energy.meter import Window
-from .registry import ModelRegistry
-from .system import SystemMonitor, SystemSample
+from runtime.energy import Attribution, AttributionSnapshot, EnergyMeter, EnergySnapshot
+from runtime.energy.cpu_share import CpuClock, CpuWindow
+from runtime.energy.meter import Window
+from runtime.registry import ModelRegistry
+from runtime.system import SystemMonitor, SystemSample
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ metadata, as llama-cpp-python's `create_chat_completion` does) and tokenized
 here, so the prompt length is known before generation starts: a prompt that
 cannot fit is refused with `ContextLengthExceededError` instead of being
 silently truncated. A template that knows tools gets a chat with tools in its own terms
-(OpenAI's messages and tools), and the answer its own call grammar (runtime/chat_formats.py);
+(OpenAI's messages and tools), and the answer its own call grammar (runtime/gguf/chat_formats.py);
 the prompt as rendered is logged at debug level.
 
 The prompt is evaluated here too (`_prefill`), so that the same request gives
@@ -40,8 +40,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from . import chat_formats
-from .backend import (
+from runtime.backend import (
     BackendBase,
     Capability,
     GenerationRequest,
@@ -50,10 +49,9 @@ from .backend import (
     ModelInfo,
     TextDelta,
 )
-from .batching import KV_MEMORY_SHARE, choose_ctx_per_slot, choose_slots, fit_slots
-from .bundle import GgufOptions, ModelBundle
-from .devices import LlamaPlacement, MachineSettings, choose_llama_placement, llama_gpu_offload_supported
-from .errors import (
+from runtime.bundle import GgufOptions, ModelBundle
+from runtime.devices import LlamaPlacement, MachineSettings, choose_llama_placement, llama_gpu_offload_supported
+from runtime.errors import (
     ContextLengthExceededError,
     InferenceError,
     InvalidInputError,
@@ -61,10 +59,12 @@ from .errors import (
     UnsupportedOperationError,
     WorkStopped,
 )
-from .gguf_batch import BatchEngine, token_logprob
-from .llama_params import LLAMA_SAMPLING_DEFAULTS, PreparedPrompt, kv_bytes_per_token, kv_cache_args
-from .text_stream import TextStream
-from .tuning.settings import apply_tuning
+from runtime.gguf import chat_formats
+from runtime.gguf.gguf_batch import BatchEngine, token_logprob
+from runtime.gguf.llama_params import LLAMA_SAMPLING_DEFAULTS, PreparedPrompt, kv_bytes_per_token, kv_cache_args
+from runtime.gguf.text_stream import TextStream
+from runtime.scheduling.batching import KV_MEMORY_SHARE, choose_ctx_per_slot, choose_slots, fit_slots
+from runtime.tuning.settings import apply_tuning
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class GgufBackend(BackendBase):
         capabilities = {Capability.COMPLETION}
         if self._formatter is not None:
             capabilities.add(Capability.CHAT)
-        #: Continuous batching (runtime/gguf_batch.py); None: one request at a time.
+        #: Continuous batching (runtime/gguf/gguf_batch.py); None: one request at a time.
         self.engine: BatchEngine | None = None
         reasons = placement.reasons
         if slots > 1:
@@ -319,7 +319,7 @@ class GgufBackend(BackendBase):
 
         A chat with tools for a template that knows them goes in the template's own terms
         (OpenAI's messages and tools, as llama-server passes them); any other chat goes as
-        the HTTP layer wrote it (tools in the generic format: runtime/tool_calls.py). A
+        the HTTP layer wrote it (tools in the generic format: runtime/gguf/tool_calls.py). A
         template that raises on the chat (its `raise_exception`) refuses the request (400);
         any other template error is the model's fault (500)."""
         import jinja2
@@ -378,7 +378,7 @@ class GgufBackend(BackendBase):
 
     def prepare(self, request: GenerationRequest, ctx: JobContext) -> PreparedPrompt:
         """Check `request` and tokenize its prompt for a request's context (`n_ctx`): what the
-        one-at-a-time path and the batching engine (runtime/gguf_batch.py) both start from."""
+        one-at-a-time path and the batching engine (runtime/gguf/gguf_batch.py) both start from."""
         n_ctx = self.n_ctx
         if request.messages is not None and self._formatter is None:
             raise UnsupportedOperationError("this model has no chat template; use /v1/completions")
@@ -407,7 +407,7 @@ class GgufBackend(BackendBase):
         if prepared.grammar:  # refused here, before the prompt is read, if llama.cpp cannot parse it
             from llama_cpp.llama_grammar import LlamaGrammar
 
-            from .gguf_batch import grammar_sampler
+            from runtime.gguf.gguf_batch import grammar_sampler
 
             llama_cpp.llama_sampler_free(grammar_sampler(llama_cpp, self._vocab, prepared.grammar))
             grammar = LlamaGrammar.from_string(prepared.grammar, verbose=False)
@@ -521,7 +521,7 @@ class GgufBackend(BackendBase):
                 self._canonical = min(start + step, n) // chunk * chunk
         return keep
 
-    # ---- what the batching engine reads (runtime/gguf_batch.py's `BatchModel`) ----------
+    # ---- what the batching engine reads (runtime/gguf/gguf_batch.py's `BatchModel`) ----------
 
     @property
     def llm(self) -> Any:

@@ -6,7 +6,7 @@ model keeps the event loop free and keeps thread-local state (llama.cpp's
 thread pool, onnxruntime's arena) warm. Admission is bounded: past
 `max_pending` a request is refused at once with a Retry-After estimate rather
 than queued into a latency nobody wants. This worker takes one job at a time;
-runtime/batch_scheduler.py's subclasses run several at once (continuous
+runtime/scheduling/batch_scheduler.py's subclasses run several at once (continuous
 batching for GGUF, dynamic batching for ONNX) without changing how requests
 are submitted or cancelled: a job carries its typed request (`Job.request`) so
 a batching worker can look inside it.
@@ -37,8 +37,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .backend import GenerationRequest, GenerationResult, JobContext, ModelLimits
-from .errors import ModelTimeExceededError, OverloadedError, ShuttingDownError, WorkStopped
+from runtime.backend import GenerationRequest, GenerationResult, JobContext, ModelLimits
+from runtime.errors import ModelTimeExceededError, OverloadedError, ShuttingDownError, WorkStopped
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """How many requests a model serves at once: the batching settings and their defaults.
 
 GGUF models run several sequences in one llama.cpp context (continuous batching,
-runtime/gguf_batch.py); each sequence gets a slot with its own share of the KV
+runtime/gguf/gguf_batch.py); each sequence gets a slot with its own share of the KV
 cache. ONNX models gather concurrent embedding requests into one run (dynamic
-batching, runtime/batch_scheduler.py). The operator sets these in the agent's
+batching, runtime/scheduling/batch_scheduler.py). The operator sets these in the agent's
 config ([batching]); "auto" picks from the machine here, so the choice is one
 pure function that tests can call.
 """

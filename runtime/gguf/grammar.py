@@ -9,7 +9,7 @@ refusal is a `SchemaError` carrying the request field (`param`) the HTTP layer p
 400.
 
 The grammar itself is compiled by llama.cpp on the model thread
-(`llama_sampler_init_grammar`, runtime/gguf_batch.py), where the vocabulary is.
+(`llama_sampler_init_grammar`, runtime/gguf/gguf_batch.py), where the vocabulary is.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Embeddings from GGUF models on llama.cpp (its embedding mode), for ``/v1/embeddings``.
 
 A GGUF bundle with ``task = "embedding"`` is loaded here instead of by the chat
-backend (runtime/gguf_backend.py): one llama.cpp context in embedding mode,
+backend (runtime/gguf/gguf_backend.py): one llama.cpp context in embedding mode,
 pooled as the model says. Embedding GGUFs (bert, nomic-bert, bge ...) carry
 ``<arch>.pooling_type`` in their metadata and llama.cpp uses it; ``gguf.pooling``
 in model.toml overrides it. A decoder model without one (a chat model run for
@@ -24,11 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from .backend import BackendBase, Capability, EmbeddingResult, JobContext, ModelInfo
-from .bundle import ModelBundle
-from .devices import MachineSettings, choose_llama_placement, llama_gpu_offload_supported
-from .errors import InvalidInputError, ModelLoadError, WorkStopped
-from .gguf_backend import extra_buffer_types
+from runtime.backend import BackendBase, Capability, EmbeddingResult, JobContext, ModelInfo
+from runtime.bundle import ModelBundle
+from runtime.devices import MachineSettings, choose_llama_placement, llama_gpu_offload_supported
+from runtime.errors import InvalidInputError, ModelLoadError, WorkStopped
+from runtime.gguf.gguf_backend import extra_buffer_types
 
 log = logging.getLogger(__name__)
 

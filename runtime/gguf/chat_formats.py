@@ -13,10 +13,10 @@ results through its own template, and writes its calls the way it was trained to
   JSON ``{"name": ..., "parameters": {...}}`` right after the assistant header (Llama 3.1
   may put ``<|python_tag|>`` first; it is a control token, so it does not show in the text).
 - ``generic``: every other template, also one that takes ``tools`` in a format we do not
-  know: runtime/tool_calls.py's format, in a system message the HTTP layer adds.
+  know: runtime/gguf/tool_calls.py's format, in a system message the HTTP layer adds.
 
 Decoding is constrained by a grammar of the format, built from the tools' parameter
-schemas (runtime/grammar.py), so that ``required`` and a named function always give a call
+schemas (runtime/gguf/grammar.py), so that ``required`` and a named function always give a call
 whose arguments parse and match their schema. For ``auto`` the grammar offers either the
 calls or text that does not start the way a call does; llama-server makes that grammar
 lazy instead (it starts at a trigger word anywhere in the text), which needs the lazy
@@ -24,7 +24,7 @@ grammar sampler in the decode loop: here a call is constrained only at the start
 answer. The answer is read back as llama.cpp reads it (``common_chat_parse_hermes_2_pro``,
 ``common_chat_parse_llama_3_1``): calls wherever they parse, the text before them as content.
 
-This module only knows formats: the template is rendered by runtime/gguf_backend.py.
+This module only knows formats: the template is rendered by runtime/gguf/gguf_backend.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import json
 import re
 from typing import Any
 
-from .tool_calls import MAX_PARALLEL_CALLS, Tool, call_rule, new_call_id
+from runtime.gguf.tool_calls import MAX_PARALLEL_CALLS, Tool, call_rule, new_call_id
 
 GENERIC = "generic"
 HERMES = "hermes"

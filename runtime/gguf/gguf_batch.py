@@ -8,7 +8,7 @@ decode call that carries the last sampled token of every generating sequence (on
 settings (the plain greedy rows of a call together, one argmax over the call's logits,
 `_greedy_choices`). New
 requests join between steps (`add`), finished and cancelled ones leave at the next
-step and free their slot at once. The scheduler (runtime/batch_scheduler.py) does
+step and free their slot at once. The scheduler (runtime/scheduling/batch_scheduler.py) does
 the admitting; this module knows llama.cpp, not jobs' queues.
 
 Why prompts go in chunks of their own: the rule of docs/architecture.md
@@ -53,17 +53,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .backend import GenerationRequest, GenerationResult, JobContext, TextDelta, TokenLogprob
-from .errors import InferenceError, InvalidInputError, WorkStopped
-from .llama_params import KV_TYPES, LLAMA_SAMPLING_DEFAULTS, PreparedPrompt
-from .text_stream import TextStream
+from runtime.backend import GenerationRequest, GenerationResult, JobContext, TextDelta, TokenLogprob
+from runtime.errors import InferenceError, InvalidInputError, WorkStopped
+from runtime.gguf.llama_params import KV_TYPES, LLAMA_SAMPLING_DEFAULTS, PreparedPrompt
+from runtime.gguf.text_stream import TextStream
 
 if TYPE_CHECKING:
     import numpy as np
 
 
 class BatchModel(Protocol):
-    """What the engine needs of a loaded GGUF model (runtime/gguf_backend.py's `GgufBackend`
+    """What the engine needs of a loaded GGUF model (runtime/gguf/gguf_backend.py's `GgufBackend`
     is one): its weights, how it reads prompts, and how tokens become text."""
 
     placement: Any

@@ -7,7 +7,7 @@ JSON schema of the parameters) and asks the model to answer with one JSON object
     {"tool_calls": [{"name": "get_weather", "arguments": {"location": "Paris"}}]}
 
 to call tools, or ``{"response": "..."}`` to answer in text. Decoding is constrained by a
-grammar built from the tools' parameter schemas (runtime/grammar.py), so the object always
+grammar built from the tools' parameter schemas (runtime/gguf/grammar.py), so the object always
 parses and the arguments always match their schema:
 
 - ``tool_choice: "auto"``: either form; ``"required"``: a call; a named function: a call of
@@ -19,7 +19,7 @@ Earlier turns come back to the model in the same format: an assistant message's
 ``{"tool_response": {"tool_call_id", "name", "content"}}`` (llama.cpp's polyfill for
 templates without a tool role).
 
-A model whose own template knows tools uses its own format instead (runtime/chat_formats.py):
+A model whose own template knows tools uses its own format instead (runtime/gguf/chat_formats.py):
 the request carries a `ToolRequest` (the tools, the choice and the chat as the template reads
 it) beside the generic rendering, and the backend picks the one its template needs.
 """
@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .grammar import SchemaError, schema_rules
+from runtime.gguf.grammar import SchemaError, schema_rules
 
 #: Functions in one request's `tools` (OpenAI allows 128).
 MAX_TOOLS = 128
@@ -64,7 +64,7 @@ class Tool:
 
 @dataclass(frozen=True)
 class ToolRequest:
-    """A chat's tools as a model's own template takes them (runtime/chat_formats.py)."""
+    """A chat's tools as a model's own template takes them (runtime/gguf/chat_formats.py)."""
 
     tools: tuple[Tool, ...]
     #: "auto", "required", "none" or "function" (then `named` is the function)
@@ -174,7 +174,7 @@ def read_answer(text: str, fmt: str = "generic") -> tuple[str | None, list[dict[
     calls as OpenAI `tool_calls` entries. Text that is not the format (cut by max_tokens, or
     tool_choice none) is content."""
     if fmt != "generic":
-        from .chat_formats import read_native
+        from runtime.gguf.chat_formats import read_native
 
         return read_native(text, fmt)
     try:
