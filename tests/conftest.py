@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
@@ -23,6 +24,7 @@ from agent.config import AgentConfig, ModelEntry, SchedulerConfig, ServerConfig,
 from agent.http.server import start_server
 from runtime.devices import choose_llama_placement, describe_cpu
 
+REPO = Path(__file__).resolve().parent.parent
 CHAT = CHAT_MODEL
 EMBED = EMBEDDING_MODEL
 
@@ -187,3 +189,15 @@ def mqtt_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def deb_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .deb from packaging/build-deb.sh (gzip), built once for the package and image tests."""
+    out = tmp_path_factory.mktemp("deb")
+    result = subprocess.run([str(REPO / "packaging/build-deb.sh"), "--out", str(out), "--compression", "gzip"],
+                            capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = Path(result.stdout.strip().splitlines()[-1])
+    print(f".deb: {path.name}, {path.stat().st_size / 1e6:.1f} MB (gzip)")
+    return path

@@ -116,7 +116,8 @@ def flags() -> list[str]:
 # --- the image --------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def image(flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def image(flags: list[str], tmp_path_factory: pytest.TempPathFactory,
+          request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """{"tag", "oci" (the OCI archive, when built here)}: loaded from $EDGEFLEET_IMAGE_ARCHIVE,
     else built by packaging/build-image.sh and removed afterwards."""
     archive = os.environ.get("EDGEFLEET_IMAGE_ARCHIVE")
@@ -133,7 +134,9 @@ def image(flags: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterato
     out = tmp_path_factory.mktemp("image")
     tag = f"localhost/edgefleet-test:{os.getpid()}"
     started = time.monotonic()
-    result = subprocess.run([str(REPO / "packaging/build-image.sh"), "--out", str(out), "--tag", tag],
+    deb: Path = request.getfixturevalue("deb_package")  # the suite's one .deb build, shared
+    result = subprocess.run([str(REPO / "packaging/build-image.sh"), "--deb", str(deb), "--out", str(out),
+                             "--tag", tag],
                             capture_output=True, text=True, check=False, timeout=1500)
     assert result.returncode == 0, result.stderr[-4000:]
     print(f"build-image.sh: {time.monotonic() - started:.0f}s\n{result.stderr[-1500:]}")

@@ -139,9 +139,9 @@ def agent_log(env: Path) -> str:
     return (env / "agent.log").read_text(errors="replace")
 
 
-def cli(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, timeout_s: float = 120.0, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*EDGEFLEET, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-                          check=False)
+                          check=False, env=env)
 
 
 def states(watcher: Watcher) -> list[dict[str, object]]:
@@ -266,7 +266,9 @@ def test_hub_tools_keep_mqtt_5_where_the_broker_has_it(mqtt_broker: MosquittoBro
 def test_a_bad_protocol_setting_is_one_line_and_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text('[mqtt]\nhost = "127.0.0.1"\nprotocol = "3.1"\n')
-    done = cli("serve", "--config", str(config), "--state-dir", str(tmp_path))
+    # the config file alone: the suite's EDGEFLEET_* variables would add "+ environment"
+    alone = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
+    done = cli("serve", "--config", str(config), "--state-dir", str(tmp_path), env=alone)
     assert done.returncode == 2, done.stdout + done.stderr
     assert f'{config}: mqtt: protocol must be "5", "3.1.1" or "auto", got \'3.1\'' in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
