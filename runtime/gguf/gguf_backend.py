@@ -139,6 +139,21 @@ def prompt_chunk(options: GgufOptions, placement: LlamaPlacement) -> int:
     return options.n_batch if placement.n_gpu_layers != 0 else min(CPU_PROMPT_CHUNK, options.n_batch)
 
 
+def gguf_placement(options: GgufOptions, machine: MachineSettings,
+                   allow_cpu_repack: bool | None = None) -> LlamaPlacement:
+    """Where and how a GGUF model runs here, before tuning: one rule for the chat backend,
+    the embedding backend (which passes its own repack rule) and tuning's baseline, so the
+    settings tuning measures against are the ones a load really uses. Blocking: asks
+    llama.cpp about GPU offload."""
+    return choose_llama_placement(
+        machine.cpu,
+        gpu_offload_supported=llama_gpu_offload_supported(),
+        requested_gpu_layers=options.n_gpu_layers,
+        requested_threads=machine.threads,
+        allow_cpu_repack=machine.cpu_repack if allow_cpu_repack is None else allow_cpu_repack,
+    )
+
+
 class GgufBackend(BackendBase):
     """One GGUF model in one llama.cpp context."""
 
@@ -146,13 +161,7 @@ class GgufBackend(BackendBase):
         import llama_cpp
 
         options = bundle.manifest.gguf
-        placement = choose_llama_placement(
-            machine.cpu,
-            gpu_offload_supported=llama_gpu_offload_supported(),
-            requested_gpu_layers=options.n_gpu_layers,
-            requested_threads=machine.threads,
-            allow_cpu_repack=machine.cpu_repack,
-        )
+        placement = gguf_placement(options, machine)
         # settings measured on this machine (runtime/tuning/) for every knob the bundle and config leave open
         options, placement, self.tuning = apply_tuning(
             machine.tuning, bundle, options, placement, machine, prompt_chunk(options, placement))

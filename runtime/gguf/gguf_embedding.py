@@ -26,9 +26,9 @@ import numpy as np
 
 from runtime.backend import BackendBase, Capability, EmbeddingResult, JobContext, ModelInfo
 from runtime.bundle import ModelBundle
-from runtime.devices import MachineSettings, choose_llama_placement, llama_gpu_offload_supported
+from runtime.devices import MachineSettings
 from runtime.errors import InvalidInputError, ModelLoadError, WorkStopped
-from runtime.gguf.gguf_backend import extra_buffer_types
+from runtime.gguf.gguf_backend import extra_buffer_types, gguf_placement
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,7 @@ class GgufEmbeddingBackend(BackendBase):
         import llama_cpp
 
         options = bundle.manifest.gguf
-        placement = choose_llama_placement(
-            machine.cpu,
-            gpu_offload_supported=llama_gpu_offload_supported(),
-            requested_gpu_layers=options.n_gpu_layers,
-            requested_threads=machine.threads,
-            allow_cpu_repack=False,
-        )
+        placement = gguf_placement(options, machine, allow_cpu_repack=False)
         pooling: str = options.pooling
         if pooling == "auto":
             pooling = metadata_pooling(read_gguf_metadata(str(bundle.weights))) or "mean"

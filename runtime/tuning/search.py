@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.bundle import ModelBundle
-from runtime.devices import MachineSettings, choose_llama_placement, llama_gpu_offload_supported
+from runtime.devices import MachineSettings
 
 from .cache import cache_path, write_record
 from .candidates import alternatives, label, search_knobs
@@ -143,12 +143,10 @@ async def run_child(job: dict[str, Any], timeout_s: float) -> tuple[str, str | N
 def baseline(bundle: ModelBundle, machine: MachineSettings) -> tuple[TunedSettings, tuple[str, ...], bool]:
     """The settings `bundle` loads with untuned here, the knobs pinned, and whether it runs on
     a GPU (blocking: asks llama.cpp about GPU offload)."""
-    from runtime.gguf.gguf_backend import prompt_chunk
+    from runtime.gguf.gguf_backend import gguf_placement, prompt_chunk
 
     options = bundle.manifest.gguf
-    placement = choose_llama_placement(machine.cpu, gpu_offload_supported=llama_gpu_offload_supported(),
-                                       requested_gpu_layers=options.n_gpu_layers,
-                                       requested_threads=machine.threads, allow_cpu_repack=machine.cpu_repack)
+    placement = gguf_placement(options, machine)
     chunk = min(options.n_batch, prompt_chunk(options, placement))
     return (current_settings(options, placement, chunk), pinned_knobs(options, placement, machine),
             placement.n_gpu_layers != 0)
