@@ -104,8 +104,14 @@ class RunningAgent:
     async def metric(self, name: str, **labels: str) -> float:
         """Sum of a Prometheus sample from /metrics, 0 if absent."""
         _, text = await self.get("/metrics")
+        return self.metric_in(str(text), name, **labels)
+
+    @staticmethod
+    def metric_in(text: str, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample in one scrape's text, 0 if absent (figures that must add
+        up are read from one scrape, not from several taken while the agent updates them)."""
         total = 0.0
-        for line in str(text).splitlines():
+        for line in text.splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):
                 continue
             if all(f'{k}="{v}"' in line for k, v in labels.items()):

@@ -10,6 +10,7 @@ agent's own CPU time explains may be billed to the model; the rest is "other".
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import subprocess
@@ -85,14 +86,16 @@ def stop_hogs(hogs: list[subprocess.Popen[bytes]]) -> None:
 
 
 async def energy(agent) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    _, text = await agent.get("/metrics")  # one scrape: the parts must add up within it
+    metric = functools.partial(agent.metric_in, str(text))
     return {
-        "active": await agent.metric("edgefleet_host_energy_joules_total", part="active"),
-        "idle": await agent.metric("edgefleet_host_energy_joules_total", part="idle"),
-        "total": await agent.metric("edgefleet_energy_joules_total"),
-        "chat": await agent.metric("edgefleet_model_energy_joules_total", model=CHAT, part="active"),
-        "models": await agent.metric("edgefleet_active_energy_joules_total", by="models"),
-        "agent": await agent.metric("edgefleet_active_energy_joules_total", by="agent"),
-        "other": await agent.metric("edgefleet_active_energy_joules_total", by="other"),
+        "active": metric("edgefleet_host_energy_joules_total", part="active"),
+        "idle": metric("edgefleet_host_energy_joules_total", part="idle"),
+        "total": metric("edgefleet_energy_joules_total"),
+        "chat": metric("edgefleet_model_energy_joules_total", model=CHAT, part="active"),
+        "models": metric("edgefleet_active_energy_joules_total", by="models"),
+        "agent": metric("edgefleet_active_energy_joules_total", by="agent"),
+        "other": metric("edgefleet_active_energy_joules_total", by="other"),
     }
 
 
