@@ -40,6 +40,15 @@ What it measures, in this order:
             slows but does not inflate).
   ttft      one client, no other load: a unique ~310-token prompt, median TTFT of --ttft-rounds,
             alternating the servers.
+  kernels   llama.cpp's own `llama-batched-bench` from the same build (next to --llama-server,
+            or --batched-bench), no server at all: prompt reading at the TTFT prompt's length
+            and decode at every --clients level with the load test's prompt and answer
+            lengths, for the agent's attention settings (its KV cache type, flash attention on)
+            and for llama-server's default ones (f16 KV, flash attention auto), --kernel-rounds
+            interleaved, the best of each. Where a goal is out of reach because of the kernels
+            (the agent's KV cache type reads prompts slower than the default's f16 on some
+            CPUs, and an f16 cache breaks the repeatable-greedy rule, docs/architecture.md),
+            this shows it: the goals table prints the kernels' own ratio beside the figure.
   starve    --steady-clients (8) clients stream steadily (closed loop, starts staggered); once
             each has finished a request, a newcomer sends a unique ~1,000-token prompt. Reported:
             the largest gap between two tokens of any running stream while the newcomer waited
@@ -554,6 +563,11 @@ def main() -> None:
     parser.add_argument("--stagger-ms", type=float, default=400,
                         help="starvation: delay between steady clients' starts")
     parser.add_argument("--no-starvation", action="store_true")
+    parser.add_argument("--batched-bench", default=None,
+                        help="llama-batched-bench binary for the kernels' figures (default: next to "
+                             "--llama-server), or `none`")
+    parser.add_argument("--kernel-rounds", type=int, default=2,
+                        help="kernels: rounds of llama-batched-bench per configuration (0: skip)")
     parser.add_argument("--max-seconds", type=float, default=2400, help="bound on the whole run")
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--state-dir", type=Path, default=None)
@@ -621,8 +635,73 @@ def main() -> None:
             single = single_stream(args, chat, placement, urls["agent"], prompts.eog)
         results.update(asyncio.run(run(args, clients, prompts, urls, pids)))
         results["single"] = single
+    batched = batched_bench_binary(args, binary)
+    if batched is not None and args.kernel_rounds > 0:
+        load_prompt = max((r.get("prompt_tokens_max") or 0 for r in results["load"].get("agent", [])), default=0)
+        results["kernels"] = kernel_figures(batched, gguf, placement, kv_type, args.ttft_tokens,
+                                            load_prompt or 64, args.max_tokens, clients, args.kernel_rounds)
     results["config"]["loadavg_after"] = os.getloadavg()
     report(results, args)
+
+
+def batched_bench_binary(args: argparse.Namespace, server: Path | None) -> Path | None:
+    """The llama-batched-bench to run: --batched-bench, else the one built beside llama-server
+    (PEERS.md builds both), else none."""
+    if args.batched_bench == "none":
+        return None
+    if args.batched_bench:
+        path = Path(args.batched_bench)
+        if not path.exists():
+            raise SystemExit(f"{path}: no such llama-batched-bench (build it as PEERS.md says, or pass none)")
+        return path
+    if server is not None and (server.parent / "llama-batched-bench").exists():
+        return server.parent / "llama-batched-bench"
+    return None
+
+
+#: the attention settings compared at the kernels: the agent's and llama-server's default
+KERNEL_CONFIGS = ("agent", "llama-server")
+
+
+def kernel_figures(binary: Path, gguf: Path, placement: Any, kv_type: str, ttft_tokens: int, load_prompt: int,
+                   max_tokens: int, clients: list[int], rounds: int) -> dict[str, Any]:
+    """llama-batched-bench's prompt and decode speeds for the agent's attention settings and
+    llama-server's default ones, same build, same threads and repacking choice as the servers,
+    rounds interleaved; the best (shortest) time of each is kept, as noise only ever adds."""
+    base = ["-m", str(gguf), "-b", "2048", "-ub", "512", "-t", str(placement.n_threads),
+            "-tb", str(placement.n_threads_batch), "--output-format", "jsonl"]
+    if not placement.use_extra_bufts:
+        base.append("-nr")
+    attention = {"agent": ["-fa", "on", "-ctk", kv_type, "-ctv", kv_type], "llama-server": ["-fa", "auto"]}
+    levels = sorted(set(clients))
+    runs = {  # name -> argv tail
+        "prompt": ["-c", str(ttft_tokens + 64), "-npp", str(ttft_tokens), "-ntg", "1", "-npl", "1"],
+        "decode": ["-c", str(max(levels) * (load_prompt + max_tokens) + 64), "-npp", str(load_prompt),
+                   "-ntg", str(max_tokens), "-npl", ",".join(map(str, levels))],
+    }
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+        p for p in (str(binary.parent), os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+    best: dict[str, dict[str, dict[int, dict[str, float]]]] = {c: {"prompt": {}, "decode": {}} for c in KERNEL_CONFIGS}
+    for _ in range(rounds):
+        for config in KERNEL_CONFIGS:
+            for what, tail in runs.items():
+                time.sleep(SETTLE_S)
+                out = subprocess.run([str(binary), *base, *attention[config], *tail], capture_output=True,
+                                     text=True, env=env, timeout=600, check=False)
+                rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+                if out.returncode != 0 or not rows:
+                    raise SystemExit(f"llama-batched-bench failed (exit {out.returncode}): {out.stderr[-800:]}")
+                for row in rows:
+                    kept = best[config][what].get(row["pl"])
+                    if kept is None or row["t"] < kept["t"]:
+                        best[config][what][row["pl"]] = row
+    print(f"  kernels: llama-batched-bench, {rounds} rounds", file=sys.stderr, flush=True)
+    return {"binary": str(binary), "rounds": rounds, "kv_type": kv_type, "ttft_tokens": ttft_tokens,
+            "load_prompt_tokens": load_prompt, "max_tokens": max_tokens,
+            "args": {c: " ".join(base[2:] + attention[c]) for c in KERNEL_CONFIGS},
+            "prompt_s": {c: best[c]["prompt"][1]["t_pp"] for c in KERNEL_CONFIGS},
+            "decode_tokens_per_s": {c: {pl: row["speed_tg"] for pl, row in best[c]["decode"].items()}
+                                    for c in KERNEL_CONFIGS}}
 
 
 def single_stream(args: argparse.Namespace, chat: Any, placement: Any, agent_url: str,
@@ -736,7 +815,11 @@ def goals(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     if peers and ttft.get("agent", {}).get("ttft_median_s"):
         name, best_s = min(peers, key=lambda item: item[1])
         value = ttft["agent"]["ttft_median_s"] / best_s
-        out.append((f"TTFT alone / {name}", f"{value:.2f}", "<= 1.0", value <= 1.0))
+        figure = f"{value:.2f}"
+        kernels = results.get("kernels")
+        if kernels:  # the same prompt read by the kernels alone, agent's settings / default's
+            figure += f" (kernels {kernels['prompt_s']['agent'] / kernels['prompt_s']['llama-server']:.2f})"
+        out.append((f"TTFT alone / {name}", figure, "<= 1.0", value <= 1.0))
     loaded = []
     for c in sorted(agent):
         best = _best_peer(rows, c, "ttft_p50_s", higher=False)
@@ -792,6 +875,22 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     for name, t in ttft.items():
         print(f"  {name:19} {ms(t['ttft_median_s']):>6} ms  ({t['prompt_tokens']} prompt tokens, "
               f"{t['rounds']} rounds){' errors: ' + str(t['errors']) if t['errors'] else ''}")
+    kernels = results.get("kernels")
+    if kernels:
+        print(f"\nkernels alone (llama-batched-bench, same build, best of {kernels['rounds']} interleaved rounds):")
+        for config in KERNEL_CONFIGS:
+            print(f"  {config:13} {kernels['args'][config]}")
+        decode = kernels["decode_tokens_per_s"]
+        print(f"  {'':13} {'prompt ' + str(kernels['ttft_tokens']) + ' tok':>16}  decode tok/s at "
+              + ", ".join(f"{pl}" for pl in decode["agent"]) + f" seqs ({kernels['load_prompt_tokens']}-token "
+              f"prompt, {kernels['max_tokens']}-token answers)")
+        for config in KERNEL_CONFIGS:
+            print(f"  {config:13} {kernels['prompt_s'][config] * 1000:>13.0f} ms  "
+                  + ", ".join(f"{v:.1f}" for v in decode[config].values()))
+        print("  agent's settings / default's: prompt time "
+              f"{kernels['prompt_s']['agent'] / kernels['prompt_s']['llama-server']:.2f}, decode "
+              + ", ".join(f"{decode['agent'][pl] / decode['llama-server'][pl]:.2f}@{pl}"
+                          for pl in decode["agent"] if pl in decode["llama-server"]))
     single = results.get("single")
     if single:
         print(f"\nsingle stream decode: agent {single['agent_tokens_per_s']:.1f} tok/s, in-process llama-cpp-python "

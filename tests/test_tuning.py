@@ -151,6 +151,22 @@ def test_sigterm_in_the_middle_leaves_the_previous_cache(tuned: Tuned) -> None:
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_crash_is_remembered_until_asked_to_retry(tuned: Tuned) -> None:
+    """The crash is not injected this time: a candidate that crashed on this machine and build
+    is listed as unsafe without being run again; `--retry-unsafe` runs it."""
+    again = edgefleet("tune", CHAT, "--config", str(tuned.config), *QUICK)
+    assert again.returncode == 0, again.stderr
+    crash = next(c for c in tuned.record()["candidates"] if c["label"] == CRASH)
+    assert crash["status"] == "unsafe" and crash["seconds"] == 0, crash
+    assert "crashed in an earlier run on this machine and build" in crash["reason"] and "SIGABRT" in crash["reason"]
+    row = next(line for line in again.stdout.splitlines() if line.startswith(CRASH + " "))
+    assert "unsafe" in row and "earlier run" in row, row
+    retried = edgefleet("tune", CHAT, "--config", str(tuned.config), *QUICK, "--retry-unsafe")
+    assert retried.returncode == 0, retried.stderr
+    crash = next(c for c in tuned.record()["candidates"] if c["label"] == CRASH)
+    assert crash["status"] in ("ok", "rejected") and crash["seconds"] > 0, crash
+
+
 async def test_an_agent_with_the_same_fingerprint_applies_the_cache_without_measuring(tuned: Tuned) -> None:
     before = tuned.cache.stat().st_mtime_ns, tuned.cache.read_bytes()
     choice = tuned.record()["choice"]

@@ -39,6 +39,8 @@ def add_tune_command(commands: Any, add_config: Callable[[argparse.ArgumentParse
     tune.add_argument("--json", action="store_true", help="print the records written, as JSON")
     tune.add_argument("--knobs", help=f"comma-separated knobs to search (default: all): {', '.join(TUNING_KNOBS)}")
     tune.add_argument("--budget", type=float, help="seconds per model (default: [tuning] budget_s)")
+    tune.add_argument("--retry-unsafe", action="store_true",
+                      help="run candidates again that crashed in an earlier run on this machine and build")
     tune.add_argument("--prompt-tokens", type=int, default=128, help="tokens of the prompt read (default 128)")
     tune.add_argument("--decode-tokens", type=int, default=16,
                       help="tokens each answer generates (default 16; fewer: faster, noisier)")
@@ -119,7 +121,8 @@ async def _tune_all(config: AgentConfig, bundles: list[Any], knobs: tuple[str, .
         options = dataclasses.replace(options, knobs=knobs)
     if budget is not None:
         options = dataclasses.replace(options, budget_s=budget)
-    options = dataclasses.replace(options, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
+    options = dataclasses.replace(options, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                                  retry_unsafe=args.retry_unsafe)
     machine = machine_settings(config)
     records = []
     for bundle in bundles:

@@ -12,7 +12,10 @@ decode at the slot count weighs 1/2, decode at 1 sequence 1/4, prompt reading 1/
 
 A child that dies on a signal, exits non-zero or outlives `candidate_timeout_s` marks its
 candidate unsafe on this machine and build; one whose greedy answer does not repeat is
-rejected. Neither is ever chosen, and neither stops the search.
+rejected. Neither is ever chosen, and neither stops the search. A crash (a signal or a
+non-zero exit, not a timeout, which a busy machine can cause) is remembered: the next
+search with the same fingerprint lists that candidate as unsafe without running it again,
+until the machine, the llama.cpp build or the model file changes, or `retry_unsafe` asks.
 
 A choice other than the defaults is run once more beside them (`_rematch`) and kept only if
 it still leads: each candidate ran once, at its own moment, and a busy machine can lend one
@@ -67,6 +70,8 @@ class TuneOptions:
     knobs: tuple[str, ...] | None = None
     prompt_tokens: int = 128
     decode_tokens: int = 16
+    #: run candidates again that crashed in an earlier search with the same fingerprint
+    retry_unsafe: bool = False
 
 
 @dataclass
@@ -140,6 +145,31 @@ async def run_child(job: dict[str, Any], timeout_s: float) -> tuple[str, str | N
     return "ok", None, result
 
 
+#: how run_child words a crash (a timeout is not one: a busy machine can cause it)
+CRASH_REASONS = ("the measuring process was killed by", "the measuring process exited with status")
+REMEMBERED = "crashed in an earlier run on this machine and build"
+
+
+def crashed_before(path: Path, current: str) -> dict[str, str]:
+    """The candidates that crashed in the cached search at `path`, when it was made for the
+    `current` fingerprint: {settings as JSON: why}. A crash there is a property of the
+    machine, the build and the model, so running that kernel path again only crashes again."""
+    from .cache import read_record
+
+    try:
+        record = read_record(path)
+    except ValueError:
+        return {}
+    if record is None or record.get("fingerprint") != current:
+        return {}
+    crashed = {}
+    for candidate in record.get("candidates") or []:
+        reason = str(candidate.get("reason") or "")
+        if candidate.get("status") == "unsafe" and reason.startswith((*CRASH_REASONS, REMEMBERED)):
+            crashed[json.dumps(candidate.get("settings"), sort_keys=True)] = reason
+    return crashed
+
+
 def baseline(bundle: ModelBundle, machine: MachineSettings) -> tuple[TunedSettings, tuple[str, ...], bool]:
     """The settings `bundle` loads with untuned here, the knobs pinned, and whether it runs on
     a GPU (blocking: asks llama.cpp about GPU offload)."""
@@ -175,11 +205,17 @@ async def tune_model(bundle: ModelBundle, machine: MachineSettings, tuning_dir: 
     outcomes: list[Outcome] = []
     reference: dict[str, float] | None = None
     best: Outcome | None = None
+    crashed = {} if options.retry_unsafe else await asyncio.to_thread(
+        crashed_before, cache_path(tuning_dir, bundle.name), fingerprint(parts, digest))
 
     async def measure(settings: TunedSettings, knob: str | None, value: Any) -> Outcome:
         nonlocal reference, best
         name = label(knob, value)
-        if outcomes and time.monotonic() - started > options.budget_s:  # the defaults are always measured
+        before = crashed.get(json.dumps(settings.to_json(), sort_keys=True))
+        if before is not None:
+            why = before if before.startswith(REMEMBERED) else f"{REMEMBERED} ({before}); not run again"
+            outcome = Outcome(name, knob, settings, "unsafe", why)
+        elif outcomes and time.monotonic() - started > options.budget_s:  # the defaults are always measured
             outcome = Outcome(name, knob, settings, "skipped", f"over the {options.budget_s:.0f}s budget")
         else:
             t0 = time.monotonic()
