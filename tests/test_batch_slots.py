@@ -19,7 +19,7 @@ import time
 import pytest
 from conftest import CHAT
 
-from runtime.backend import GenerationRequest, GenerationResult, ModelLimits, TextDelta
+from runtime.backend import GenerationRequest, GenerationResult, ModelLimits, TextDelta, TokenLogprob
 from runtime.bundle import read_bundle
 from runtime.devices import MachineSettings, describe_cpu
 from runtime.gguf.gguf_backend import GgufBackend
@@ -40,12 +40,16 @@ class Caller:
 
     def __init__(self) -> None:
         self.pieces: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
         self.gone = False
 
     def cancelled(self) -> bool:
         return self.gone
 
     def emit(self, item: object) -> None:
+        if isinstance(item, TokenLogprob):  # asked for with `logprobs`
+            self.logprobs.append(item)
+            return
         assert isinstance(item, TextDelta)
         self.pieces.append(item.text)
 
@@ -217,20 +221,41 @@ def test_a_step_that_read_a_short_prompt_starts_no_chunk_that_would_overrun_the_
     assert runner.text == reference[QUESTIONS[0]]
 
 
-def test_long_conversations_get_their_alone_text_beside_others(fresh):
-    """Past 256 cells of context llama.cpp's CPU attention had a path of its own for one
-    sequence alone (split over the KV cells) and another for several: with an f16 KV cache
-    a greedy answer could change with the load. The q8_0 cache takes one path for all."""
-    assert fresh._options.kv_type == "q8_0"
+@pytest.fixture
+def f16_flash(state_dir):
+    """The demo model on an f16 KV cache with flash attention (what tuning may choose, or a
+    bundle set), everything else as the defaults."""
+    from runtime.tuning.search import baseline
+    from runtime.tuning.settings import FixedChoice
+
+    bundle = read_bundle(state_dir / "models" / CHAT / "current")
+    base, _, _ = baseline(bundle, MachineSettings(cpu=describe_cpu()))
+    settings = base.with_knob("attention", "f16+fa")
+    backend = GgufBackend(bundle, MachineSettings(cpu=describe_cpu(), tuning=FixedChoice(settings)))
+    assert backend._options.kv_type == "f16" and backend._options.flash_attn
+    yield backend
+    backend.close()
+
+
+@pytest.mark.parametrize("cache", ["q8_0", "f16+fa"])
+def test_long_conversations_get_their_alone_text_beside_others(cache, request):
+    """Past 256 cells of context llama.cpp's CPU attention has a path of its own for one
+    sequence alone (split over the KV cells) and another for several, with an f16 KV cache
+    and flash attention: a greedy answer could change with the load. The q8_0 cache takes
+    one path for all; with f16 the engine measures the long rows at load and, where they
+    differ, decodes a greedy sequence alone, on the same path it takes with no load."""
+    backend = request.getfixturevalue("fresh" if cache == "q8_0" else "f16_flash")
+    fresh = backend
+    assert fresh._options.kv_type == cache.split("+")[0]
     engine = fresh.engine
-    long = {q: GenerationRequest(prompt=(q + " ") * 12 + SYSTEM * 4, **dict(SETTINGS, max_tokens=32))
+    long = {q: GenerationRequest(prompt=(q + " ") * 12 + SYSTEM * 4, logprobs=2, **dict(SETTINGS, max_tokens=32))
             for q in QUESTIONS}
     assert all(len(fresh.prepare(r, Caller()).tokens) > 300 for r in long.values())
-    alone_text = {}
+    alone_text, alone_logprobs = {}, {}
     for question, req in long.items():
         caller = Caller()
         engine.run(req, caller)
-        alone_text[question] = caller.text
+        alone_text[question], alone_logprobs[question] = caller.text, caller.logprobs
     callers = {q: Caller() for q in QUESTIONS}
     engine.prefill_slice_s = float("inf")  # all four prompts first: all four decode together
     for question, caller in callers.items():
@@ -241,6 +266,8 @@ def test_long_conversations_get_their_alone_text_beside_others(fresh):
         engine.step()
     for question, caller in callers.items():
         assert caller.text == alone_text[question], f"{question!r} changed beside others"
+        # the rule is about bits: the log probabilities a client reads are the same numbers
+        assert caller.logprobs == alone_logprobs[question], f"{question!r}'s log probabilities changed"
 
 
 def test_a_repeat_and_a_next_turn_reuse_what_the_kernels_allow_and_answer_as_from_scratch(fresh, state_dir):
@@ -287,6 +314,41 @@ def test_where_splits_are_free_a_newcomer_is_read_in_pieces_that_fit_the_slice(f
         engine.step()
     assert newcomer.text == reference[QUESTIONS[1]]
     assert runner.text == reference[QUESTIONS[0]]
+
+
+def test_a_prompt_a_little_over_the_slice_is_read_whole_not_left_a_short_tail(fresh, reference):
+    """A newcomer's prompt whose rest would take under half the slice is read in this step,
+    so its first token does not wait a decode step for a 16-token tail; one further over
+    the slice is still read in pieces."""
+    engine = fresh.engine
+    runner = Caller()
+    engine.add(request(QUESTIONS[0]), runner)
+    while engine._seqs[0].pending is None:
+        engine.step()
+    if not engine.splits_free:
+        pytest.skip("prompts are read in canonical chunks on this machine")
+    rate = engine._prompt_s_per_token
+    near, far = Caller(), Caller()
+    short = GenerationRequest(prompt=(QUESTIONS[1] + " ") * 6 + SYSTEM[:60], **SETTINGS)
+    engine.add(short, near)
+    seq = next(s for s in engine._seqs if s.ctx is near)
+    n = len(seq.tokens)
+    assert 40 < n <= engine.chunk  # one call can hold it
+    engine.prefill_slice_s = (n - 12) * rate  # all but 12 tokens fit: the 12 take a third of the slice
+    engine.step()
+    assert seq.pos == n and seq.pending is not None, f"read {seq.pos} of {n} tokens"
+    engine.add(request(QUESTIONS[2]), far)
+    seq = next(s for s in engine._seqs if s.ctx is far)
+    engine.prefill_slice_s = (len(seq.tokens) // 2) * rate  # half is left: more than half the slice
+    engine.step()
+    assert 0 < seq.pos < len(seq.tokens)
+    engine.prefill_slice_s = float("inf")
+    while engine.active:
+        engine.step()
+    assert (runner.text, far.text) == (reference[QUESTIONS[0]], reference[QUESTIONS[2]])
+    again = Caller()
+    fresh.generate(short, again)  # the short prompt alone, nothing beside it
+    assert near.text == again.text
 
 
 def test_prompts_waiting_together_are_read_together_where_the_bits_allow(fresh, reference):

@@ -90,6 +90,13 @@ PROMPT_RATE_WEIGHT = 0.3
 #: Where any split of a prompt gives the same bits (`splits_free`), the smallest piece of a
 #: prompt read while others generate: smaller pieces would waste the pass over the weights.
 MIN_PIECE = 16
+#: Where splits are free and others are waiting for their next token, a prompt whose rest
+#: after its piece would take no more than this share of the slice is read whole now: its
+#: first token comes a decode step sooner (a short prompt is not cut into a piece and a
+#: 16-token tail a step later), and the others' stall grows by at most this share of the
+#: slice. 0 (EDGEFLEET_BENCH_OLD_PATHS=tail, bench/bench_load.py's A/B) leaves the tail for
+#: the next step.
+TAIL_SHARE = 0.0 if "tail" in os.environ.get("EDGEFLEET_BENCH_OLD_PATHS", "").split(",") else 0.5
 #: False only to measure the old way (bench/bench_load.py's A/B): each greedy row is chosen by
 #: its own argmax over a copy of its row.
 SAMPLE_TOGETHER = "sample" not in os.environ.get("EDGEFLEET_BENCH_OLD_PATHS", "").split(",")
@@ -297,6 +304,9 @@ class BatchEngine:
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.type_k = params.type_v = KV_TYPES[kv_type][0]
         params.no_perf = True
+        #: llama.cpp's CPU flash attention has a path of its own for one sequence alone with a
+        #: window of 512 cells or more, for f16/f32 caches only (ggml-cpu ops.cpp, split KV)
+        self._long_window_path = flash_attn and kv_type == "f16"
         self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not self._ctx:
             raise InferenceError(f"llama.cpp could not make a context of {slots} x {ctx_per_slot} tokens")
@@ -516,7 +526,8 @@ class BatchEngine:
                 if self._generating():
                     budget = self.prefill_slice_s - (time.monotonic() - started)
                 end = self._chunk_end(seq, budget)
-                if not first and budget is not None and self._rate(seq) * (end - seq.pos) > budget:
+                if not first and budget is not None and \
+                        self._rate(seq) * (end - seq.pos) > budget + self._tail_allowance(((seq, end),)):
                     break
                 first = False
                 done += self._prefill(((seq, end),))
@@ -549,7 +560,8 @@ class BatchEngine:
             if self._generating():
                 budget = self.prefill_slice_s - (time.monotonic() - started)
             pieces = self._pieces(waiting, budget)
-            if not first and budget is not None and sum(self._rate(s) * (end - s.pos) for s, end in pieces) > budget:
+            cost = sum(self._rate(s) * (end - s.pos) for s, end in pieces)
+            if not first and budget is not None and cost > budget + self._tail_allowance(pieces):
                 return done
             first = False
             done += self._prefill(pieces)
@@ -569,8 +581,23 @@ class BatchEngine:
             rows = max(MIN_PIECE, int(budget_s / rate))
         take = waiting[:max(1, rows // MIN_PIECE)]
         size = min(self.chunk, max(MIN_PIECE, rows // len(take)))
-        return sorted(((seq, min(len(seq.tokens), seq.pos + size)) for seq in take),
-                      key=lambda piece: piece[0].slot.index)
+        return sorted(((seq, self._without_short_tail(seq, min(len(seq.tokens), seq.pos + size), budget_s))
+                       for seq in take), key=lambda piece: piece[0].slot.index)
+
+    def _tail_allowance(self, pieces: Sequence[tuple[_Sequence, int]]) -> float:
+        """Seconds a call may run past the slice's budget: `TAIL_SHARE` of the slice when every
+        piece in it ends its prompt (those get their first token in this step), else none."""
+        if all(end == len(seq.tokens) for seq, end in pieces):
+            return TAIL_SHARE * self.prefill_slice_s
+        return 0.0
+
+    def _without_short_tail(self, seq: _Sequence, end: int, budget_s: float | None) -> int:
+        """`end`, or the prompt's end when what would be left after `end` takes no more than
+        `TAIL_SHARE` of the slice (and fits the piece limit): see TAIL_SHARE."""
+        rest = len(seq.tokens) - end
+        if budget_s is None or rest <= 0 or end - seq.pos + rest > self.chunk:
+            return end
+        return len(seq.tokens) if self._rate(seq) * rest <= TAIL_SHARE * self.prefill_slice_s else end
 
     def _generating(self) -> list[_Sequence]:
         return [s for s in self._seqs if s.pending is not None]
@@ -586,7 +613,7 @@ class BatchEngine:
             if budget_s is not None and rate:
                 fits = budget_s / rate
                 size = chunk if fits >= chunk else max(MIN_PIECE, int(fits))
-            return min(len(seq.tokens), start + size)
+            return self._without_short_tail(seq, min(len(seq.tokens), start + size), budget_s)
         return min(len(seq.tokens), (start // chunk + 1) * chunk if seq.repeatable else start + chunk)
 
     def _rate(self, seq: _Sequence) -> float:
@@ -722,10 +749,52 @@ class BatchEngine:
                 np.array_equal(self._row(i), alone[i]) for i in range(size))
             for i in range(size):
                 lib.llama_memory_seq_rm(mem, i, -1, -1)
+        if independent and self._long_window_path and self.slots > 1:
+            independent = self._long_rows_independent()
         log.info("decode rows are %s of the batch they ride in on this machine%s",
                  "independent" if independent else "NOT independent",
                  "" if independent else ": greedy and seeded requests are decoded one per call")
         return independent
+
+    def _long_rows_independent(self) -> bool:
+        """The same comparison past 256 tokens of context, where an f16 cache with flash
+        attention gives a lone sequence's row another kernel path (its window of 512 cells is
+        split over the threads) than the same row beside another sequence: one decode step of
+        slot 0 after a 300-token prefix, alone and then beside slot 1's. Where the rows differ
+        (measured on the 2-core Sapphire Rapids VM: logits up to 0.76 apart, enough to change
+        a greedy answer), repeatable sequences are decoded one per call, always on the lone
+        path. Costs one 300-token prompt read at load, for these caches only."""
+        import numpy as np
+
+        lib, mem, batch = self._lib, self._mem, self._batch
+        length = min(300, self.ctx_per_slot - 2)
+        if length <= 256:  # a window this small never reaches 512 cells
+            return True
+        prefix = [(41 + 3571 * i) % self._n_vocab for i in range(length)]
+        token = (43 + 1223 * length) % self._n_vocab
+        try:
+            for start in range(0, length, self._call_rows):
+                piece = prefix[start:start + self._call_rows]
+                for i, t in enumerate(piece):
+                    self._put(i, t, start + i, 0, False)
+                batch.n_tokens = len(piece)
+                if lib.llama_decode(self._ctx, batch) != 0:
+                    return False
+            rows = []
+            for beside in (False, True):
+                self._put(0, token, length, 0, True)
+                if beside:
+                    self._put(1, token, 0, 1, True)
+                batch.n_tokens = 2 if beside else 1
+                if lib.llama_decode(self._ctx, batch) != 0:
+                    return False
+                rows.append(self._row(0).copy())
+                lib.llama_memory_seq_rm(mem, 0, length, -1)
+                lib.llama_memory_seq_rm(mem, 1, -1, -1)
+            return bool(np.array_equal(rows[0], rows[1]))
+        finally:
+            lib.llama_memory_seq_rm(mem, 0, -1, -1)
+            lib.llama_memory_seq_rm(mem, 1, -1, -1)
 
     def _measure_split_independence(self) -> bool:
         """Read one prompt in pieces of 16, 16, 7 and 1 tokens (the last a decode step's
