@@ -45,7 +45,9 @@ async def test_big_embedding_and_kserve_requests_stay_within_the_budget(state_di
             assert after["VmRSS"] - idle < 150, figures
 
             for seed in (2, 3, 4):  # requests in a row do not pile up memory
-                request = big_embedding_request(seed, strings=140)
+                # each two whole micro-batches at the budget (23 rows of 256 tokens, the model's
+                # max_length, in 512 MB): every one reaches the first request's peak working set
+                request = big_embedding_request(seed, strings=46)
                 async with http.post(agent.url + "/v1/embeddings", json=request) as resp:
                     assert resp.status == 200
             kept = agent.status()["VmRSS"]
