@@ -241,3 +241,33 @@ async def test_a_broker_outage_with_an_agent_restart_loses_no_record(tmp_path, s
     outage_records = [s for s in everything if s > max(r["seq"] for r in first_run_seen)]
     assert len(outage_records) >= OUTAGE_S / 0.5 * 0.5  # about one per interval while the broker was away
     assert all(r["telemetry"]["outbox_dropped"] == 0 for r in after_seen)
+
+
+async def test_an_agent_stopping_while_a_record_is_being_made_leaves_no_gap_in_seq(tmp_path):
+    """A record takes its seq before it is stored: stopping the agent in between (the outbox
+    busy, here held by a slow job on its disk thread) must not leave that number unused, or
+    the fleet reads a lost record. The outbox holds 1, 2 and the final 3, in order."""
+    import threading
+
+    from sync.mqtt import MqttLink
+    from sync.telemetry import Outbox, TelemetryPublisher
+
+    link = MqttLink(MqttSettings(host="127.0.0.1", port=free_port(), device_id="gap-1", group="lab",
+                                 reconnect_min_s=0.2, reconnect_max_s=1.0))  # no broker: records wait in the outbox
+    outbox = Outbox(tmp_path / "outbox")
+    publisher = TelemetryPublisher(link, outbox, lambda seq, *_: {"seq": seq}, interval_s=0.05)
+    await publisher.start()
+    while outbox.stats().last_seq < 1:  # the first record is stored
+        await asyncio.sleep(0.01)
+    disk_free = threading.Event()
+    publisher._io.submit(disk_free.wait, 10)  # the disk thread stalls: the next record waits on it
+    await asyncio.sleep(0.2)  # the ticker has taken seq 2 and waits for the disk
+    stopping = asyncio.create_task(publisher.stop(flush_s=0))
+    await asyncio.sleep(0.1)  # the ticker is cancelled while its record waits
+    disk_free.set()
+    await stopping
+    reopened = Outbox(tmp_path / "outbox")
+    seqs = [seq for seq, _ in reopened.peek(100, 0)]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 3, seqs
+    assert json.loads(reopened.peek(100, 0)[-1][1])["seq"] == seqs[-1]
+    reopened.close()

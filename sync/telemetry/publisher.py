@@ -95,6 +95,8 @@ class TelemetryPublisher:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._direct: set[asyncio.Task[None]] = set()
+        #: the ticker's record being made (see `_tick`)
+        self._recording: asyncio.Task[int] | None = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
@@ -111,6 +113,11 @@ class TelemetryPublisher:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+            if self._recording is not None and not self._recording.done():
+                try:  # the record whose seq is taken is stored before the last one
+                    await self._recording
+                except Exception:
+                    log.exception("telemetry: could not store a record")
             try:
                 await self.record_now(final=True)
             except Exception:  # the records already stored still count
@@ -248,8 +255,12 @@ class TelemetryPublisher:
 
     async def _tick(self) -> None:
         while True:
+            # A record takes its seq first and is stored a few awaits later: cancelled in
+            # between (the agent stopping), the number would be a gap in `seq`, read as a lost
+            # record. So the record is made in a task of its own, which `stop` lets finish.
+            self._recording = asyncio.create_task(self.record_now(), name="telemetry-record")
             try:
-                await self.record_now()
+                await asyncio.shield(self._recording)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a record that cannot be built must not stop the next ones
