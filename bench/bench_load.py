@@ -210,14 +210,27 @@ def start_agent(procs: Processes, state_dir: Path, env_extra: dict[str, str] | N
     return proc, url
 
 
-def peer_args(placement: Any, tuned: bool, kv_type: str) -> list[str]:
-    """llama-server's settings: as users run it (`--parallel 8 -c 16384 -t N`), or `tuned` like
-    the agent (one unified KV cache, the agent's KV cache type, flash attention on)."""
-    argv = ["--parallel", "8", "-c", "16384", "-t", str(placement.n_threads)]
+def placement_args(placement: Any) -> list[str]:
+    """The agent's threads and repacking choice as llama.cpp's tools take them, so that every
+    peer and the kernels' bench run what the agent runs."""
+    argv = ["-t", str(placement.n_threads)]
     if placement.n_threads_batch != placement.n_threads:
         argv += ["-tb", str(placement.n_threads_batch)]
     if not placement.use_extra_bufts:  # AMX: repacking crashes (PEERS.md); the agent turns it off too
         argv.append("-nr")
+    return argv
+
+
+def tool_env(binary: Path) -> dict[str, str]:
+    """The environment for a llama.cpp tool from a build tree: its shared libraries beside it."""
+    return {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
+        p for p in (str(binary.parent), os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+
+
+def peer_args(placement: Any, tuned: bool, kv_type: str) -> list[str]:
+    """llama-server's settings: as users run it (`--parallel 8 -c 16384 -t N`), or `tuned` like
+    the agent (one unified KV cache, the agent's KV cache type, flash attention on)."""
+    argv = ["--parallel", "8", "-c", "16384", *placement_args(placement)]
     if tuned:
         argv += ["-kvu", "-ctk", kv_type, "-ctv", kv_type, "-fa", "on"]
     return argv
@@ -227,10 +240,7 @@ def start_llama_server(procs: Processes, binary: Path, gguf: Path, args: list[st
                        log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     argv = [str(binary), "-m", str(gguf), *args, "--host", "127.0.0.1", "--port", str(port)]
-    bindir = str(binary.parent)
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
-        p for p in (bindir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
-    proc = procs.start(argv, env, log)
+    proc = procs.start(argv, tool_env(binary), log)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url + "/health", proc, log)
     return proc, url
@@ -668,10 +678,7 @@ def kernel_figures(binary: Path, gguf: Path, placement: Any, kv_type: str, ttft_
     """llama-batched-bench's prompt and decode speeds for the agent's attention settings and
     llama-server's default ones, same build, same threads and repacking choice as the servers,
     rounds interleaved; the best (shortest) time of each is kept, as noise only ever adds."""
-    base = ["-m", str(gguf), "-b", "2048", "-ub", "512", "-t", str(placement.n_threads),
-            "-tb", str(placement.n_threads_batch), "--output-format", "jsonl"]
-    if not placement.use_extra_bufts:
-        base.append("-nr")
+    base = ["-m", str(gguf), "-b", "2048", "-ub", "512", *placement_args(placement), "--output-format", "jsonl"]
     attention = {"agent": ["-fa", "on", "-ctk", kv_type, "-ctv", kv_type], "llama-server": ["-fa", "auto"]}
     levels = sorted(set(clients))
     runs = {  # name -> argv tail
@@ -679,8 +686,7 @@ def kernel_figures(binary: Path, gguf: Path, placement: Any, kv_type: str, ttft_
         "decode": ["-c", str(max(levels) * (load_prompt + max_tokens) + 64), "-npp", str(load_prompt),
                    "-ntg", str(max_tokens), "-npl", ",".join(map(str, levels))],
     }
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(
-        p for p in (str(binary.parent), os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+    env = tool_env(binary)
     best: dict[str, dict[str, dict[int, dict[str, float]]]] = {c: {"prompt": {}, "decode": {}} for c in KERNEL_CONFIGS}
     for _ in range(rounds):
         for config in KERNEL_CONFIGS:

@@ -105,6 +105,11 @@ def score(figures: dict[str, float], reference: dict[str, float]) -> float:
     return total
 
 
+#: how run_child words a crash, which `crashed_before` remembers (a timeout is not one: a busy
+#: machine can cause it)
+KILLED_BY, EXITED_WITH = "the measuring process was killed by", "the measuring process exited with status"
+
+
 def _signal_name(code: int) -> str:
     try:
         return signal.Signals(code).name
@@ -133,9 +138,9 @@ async def run_child(job: dict[str, Any], timeout_s: float) -> tuple[str, str | N
     code = proc.returncode or 0
     tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
     if code < 0:
-        return "unsafe", f"the measuring process was killed by {_signal_name(-code)}", {}
+        return "unsafe", f"{KILLED_BY} {_signal_name(-code)}", {}
     if code > 0:
-        return "unsafe", f"the measuring process exited with status {code}" + (f": {tail[0]}" if tail else ""), {}
+        return "unsafe", f"{EXITED_WITH} {code}" + (f": {tail[0]}" if tail else ""), {}
     try:
         result = json.loads(out.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -145,8 +150,6 @@ async def run_child(job: dict[str, Any], timeout_s: float) -> tuple[str, str | N
     return "ok", None, result
 
 
-#: how run_child words a crash (a timeout is not one: a busy machine can cause it)
-CRASH_REASONS = ("the measuring process was killed by", "the measuring process exited with status")
 REMEMBERED = "crashed in an earlier run on this machine and build"
 
 
@@ -165,7 +168,7 @@ def crashed_before(path: Path, current: str) -> dict[str, str]:
     crashed = {}
     for candidate in record.get("candidates") or []:
         reason = str(candidate.get("reason") or "")
-        if candidate.get("status") == "unsafe" and reason.startswith((*CRASH_REASONS, REMEMBERED)):
+        if candidate.get("status") == "unsafe" and reason.startswith((KILLED_BY, EXITED_WITH, REMEMBERED)):
             crashed[json.dumps(candidate.get("settings"), sort_keys=True)] = reason
     return crashed
 
