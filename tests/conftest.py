@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from mqtt_broker import MosquittoBroker
@@ -152,6 +153,20 @@ async def start_agent(config: AgentConfig) -> AsyncIterator[RunningAgent]:
             yield RunningAgent(app, f"http://127.0.0.1:{config.server.port}", session)
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def openai_client(url: str, **options: Any) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The unmodified openai client on the agent at `url`, closed when the block ends.
+
+    Closed, never left to the garbage collector: AsyncOpenAI's __del__ closes its connections
+    in a task that runs after the collector has already closed their sockets, and asyncio then
+    unregisters those transports by descriptor number, numbers a newer connection may hold by
+    then. That connection's response is never read: another client's request hangs or ends in
+    a ReadError (a CI failure; gc.collect() between two clients reproduces it every time)."""
+    options = {"api_key": "unused", "max_retries": 0, "timeout": 600, **options}
+    async with openai.AsyncOpenAI(base_url=url + "/v1", **options) as client:
+        yield client
 
 
 def demo_config(state_dir: Path, models: tuple[str, ...] = (CHAT, EMBED), **server: object) -> AgentConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import CHAT, EMBED
+from conftest import CHAT, EMBED, openai_client
 
 KEY = "edge-test-key-123"
 
@@ -20,10 +20,11 @@ async def test_api_key_is_required_when_set_and_health_stays_open(make_agent):
         assert (await agent.get("/metrics"))[0] == 401
         for public in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
             assert (await agent.get(public))[0] == 200
-        client = openai.AsyncOpenAI(base_url=agent.url + "/v1", api_key=KEY, max_retries=0)
-        assert len((await client.embeddings.create(model=EMBED, input="x")).data) == 1
-        with pytest.raises(openai.AuthenticationError):
-            await openai.AsyncOpenAI(base_url=agent.url + "/v1", api_key="nope-nope", max_retries=0).models.list()
+        async with openai_client(agent.url, api_key=KEY) as client:
+            assert len((await client.embeddings.create(model=EMBED, input="x")).data) == 1
+        async with openai_client(agent.url, api_key="nope-nope") as client:
+            with pytest.raises(openai.AuthenticationError):
+                await client.models.list()
 
 
 async def test_metrics_count_requests_tokens_and_models(agent):

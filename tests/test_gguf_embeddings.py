@@ -13,9 +13,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import openai
 import pytest
-from conftest import CHAT, EMBED, demo_config, start_agent
+from conftest import CHAT, EMBED, demo_config, openai_client, start_agent
 
 from agent.config import ModelEntry
 from runtime.bundle import MODEL_TOML, BundleManifest, GgufOptions, write_manifest
@@ -70,14 +69,14 @@ async def test_gguf_embeddings_are_deterministic_normalized_and_a_batch_equals_s
 
 
 async def test_gguf_and_onnx_embeddings_serve_side_by_side_through_the_openai_client(gguf_agent):
-    client = openai.AsyncOpenAI(base_url=gguf_agent.url + "/v1", api_key="unused", max_retries=0)
-    gguf = await client.embeddings.create(model=GGUF_EMBED, input=TEXTS[:2])
-    onnx = await client.embeddings.create(model=EMBED, input=TEXTS[:2])
-    assert [len(d.embedding) for d in gguf.data] == [576, 576]
-    assert [len(d.embedding) for d in onnx.data] == [384, 384]
-    encoded = await client.embeddings.create(model=GGUF_EMBED, input=TEXTS[0], encoding_format="base64")
-    vector = np.frombuffer(base64.b64decode(encoded.data[0].embedding), dtype="<f4")  # asked for: left encoded
-    np.testing.assert_allclose(vector, gguf.data[0].embedding, atol=1e-6)
+    async with openai_client(gguf_agent.url) as client:
+        gguf = await client.embeddings.create(model=GGUF_EMBED, input=TEXTS[:2])
+        onnx = await client.embeddings.create(model=EMBED, input=TEXTS[:2])
+        assert [len(d.embedding) for d in gguf.data] == [576, 576]
+        assert [len(d.embedding) for d in onnx.data] == [384, 384]
+        encoded = await client.embeddings.create(model=GGUF_EMBED, input=TEXTS[0], encoding_format="base64")
+        vector = np.frombuffer(base64.b64decode(encoded.data[0].embedding), dtype="<f4")  # asked for: left encoded
+        np.testing.assert_allclose(vector, gguf.data[0].embedding, atol=1e-6)
     status, body = await gguf_agent.get(f"/v1/models/{GGUF_EMBED}")
     assert status == 200 and body["capabilities"] == ["embedding"], body
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
-from conftest import CHAT
+from conftest import CHAT, openai_client
 
 ARGS = dict(model=CHAT, messages=[{"role": "user", "content": "Name three animals."}], max_tokens=16,
             temperature=0, logprobs=True, top_logprobs=5)
 
 
 @pytest.fixture
-def client(agent) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+async def client(agent) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai_client(agent.url) as opened:
+        yield opened
 
 
 async def test_greedy_tokens_are_the_most_likely_of_their_top_logprobs(client):

@@ -20,7 +20,7 @@ from typing import Any
 import jinja2
 import openai
 import pytest
-from conftest import RunningAgent, demo_config, start_agent
+from conftest import RunningAgent, demo_config, openai_client, start_agent
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from schema_check import problems
 from test_structured_output import gather_limited
@@ -80,8 +80,9 @@ async def tool_agent(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 
 @pytest.fixture
-def client(tool_agent: RunningAgent) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=tool_agent.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+async def client(tool_agent: RunningAgent) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai_client(tool_agent.url) as opened:
+        yield opened
 
 
 def render(template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,

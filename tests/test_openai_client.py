@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
-from conftest import CHAT, EMBED
+from conftest import CHAT, EMBED, openai_client
 
 
 @pytest.fixture
-def client(agent) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0)
+async def client(agent) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai_client(agent.url) as opened:
+        yield opened
 
 
 async def test_model_listing_shows_both_demo_models(client):

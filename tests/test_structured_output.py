@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import openai
 import pytest
-from conftest import CHAT, demo_config, start_agent
+from conftest import CHAT, demo_config, openai_client, start_agent
 from schema_check import problems
 
 from runtime.scheduling.batching import BatchingSettings
@@ -85,8 +86,9 @@ async def gather_limited(calls: list[Any]) -> list[Any]:
 
 
 @pytest.fixture
-def client(agent) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+async def client(agent) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai_client(agent.url) as opened:
+        yield opened
 
 
 def schema_format(i: int, schema: dict[str, Any]) -> dict[str, Any]:
@@ -173,8 +175,8 @@ async def test_streamed_json_schema_answer_is_the_unstreamed_one(client):
 
 async def test_one_request_at_a_time_path_constrains_and_gives_logprobs_too(state_dir):
     config = demo_config(state_dir, (CHAT,))
-    async with start_agent(replace(config, batching=BatchingSettings(gguf_slots=1))) as single:
-        client = openai.AsyncOpenAI(base_url=single.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    async with (start_agent(replace(config, batching=BatchingSettings(gguf_slots=1))) as single,
+                openai_client(single.url) as client):
         for i in range(6):
             schema, reply = await schema_request(client, i)
             check_schema_reply(schema, reply)

@@ -4,11 +4,12 @@ model (whose template knows no tools: the generic format of runtime/gguf/tool_ca
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
 import pytest
-from conftest import CHAT
+from conftest import CHAT, openai_client
 from schema_check import problems
 from test_structured_output import gather_limited
 
@@ -73,8 +74,9 @@ PROMPTS = [
 
 
 @pytest.fixture
-def client(agent) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=agent.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+async def client(agent) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai_client(agent.url) as opened:
+        yield opened
 
 
 def schemas(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
