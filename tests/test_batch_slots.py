@@ -244,8 +244,7 @@ def test_long_conversations_get_their_alone_text_beside_others(cache, request):
     and flash attention: a greedy answer could change with the load. The q8_0 cache takes
     one path for all; with f16 the engine measures the long rows at load and, where they
     differ, decodes a greedy sequence alone, on the same path it takes with no load."""
-    backend = request.getfixturevalue("fresh" if cache == "q8_0" else "f16_flash")
-    fresh = backend
+    fresh = request.getfixturevalue("fresh" if cache == "q8_0" else "f16_flash")
     assert fresh._options.kv_type == cache.split("+")[0]
     engine = fresh.engine
     long = {q: GenerationRequest(prompt=(q + " ") * 12 + SYSTEM * 4, logprobs=2, **dict(SETTINGS, max_tokens=32))

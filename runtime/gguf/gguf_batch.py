@@ -581,8 +581,14 @@ class BatchEngine:
             rows = max(MIN_PIECE, int(budget_s / rate))
         take = waiting[:max(1, rows // MIN_PIECE)]
         size = min(self.chunk, max(MIN_PIECE, rows // len(take)))
-        return sorted(((seq, self._without_short_tail(seq, min(len(seq.tokens), seq.pos + size), budget_s))
-                       for seq in take), key=lambda piece: piece[0].slot.index)
+        allowance = TAIL_SHARE * self.prefill_slice_s  # one for the call, not one per piece
+        pieces = []
+        for seq in take:
+            end = min(len(seq.tokens), seq.pos + size)
+            whole = self._without_short_tail(seq, end, budget_s, allowance)
+            allowance -= self._rate(seq) * (whole - end)
+            pieces.append((seq, whole))
+        return sorted(pieces, key=lambda piece: piece[0].slot.index)
 
     def _tail_allowance(self, pieces: Sequence[tuple[_Sequence, int]]) -> float:
         """Seconds a call may run past the slice's budget: `TAIL_SHARE` of the slice when every
@@ -591,13 +597,15 @@ class BatchEngine:
             return TAIL_SHARE * self.prefill_slice_s
         return 0.0
 
-    def _without_short_tail(self, seq: _Sequence, end: int, budget_s: float | None) -> int:
+    def _without_short_tail(self, seq: _Sequence, end: int, budget_s: float | None,
+                            allowance_s: float | None = None) -> int:
         """`end`, or the prompt's end when what would be left after `end` takes no more than
-        `TAIL_SHARE` of the slice (and fits the piece limit): see TAIL_SHARE."""
+        `allowance_s` (default: `TAIL_SHARE` of the slice) and fits the piece limit."""
         rest = len(seq.tokens) - end
         if budget_s is None or rest <= 0 or end - seq.pos + rest > self.chunk:
             return end
-        return len(seq.tokens) if self._rate(seq) * rest <= TAIL_SHARE * self.prefill_slice_s else end
+        allowance_s = TAIL_SHARE * self.prefill_slice_s if allowance_s is None else allowance_s
+        return len(seq.tokens) if self._rate(seq) * rest <= allowance_s else end
 
     def _generating(self) -> list[_Sequence]:
         return [s for s in self._seqs if s.pending is not None]
